@@ -1,0 +1,61 @@
+"""The reference expert compute: a plain loop over experts. Never optimised; it is the ground truth.
+
+Legend: T tokens, D model dim, I expert hidden dim, N gate/up rows (2I gated, I otherwise), E experts, K top-k.
+
+For each expert e:
+1. find the (token, slot) pairs routed to e (``torch.where``, a data-dependent shape);
+2. gather those tokens, run ``gate_up_proj[e]`` (+ bias), the activation, ``down_proj[e]`` (+ bias);
+3. scale by the routing weights and ``index_add`` into an fp32 output.
+
+Autograd differentiates it as written. Under ``torch.compile(fullgraph=True)`` it needs
+``torch._dynamo.config.capture_dynamic_output_shape_ops = True`` because of step 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from leanmoe.activations import Activation, apply_activation
+from leanmoe.experts.registry import ExpertsBackend, register_backend
+
+
+def reference_moe_experts(
+    x_TD: torch.Tensor,
+    topk_ids_TK: torch.Tensor,
+    topk_weights_TK: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    gate_up_bias: torch.Tensor | None,
+    down_bias: torch.Tensor | None,
+    *,
+    activation: Activation,
+    gate_up_layout: str,
+) -> torch.Tensor:
+    T, D = x_TD.shape
+    y_TD = x_TD.new_zeros(T, D, dtype=torch.float32)
+    for e in range(gate_up_proj.shape[0]):
+        token_idx, slot_idx = torch.where(topk_ids_TK == e)
+        x_eD = x_TD.index_select(0, token_idx)
+        gate_up_eN = x_eD @ gate_up_proj[e].t()
+        if gate_up_bias is not None:
+            gate_up_eN = gate_up_eN + gate_up_bias[e]
+        h_eI = apply_activation(gate_up_eN, activation, gate_up_layout)
+        out_eD = h_eI @ down_proj[e].t()
+        if down_bias is not None:
+            out_eD = out_eD + down_bias[e]
+        weight_e = topk_weights_TK[token_idx, slot_idx].float()
+        y_TD = y_TD.index_add(0, token_idx, out_eD.float() * weight_e[:, None])
+    return y_TD.to(x_TD.dtype)
+
+
+class ReferenceBackend(ExpertsBackend):
+    name = "reference"
+    priority = 0
+
+    def __call__(self, x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias, *,
+                 activation, gate_up_layout, save_percent):
+        return reference_moe_experts(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias,
+                                     down_bias, activation=activation, gate_up_layout=gate_up_layout)
+
+
+register_backend(ReferenceBackend())

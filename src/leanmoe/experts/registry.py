@@ -1,0 +1,148 @@
+"""One registry for expert-compute backends.
+
+Each backend declares the optional packages it needs and answers :meth:`ExpertsBackend.unsupported_reason` for a
+described call. ``backend="auto"`` walks the backends by ``priority`` (highest first) and takes the first that
+supports the call; :func:`explain_backend` says which one it took and why the others were passed over.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import importlib
+import importlib.util
+from typing import ClassVar
+
+import torch
+
+from leanmoe.activations import Activation
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExpertsCall:
+    """What a backend needs to know to say whether it supports a call (shapes, dtype, device, options)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    num_tokens: int
+    dim: int
+    hidden_dim: int
+    num_experts: int
+    top_k: int
+    activation: Activation
+    gate_up_layout: str
+    has_gate_up_bias: bool
+    has_down_bias: bool
+    save_percent: float
+    requires_grad: bool
+
+
+class ExpertsBackend(abc.ABC):
+    """A way to compute ``y_TD = sum_k w_tk * expert_{ids_tk}(x_t)``; see :func:`leanmoe.moe_experts`."""
+
+    name: ClassVar[str]
+    #: Higher runs first under ``backend="auto"``.
+    priority: ClassVar[int] = 0
+    #: Importable modules the backend needs, and the pip extra that brings them.
+    requires: ClassVar[tuple[str, ...]] = ()
+    extra: ClassVar[str | None] = None
+
+    def missing_packages(self) -> list[str]:
+        return [m for m in self.requires if importlib.util.find_spec(m) is None]
+
+    def unsupported_reason(self, call: ExpertsCall) -> str | None:
+        """``None`` when the backend can run ``call``, else a short reason."""
+        return None
+
+    @abc.abstractmethod
+    def __call__(
+        self,
+        x_TD: torch.Tensor,
+        topk_ids_TK: torch.Tensor,
+        topk_weights_TK: torch.Tensor,
+        gate_up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+        gate_up_bias: torch.Tensor | None,
+        down_bias: torch.Tensor | None,
+        *,
+        activation: Activation,
+        gate_up_layout: str,
+        save_percent: float,
+    ) -> torch.Tensor: ...
+
+
+_BACKENDS: dict[str, ExpertsBackend] = {}
+
+
+def register_backend(backend: ExpertsBackend) -> ExpertsBackend:
+    """Adds ``backend`` under ``backend.name``; a second backend with the same name is an error."""
+    if backend.name in _BACKENDS:
+        raise ValueError(f"an experts backend named {backend.name!r} is already registered")
+    _BACKENDS[backend.name] = backend
+    return backend
+
+
+def available_backends() -> list[str]:
+    """Registered backend names, best first."""
+    _load_builtin_backends()
+    return [b.name for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority)]
+
+
+def get_backend(name: str) -> ExpertsBackend:
+    _load_builtin_backends()
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {available_backends()}")
+    return _BACKENDS[name]
+
+
+def _reason(backend: ExpertsBackend, call: ExpertsCall) -> str | None:
+    missing = backend.missing_packages()
+    if missing:
+        hint = f" (pip install 'leanmoe[{backend.extra}]')" if backend.extra else ""
+        return f"needs {', '.join(missing)}{hint}"
+    return backend.unsupported_reason(call)
+
+
+def select_backend(name: str, call: ExpertsCall) -> tuple[ExpertsBackend, str]:
+    """Resolves ``name`` (a backend name or ``"auto"``) for ``call``; returns the backend and why it was chosen.
+
+    A named backend that cannot run the call raises ``ValueError`` with the reason: there is no silent fallback.
+    """
+    if name != "auto":
+        backend = get_backend(name)
+        reason = _reason(backend, call)
+        if reason is not None:
+            raise ValueError(f"backend {name!r} cannot run this call: {reason}")
+        return backend, f"{name!r} was asked for"
+    skipped = []
+    for backend_name in available_backends():
+        backend = _BACKENDS[backend_name]
+        reason = _reason(backend, call)
+        if reason is None:
+            why = f"auto picked {backend_name!r}, the highest-priority backend that supports this call"
+            if skipped:
+                why += "; passed over: " + "; ".join(skipped)
+            return backend, why
+        skipped.append(f"{backend_name!r} ({reason})")
+    raise AssertionError("the reference backend supports every valid call")
+
+
+def explain_backend(call: ExpertsCall, name: str = "auto") -> str:
+    """Says which backend ``name`` resolves to for ``call`` and why."""
+    return select_backend(name, call)[1]
+
+
+_LOADED = False
+
+
+def _load_builtin_backends() -> None:
+    # Imported lazily so that `leanmoe.experts.registry` has no import cycle with the backends that register here.
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    from leanmoe.experts import grouped_mm, reference  # noqa: F401
+
+    # The Triton backend module imports triton itself only when it runs, so it registers even without triton.
+    if importlib.util.find_spec("leanmoe.experts.triton") is not None:
+        importlib.import_module("leanmoe.experts.triton")
