@@ -54,6 +54,11 @@ class ExpertsBackend(abc.ABC):
         """``None`` when the backend can run ``call``, else a short reason."""
         return None
 
+    def auto_unsupported_reason(self, call: ExpertsCall) -> str | None:
+        """Like :meth:`unsupported_reason`, for ``backend="auto"``; a backend may run a call when named but not
+        be the best choice for it (the Triton interpreter on the CPU, say)."""
+        return self.unsupported_reason(call)
+
     @abc.abstractmethod
     def __call__(
         self,
@@ -95,12 +100,12 @@ def get_backend(name: str) -> ExpertsBackend:
     return _BACKENDS[name]
 
 
-def _reason(backend: ExpertsBackend, call: ExpertsCall) -> str | None:
+def _reason(backend: ExpertsBackend, call: ExpertsCall, auto: bool = False) -> str | None:
     missing = backend.missing_packages()
     if missing:
         hint = f" (pip install 'leanmoe[{backend.extra}]')" if backend.extra else ""
         return f"needs {', '.join(missing)}{hint}"
-    return backend.unsupported_reason(call)
+    return backend.auto_unsupported_reason(call) if auto else backend.unsupported_reason(call)
 
 
 def select_backend(name: str, call: ExpertsCall) -> tuple[ExpertsBackend, str]:
@@ -117,7 +122,7 @@ def select_backend(name: str, call: ExpertsCall) -> tuple[ExpertsBackend, str]:
     skipped = []
     for backend_name in available_backends():
         backend = _BACKENDS[backend_name]
-        reason = _reason(backend, call)
+        reason = _reason(backend, call, auto=True)
         if reason is None:
             why = f"auto picked {backend_name!r}, the highest-priority backend that supports this call"
             if skipped:
