@@ -2,6 +2,10 @@
 
 from leanmoe.activations import Activation
 from leanmoe.config import MoEConfig
+from leanmoe.experts.module import GroupedExperts, SharedExperts
+from leanmoe.layer import MoE
+from leanmoe.parallel.dispatcher import LocalDispatcher
+from leanmoe.routers import RouterOutput, TopKRouter, stable_topk, update_balance_biases
 from leanmoe.experts import (
     ExpertsBackend,
     ExpertsCall,
@@ -18,10 +22,18 @@ __all__ = [
     "Activation",
     "ExpertsBackend",
     "ExpertsCall",
+    "GroupedExperts",
+    "LocalDispatcher",
+    "MoE",
     "MoEConfig",
+    "RouterOutput",
+    "SharedExperts",
+    "TopKRouter",
     "available_backends",
     "describe_call",
     "explain_backend",
     "moe_experts",
     "register_backend",
+    "stable_topk",
+    "update_balance_biases",
 ]

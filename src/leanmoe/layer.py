@@ -1,0 +1,76 @@
+"""The MoE layer: router -> dispatcher.dispatch -> experts -> dispatcher.combine (+ shared experts).
+
+Legend: T tokens, D model dim, E experts, K top-k.
+
+1. flatten ``x [..., D]`` to ``x_TD`` (and the optional token mask to ``mask_T``);
+2. the router picks ``topk_ids_TK`` and fp32 ``topk_weights_TK``, and computes the aux losses and token counts;
+3. the dispatcher hands the routed tokens to the experts (locally: unchanged; expert-parallel: over all-to-all);
+4. the experts compute ``sum_k w_tk * expert_k(x_t)`` with the chosen backend; the dispatcher combines;
+5. shared experts, if any, add their dense output; masked tokens give zero.
+After each forward, ``aux_loss`` and ``tokens_per_expert`` hold that call's values as device tensors (no sync).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from leanmoe.config import MoEConfig
+from leanmoe.experts.module import GroupedExperts, SharedExperts
+from leanmoe.parallel.dispatcher import LocalDispatcher
+from leanmoe.routers.topk import TopKRouter
+
+
+class MoE(nn.Module):
+    """A Mixture-of-Experts feed-forward layer. ``layer(x)`` with ``x [..., D]`` returns ``y`` of the same shape.
+
+    Submodules: ``router`` (:class:`TopKRouter`), ``experts`` (:class:`GroupedExperts`), ``shared_experts``
+    (:class:`SharedExperts` or None). ``dispatcher`` is a plain attribute (:class:`LocalDispatcher` until
+    :func:`leanmoe.parallel.expert_parallel` replaces it).
+    """
+
+    def __init__(self, config: MoEConfig, *, device=None, dtype=None) -> None:
+        super().__init__()
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config must be a leanmoe.MoEConfig, got {type(config).__name__}")
+        self.config = config
+        self.router = TopKRouter(config, device=device, dtype=dtype)
+        self.experts = GroupedExperts.from_config(config, device=device, dtype=dtype)
+        self.shared_experts = None
+        if config.num_shared_experts:
+            self.shared_experts = SharedExperts(
+                dim=config.dim, hidden_dim=config.shared_hidden_dim or config.num_shared_experts * config.hidden_dim,
+                gated_output=config.shared_expert_gate, device=device, dtype=dtype)
+        self.dispatcher = LocalDispatcher()
+        self.aux_loss: torch.Tensor | None = None
+        self.tokens_per_expert: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [..., D]``; ``token_mask [...]`` (bool, True = keep) routes masked tokens nowhere (zero output)."""
+        D = self.config.dim
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != D:
+            raise ValueError(f"x must be [..., {D}], got shape {list(x.shape)}")
+        x_TD = x.reshape(-1, D)
+        mask_T = None
+        if token_mask is not None:
+            if token_mask.dtype != torch.bool or token_mask.shape != x.shape[:-1]:
+                raise ValueError(f"token_mask must be a bool tensor of shape {list(x.shape[:-1])}, "
+                                 f"got {token_mask.dtype} {list(token_mask.shape)}")
+            mask_T = token_mask.reshape(-1)
+
+        routing = self.router(x_TD, mask_T)
+        self.aux_loss, self.tokens_per_expert = routing.aux_loss, routing.tokens_per_expert_E
+        x_d, ids_d, weights_d, meta = self.dispatcher.dispatch(x_TD, routing.topk_ids_TK, routing.topk_weights_TK)
+        y_d = self.experts(x_d, ids_d, weights_d, check_ids=False)
+        y_TD = self.dispatcher.combine(y_d, meta)
+
+        if self.shared_experts is not None:
+            shared_TD = self.shared_experts(x_TD)
+            if mask_T is not None:
+                shared_TD = shared_TD * mask_T[:, None].to(shared_TD.dtype)
+            y_TD = y_TD + shared_TD
+        return y_TD.view(x.shape)

@@ -1,0 +1,32 @@
+"""The dispatch/combine seam of :class:`leanmoe.MoE`.
+
+Legend: T tokens, D model dim, E experts, K top-k.
+
+``dispatch`` takes the router's choice and returns what the experts module computes on; ``combine`` turns the
+experts' output back into ``[T, D]``. The local dispatcher is the identity (the experts backend already does the
+weighted combine); the expert-parallel dispatcher subclasses it and moves rows between ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatchMeta:
+    """State carried from ``dispatch`` to ``combine``. The local dispatcher needs only the token count."""
+
+    num_tokens: int
+
+
+class LocalDispatcher:
+    """All experts live on this device: tokens stay where they are."""
+
+    def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DispatchMeta]:
+        return x_TD, topk_ids_TK, topk_weights_TK, DispatchMeta(num_tokens=x_TD.shape[0])
+
+    def combine(self, y: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+        return y

@@ -1,0 +1,154 @@
+"""Top-k routing in fp32: softmax or sigmoid scores, node-limited selection, balancing bias, aux and z losses.
+
+Legend: T tokens, D model dim, E experts, K top-k, G expert groups.
+
+1. ``logits_TE = x_TD @ weight_ED.T (+ bias)`` in fp32;
+2. ``scores_TE`` = softmax or sigmoid of the logits;
+3. selection scores = scores + ``expert_bias`` (aux-loss-free balancing: used to choose, never to weigh);
+4. grouped (node-limited) top-k: score each of G groups by the sum of its top-2 selection scores, keep the best
+   ``topk_group`` groups, mask the rest;
+5. top-K by a stable descending sort, so ties go to the lower expert index;
+6. weights = the chosen *unbiased* scores, renormalised (``norm_topk_prob``) and scaled by ``route_scale``;
+7. a token mask zeroes masked tokens' weights and leaves them out of the counts and losses.
+No step reads tensor values on the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from leanmoe.config import MoEConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterOutput:
+    topk_ids_TK: torch.Tensor  # int64
+    topk_weights_TK: torch.Tensor  # fp32
+    logits_TE: torch.Tensor  # fp32
+    tokens_per_expert_E: torch.Tensor  # int64, masked tokens excluded
+    aux_loss: torch.Tensor  # fp32 scalar: aux_loss_coef * Switch loss + z_loss_coef * z-loss
+
+
+def stable_topk(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores per row; equal scores go to the lower index (deterministic)."""
+    return torch.sort(scores_TE, dim=-1, descending=True, stable=True).indices[:, :k]
+
+
+class TopKRouter(nn.Module):
+    """The router of :class:`leanmoe.MoE`. Parameters: ``weight [E, D]`` and, with ``router_bias``, ``bias [E]``.
+
+    Buffers: ``expert_bias [E]`` (fp32, aux-loss-free balancing, with ``balance_bias``) and ``expert_load [E]``, the
+    routed-token counts accumulated by training forwards since the last :meth:`update_balance_bias`.
+    """
+
+    def __init__(self, config: MoEConfig, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.config = config
+        E, D = config.num_experts, config.dim
+        self.weight = nn.Parameter(torch.empty(E, D, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(E, device=device, dtype=dtype)) if config.router_bias else None
+        if config.balance_bias:
+            self.register_buffer("expert_bias", torch.zeros(E, device=device, dtype=torch.float32))
+            self.register_buffer("expert_load", torch.zeros(E, device=device, dtype=torch.float32), persistent=False)
+        else:
+            self.expert_bias = None
+            self.expert_load = None
+        #: Process group whose load counts are summed before a balancing update (default: the whole world).
+        self.balance_group: dist.ProcessGroup | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.config.dim ** -0.5)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x_TD: torch.Tensor, token_mask_T: torch.Tensor | None = None) -> RouterOutput:
+        cfg = self.config
+        T, E, K = x_TD.shape[0], cfg.num_experts, cfg.top_k
+        bias = self.bias.float() if self.bias is not None else None
+        logits_TE = F.linear(x_TD.float(), self.weight.float(), bias)
+        scores_TE = logits_TE.softmax(-1) if cfg.score_func == "softmax" else logits_TE.sigmoid()
+
+        select_TE = scores_TE.detach()
+        if self.expert_bias is not None:
+            select_TE = select_TE + self.expert_bias
+        if cfg.n_group > 1:
+            select_TE = self._limit_groups(select_TE)
+        topk_ids_TK = stable_topk(select_TE, K)
+
+        weights_TK = scores_TE.gather(1, topk_ids_TK)
+        if cfg.norm_topk_prob:
+            weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
+        weights_TK = weights_TK * cfg.route_scale
+        if token_mask_T is not None:
+            weights_TK = weights_TK * token_mask_T[:, None]
+
+        # Masked tokens count into an extra bucket E that is dropped: fixed shapes, no host sync.
+        ids_R = topk_ids_TK.reshape(-1)
+        if token_mask_T is not None:
+            ids_R = torch.where(token_mask_T[:, None], topk_ids_TK, E).reshape(-1)
+        ones_R = torch.ones((), dtype=torch.int64, device=x_TD.device).expand(ids_R.numel())
+        tokens_per_expert_E = torch.zeros(E + 1, dtype=torch.int64, device=x_TD.device).scatter_add_(
+            0, ids_R, ones_R)[:E]
+        if self.expert_load is not None and self.training:
+            self.expert_load += tokens_per_expert_E.float()
+
+        aux_loss = logits_TE.new_zeros(())
+        if cfg.aux_loss_coef or cfg.z_loss_coef:
+            aux_loss = self._losses(logits_TE, scores_TE, tokens_per_expert_E, token_mask_T, T)
+        return RouterOutput(topk_ids_TK, weights_TK, logits_TE, tokens_per_expert_E, aux_loss)
+
+    def _limit_groups(self, select_TE: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        T, E, G = select_TE.shape[0], cfg.num_experts, cfg.n_group
+        select_TGe = select_TE.view(T, G, E // G)
+        group_scores_TG = select_TGe.topk(min(2, E // G), dim=-1).values.sum(-1)
+        kept_TG = torch.zeros(T, G, dtype=torch.bool, device=select_TE.device).scatter_(
+            1, stable_topk(group_scores_TG, cfg.topk_group), True)
+        return select_TGe.masked_fill(~kept_TG[:, :, None], float("-inf")).view(T, E)
+
+    def _losses(self, logits_TE, scores_TE, tokens_per_expert_E, token_mask_T, T) -> torch.Tensor:
+        cfg = self.config
+        if token_mask_T is None:
+            valid_T1 = logits_TE.new_ones(T, 1)
+        else:
+            valid_T1 = token_mask_T[:, None].to(logits_TE.dtype)
+        n_valid = valid_T1.sum().clamp_min(1)
+        loss = logits_TE.new_zeros(())
+        if cfg.aux_loss_coef:
+            # Switch: E * sum_e f_e * P_e, f_e the fraction of routed slots on e, P_e the mean router probability.
+            probs_TE = scores_TE if cfg.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
+            f_E = tokens_per_expert_E.float() / (n_valid * cfg.top_k)
+            p_E = (probs_TE * valid_T1).sum(0) / n_valid
+            loss = loss + cfg.aux_loss_coef * cfg.num_experts * (f_E * p_E).sum()
+        if cfg.z_loss_coef:
+            z_T1 = torch.logsumexp(logits_TE, dim=-1, keepdim=True).square()
+            loss = loss + cfg.z_loss_coef * (z_T1 * valid_T1).sum() / n_valid
+        return loss
+
+    @torch.no_grad()
+    def update_balance_bias(self) -> bool:
+        """Aux-loss-free balancing step; call after the optimizer step.
+
+        Moves ``expert_bias`` by ``balance_bias_rate`` toward under-loaded experts, using the load accumulated since
+        the last call, summed over ``balance_group`` when ``torch.distributed`` is initialised so every rank makes
+        the same selection. Does nothing (returns False) in eval mode or without ``balance_bias``.
+        """
+        if self.expert_bias is None or not self.training:
+            return False
+        load_E = self.expert_load
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(load_E, group=self.balance_group)
+        self.expert_bias += self.config.balance_bias_rate * torch.sign(load_E.mean() - load_E)
+        load_E.zero_()
+        return True
+
+
+def update_balance_biases(model: nn.Module) -> int:
+    """Calls :meth:`TopKRouter.update_balance_bias` on every router in ``model``; returns how many updated."""
+    return sum(int(m.update_balance_bias()) for m in model.modules() if isinstance(m, TopKRouter))
