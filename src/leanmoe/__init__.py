@@ -2,7 +2,7 @@
 
 from leanmoe.activations import Activation
 from leanmoe.config import MoEConfig
-from leanmoe.experts.module import GroupedExperts, SharedExperts
+from leanmoe.experts.module import ExpertWeights, GroupedExperts, SharedExperts
 from leanmoe.layer import MoE
 from leanmoe.parallel.dispatcher import LocalDispatcher
 from leanmoe.routers import RouterOutput, TopKRouter, stable_topk, update_balance_biases
@@ -22,6 +22,7 @@ __all__ = [
     "Activation",
     "ExpertsBackend",
     "ExpertsCall",
+    "ExpertWeights",
     "GroupedExperts",
     "LocalDispatcher",
     "MoE",

@@ -5,6 +5,7 @@ Legend: T tokens, D model dim, I expert hidden dim, N gate/up rows (2I gated, I 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -14,6 +15,23 @@ from leanmoe.activations import Activation, check_layout, resolve_activation
 from leanmoe.config import MoEConfig, check_save_percent
 from leanmoe.experts.functional import describe_call, moe_experts
 from leanmoe.experts.registry import explain_backend
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertWeights:
+    """An experts module's weights as views in leanmoe's layout, plus how to apply them.
+
+    Any module whose forward is ``(x_TD, topk_ids_TK, topk_weights_TK) -> y_TD`` and that has an
+    ``expert_weights()`` method returning this is an *experts module* to leanmoe's tools (calibration, benchmarks):
+    :class:`GroupedExperts`, and Hugging Face experts modules once :func:`leanmoe.hf.patch` has patched them.
+    """
+
+    gate_up_proj: torch.Tensor  # [E, N, D]
+    down_proj: torch.Tensor  # [E, D, I]
+    gate_up_bias: torch.Tensor | None  # [E, N]
+    down_bias: torch.Tensor | None  # [E, D]
+    activation: Activation
+    gate_up_layout: str
 
 
 class GroupedExperts(nn.Module):
@@ -62,6 +80,10 @@ class GroupedExperts(nn.Module):
         return moe_experts(x_TD, topk_ids_TK, topk_weights_TK, self.gate_up_proj, self.down_proj, self.gate_up_bias,
                            self.down_bias, activation=self.activation, gate_up_layout=self.gate_up_layout,
                            backend=self.backend, save_percent=self.save_percent, check_ids=check_ids)
+
+    def expert_weights(self) -> ExpertWeights:
+        return ExpertWeights(self.gate_up_proj, self.down_proj, self.gate_up_bias, self.down_bias, self.activation,
+                             self.gate_up_layout)
 
     def explain_backend(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> str:
         """Which backend ``forward`` would use on these inputs, and why."""
