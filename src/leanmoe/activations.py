@@ -108,15 +108,16 @@ def _silu_and_grad(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def activation_backward(
     gate_up_RN: torch.Tensor, grad_h_RI: torch.Tensor, activation: Activation, gate_up_layout: str
 ) -> torch.Tensor:
-    """Gradient of :func:`apply_activation` with respect to its input, computed in fp32.
+    """Gradient of :func:`apply_activation` with respect to its input, computed in at least fp32.
 
     Used by backends that write their own backward; the clamp masks match ``torch.clamp`` (gradient passes where
     the value lies inside the closed interval).
     """
-    dh = grad_h_RI.float()
+    compute = torch.promote_types(gate_up_RN.dtype, torch.float32)
+    dh = grad_h_RI.to(compute)
     name = activation.name
     if not activation.gated:
-        a = gate_up_RN.float()
+        a = gate_up_RN.to(compute)
         if name == "relu2":
             grad = 2 * torch.relu(a)
         elif name == "gelu":
@@ -125,7 +126,7 @@ def activation_backward(
             grad = _silu_and_grad(a)[1]
         return (dh * grad).to(gate_up_RN.dtype)
     g, u = split_gate_up(gate_up_RN, gate_up_layout)
-    g, u = g.float(), u.float()
+    g, u = g.to(compute), u.to(compute)
     if name == "swiglu":
         act, dact = _silu_and_grad(g)
         dg, du = dh * u * dact, dh * act

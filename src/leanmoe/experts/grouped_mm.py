@@ -131,7 +131,8 @@ def grouped_mm_moe_experts(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, dow
 
 
 class GroupedMMBackend(ExpertsBackend):
-    """``torch._grouped_mm`` on CPU (any float dtype but float64) and on CUDA (bf16, sm90+, dims multiple of 8)."""
+    """``torch._grouped_mm`` on CPU (float32, float16, bfloat16; bfloat16 only under ``torch.compile``) and on CUDA
+    (bfloat16, compute capability 9.0+). Rows must be 16-byte aligned: D and I multiples of 16 / itemsize."""
 
     name = "grouped_mm"
     priority = 10
@@ -141,14 +142,19 @@ class GroupedMMBackend(ExpertsBackend):
             return f"torch {torch.__version__} has no torch._grouped_mm"
         if call.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return f"dtype {call.dtype} (needs float32, float16 or bfloat16)"
+        if call.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+            # torch._grouped_mm's fake (tracing) kernel accepts bfloat16 only, even where eager takes more.
+            return f"under torch.compile torch._grouped_mm needs bfloat16, got {call.dtype}"
+        itemsize = torch.finfo(call.dtype).bits // 8
+        if (call.dim * itemsize) % 16 or (call.hidden_dim * itemsize) % 16:
+            return (f"torch._grouped_mm needs 16-byte rows: D and I multiples of {16 // itemsize} for {call.dtype}, "
+                    f"got D={call.dim}, I={call.hidden_dim}")
         if call.device.type == "cuda":
             if call.dtype != torch.bfloat16:
                 return f"on CUDA torch._grouped_mm needs bfloat16, got {call.dtype}"
             major, _ = torch.cuda.get_device_capability(call.device)
             if major < 9:
                 return f"on CUDA torch._grouped_mm needs compute capability >= 9.0, got {major}.x"
-            if call.dim % 8 or call.hidden_dim % 8:
-                return f"on CUDA dims must be multiples of 8 (16-byte rows), got D={call.dim}, I={call.hidden_dim}"
         elif call.device.type != "cpu":
             return f"device {call.device.type} is not supported"
         return None

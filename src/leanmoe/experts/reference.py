@@ -5,7 +5,7 @@ Legend: T tokens, D model dim, I expert hidden dim, N gate/up rows (2I gated, I 
 For each expert e:
 1. find the (token, slot) pairs routed to e (``torch.where``, a data-dependent shape);
 2. gather those tokens, run ``gate_up_proj[e]`` (+ bias), the activation, ``down_proj[e]`` (+ bias);
-3. scale by the routing weights and ``index_add`` into an fp32 output.
+3. scale by the routing weights and ``index_add`` into an output of at least fp32.
 
 Autograd differentiates it as written. Under ``torch.compile(fullgraph=True)`` it needs
 ``torch._dynamo.config.capture_dynamic_output_shape_ops = True`` because of step 1.
@@ -32,7 +32,8 @@ def reference_moe_experts(
     gate_up_layout: str,
 ) -> torch.Tensor:
     T, D = x_TD.shape
-    y_TD = x_TD.new_zeros(T, D, dtype=torch.float32)
+    acc_dtype = torch.promote_types(x_TD.dtype, torch.float32)
+    y_TD = x_TD.new_zeros(T, D, dtype=acc_dtype)
     for e in range(gate_up_proj.shape[0]):
         token_idx, slot_idx = torch.where(topk_ids_TK == e)
         x_eD = x_TD.index_select(0, token_idx)
@@ -43,8 +44,8 @@ def reference_moe_experts(
         out_eD = h_eI @ down_proj[e].t()
         if down_bias is not None:
             out_eD = out_eD + down_bias[e]
-        weight_e = topk_weights_TK[token_idx, slot_idx].float()
-        y_TD = y_TD.index_add(0, token_idx, out_eD.float() * weight_e[:, None])
+        weight_e = topk_weights_TK[token_idx, slot_idx].to(acc_dtype)
+        y_TD = y_TD.index_add(0, token_idx, out_eD.to(acc_dtype) * weight_e[:, None])
     return y_TD.to(x_TD.dtype)
 
 

@@ -1,0 +1,174 @@
+"""Bad input gives a ValueError/TypeError naming the bad and the expected value, never a crash inside a kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import leanmoe
+from tests.helpers import make_problem
+
+
+@pytest.fixture
+def p():
+    return make_problem(6, 8, 4, 5, 2, bias=True, requires_grad=False)
+
+
+def call(p, **overrides):
+    args = dict(x_TD=p.x_TD, topk_ids_TK=p.topk_ids_TK, topk_weights_TK=p.topk_weights_TK,
+                gate_up_proj=p.gate_up_proj, down_proj=p.down_proj, gate_up_bias=p.gate_up_bias,
+                down_bias=p.down_bias)
+    kwargs = {"activation": "swiglu", "gate_up_layout": "concatenated", "backend": "auto", "save_percent": 0}
+    for k, v in overrides.items():
+        (kwargs if k in kwargs or k == "check_ids" else args)[k] = v
+    return leanmoe.moe_experts(*args.values(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "override,error,match",
+    [
+        ({"x_TD": torch.randn(2, 3, 8)}, ValueError, r"x must be \[T, D\], got shape \[2, 3, 8\]"),
+        ({"x_TD": torch.ones(6, 8, dtype=torch.int64)}, TypeError, "x must be a floating-point tensor"),
+        ({"x_TD": torch.randn(6, 9)}, ValueError, r"expects D=8, but x is \[6, 9\]"),
+        ({"x_TD": "x"}, TypeError, "x must be a torch.Tensor, got str"),
+        ({"topk_ids_TK": torch.zeros(6, 2)}, TypeError, "topk_ids must be int32 or int64, got dtype torch.float32"),
+        ({"topk_ids_TK": torch.zeros(5, 2, dtype=torch.long)}, ValueError, r"topk_ids must be \[T, K\] with T=6"),
+        ({"topk_weights_TK": torch.rand(6, 3)}, ValueError, r"topk_weights must have the shape of topk_ids \[6, 2\]"),
+        ({"topk_weights_TK": torch.ones(6, 2, dtype=torch.long)}, TypeError, "topk_weights must be a floating"),
+        ({"topk_ids_TK": torch.zeros(6, 6, dtype=torch.long), "topk_weights_TK": torch.rand(6, 6)}, ValueError,
+         r"top-k must be in \[1, E=5\], got K=6"),
+        ({"topk_ids_TK": torch.zeros(6, 0, dtype=torch.long), "topk_weights_TK": torch.rand(6, 0)}, ValueError,
+         r"top-k must be in \[1, E=5\], got K=0"),
+        ({"topk_ids_TK": torch.full((6, 2), 5)}, ValueError, r"topk_ids must lie in \[0, 5\), got values in \[5, 5\]"),
+        ({"topk_ids_TK": torch.full((6, 2), -1)}, ValueError, r"topk_ids must lie in \[0, 5\)"),
+        ({"gate_up_proj": torch.randn(5, 8)}, ValueError, r"gate_up_proj must be \[E, 2I, D\]"),
+        ({"gate_up_proj": torch.randn(5, 7, 8)}, ValueError, r"expected gate_up_proj \[E, 2I, D\] = \[5, 8, 8\]"),
+        ({"down_proj": torch.randn(4, 8, 4)}, ValueError, r"down_proj \[E, D, I\] = \[5, 8, 4\]"),
+        ({"down_proj": torch.randn(5, 8)}, ValueError, r"down_proj must be \[E, D, I\], got shape \[5, 8\]"),
+        ({"gate_up_bias": torch.randn(5, 4)}, ValueError, r"gate_up_bias must be \[5, 8\], got \[5, 4\]"),
+        ({"down_bias": torch.randn(8)}, ValueError, r"down_bias must be \[5, 8\], got \[8\]"),
+        ({"gate_up_proj": torch.randn(5, 8, 8, dtype=torch.float64)}, TypeError,
+         "gate_up_proj dtype torch.float64 does not match x dtype torch.float32"),
+        ({"down_bias": torch.randn(5, 8, dtype=torch.float16)}, TypeError, "down_bias dtype torch.float16"),
+        ({"activation": "swish"}, ValueError, "unknown activation 'swish'; expected one of"),
+        ({"activation": 3}, TypeError, "activation must be a str or leanmoe.Activation, got int"),
+        ({"gate_up_layout": "split"}, ValueError, "unknown gate_up_layout 'split'"),
+        ({"backend": "cutlass"}, ValueError, "unknown backend 'cutlass'; expected 'auto' or one of"),
+        ({"save_percent": 101}, ValueError, r"save_percent must be in \[0, 100\], got 101"),
+        ({"save_percent": -1}, ValueError, r"save_percent must be in \[0, 100\], got -1"),
+        ({"save_percent": "all"}, TypeError, "save_percent must be a number"),
+    ],
+    ids=lambda v: v.__name__ if isinstance(v, type) else None,
+)
+def test_bad_inputs(p, override, error, match):
+    with pytest.raises(error, match=match):
+        call(p, **override)
+
+
+def test_non_gated_activation_wants_single_width_gate_up(p):
+    with pytest.raises(ValueError, match=r"for activation 'relu2' expected gate_up_proj \[E, I, D\] = \[5, 4, 8\]"):
+        call(p, activation="relu2")
+
+
+def test_device_mismatch_is_reported():
+    p = make_problem(4, 8, 4, 3, 2, requires_grad=False)
+    meta_ids = torch.empty(4, 2, dtype=torch.long, device="meta")
+    with pytest.raises(ValueError, match="topk_ids is on meta but x is on cpu"):
+        leanmoe.moe_experts(p.x_TD, meta_ids, p.topk_weights_TK, p.gate_up_proj, p.down_proj)
+
+
+def test_check_ids_false_skips_the_range_check(p):
+    # The caller vouches for the ids (a router's output); the check, a host sync on GPUs, is skipped.
+    call(p, check_ids=False)
+
+
+def test_named_backend_that_cannot_run_says_why(p):
+    from leanmoe.experts.registry import ExpertsBackend, _BACKENDS, register_backend
+
+    class Never(ExpertsBackend):
+        name = "test-never"
+
+        def unsupported_reason(self, call):
+            return "it never runs"
+
+        def __call__(self, *a, **k):
+            raise AssertionError("must not be called")
+
+    register_backend(Never())
+    try:
+        with pytest.raises(ValueError, match="backend 'test-never' cannot run this call: it never runs"):
+            call(p, backend="test-never")
+        with pytest.raises(ValueError, match="already registered"):
+            register_backend(Never())
+    finally:
+        del _BACKENDS["test-never"]
+
+
+def test_missing_optional_package_names_the_extra(p):
+    from leanmoe.experts.registry import ExpertsBackend, _BACKENDS, register_backend
+
+    class NeedsPkg(ExpertsBackend):
+        name = "test-needs-pkg"
+        requires = ("leanmoe_no_such_package",)
+        extra = "nothing"
+
+        def __call__(self, *a, **k):
+            raise AssertionError("must not be called")
+
+    register_backend(NeedsPkg())
+    try:
+        with pytest.raises(ValueError, match=r"needs leanmoe_no_such_package \(pip install 'leanmoe\[nothing\]'\)"):
+            call(p, backend="test-needs-pkg")
+    finally:
+        del _BACKENDS["test-needs-pkg"]
+
+
+@pytest.mark.parametrize(
+    "kw,error,match",
+    [
+        ({"top_k": 9}, ValueError, "top_k must be <= num_experts, got top_k=9, num_experts=8"),
+        ({"top_k": 0}, ValueError, "top_k must be >= 1, got 0"),
+        ({"top_k": 2.0}, TypeError, r"top_k must be an int, got float \(2.0\)"),
+        ({"num_experts": 0}, ValueError, "num_experts must be >= 1, got 0"),
+        ({"score_func": "tanh"}, ValueError, "unknown score_func 'tanh'"),
+        ({"activation": "swish"}, ValueError, "unknown activation 'swish'"),
+        ({"gate_up_layout": "split"}, ValueError, "unknown gate_up_layout 'split'"),
+        ({"n_group": 3}, ValueError, "num_experts must be divisible by n_group, got num_experts=8, n_group=3"),
+        ({"n_group": 2, "topk_group": 3}, ValueError, "topk_group must be <= n_group, got topk_group=3, n_group=2"),
+        ({"n_group": 4, "topk_group": 1, "top_k": 3}, ValueError, "top_k=3 exceeds the 2 experts left"),
+        ({"save_percent": 200}, ValueError, r"save_percent must be in \[0, 100\], got 200"),
+        ({"aux_loss_coef": -1.0}, ValueError, "aux_loss_coef must be >= 0, got -1.0"),
+        ({"num_shared_experts": -1}, ValueError, "num_shared_experts must be >= 0, got -1"),
+    ],
+)
+def test_bad_config(kw, error, match):
+    base = {"dim": 16, "hidden_dim": 8, "num_experts": 8, "top_k": 2}
+    base.update(kw)
+    with pytest.raises(error, match=match):
+        leanmoe.MoEConfig(**base)
+
+
+def test_config_is_keyword_only():
+    with pytest.raises(TypeError):
+        leanmoe.MoEConfig(16, 8, 8, 2)
+
+
+def test_layer_bad_inputs():
+    layer = leanmoe.MoE(leanmoe.MoEConfig(dim=16, hidden_dim=8, num_experts=4, top_k=2))
+    with pytest.raises(ValueError, match=r"x must be \[..., 16\], got shape \[3, 15\]"):
+        layer(torch.randn(3, 15))
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        layer(torch.ones(3, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"token_mask must be a bool tensor of shape \[3\]"):
+        layer(torch.randn(3, 16), token_mask=torch.ones(3))
+    with pytest.raises(TypeError, match="config must be a leanmoe.MoEConfig, got dict"):
+        leanmoe.MoE({"dim": 16})
+
+
+def test_auto_passes_over_grouped_mm_for_unaligned_rows_and_says_why():
+    # bf16 rows of D=12 are 24 bytes: torch._grouped_mm needs 16-byte multiples.
+    p = make_problem(5, 12, 8, 4, 2, dtype=torch.bfloat16, requires_grad=False)
+    why = leanmoe.explain_backend(leanmoe.describe_call(*p.args(), **p.kwargs()))
+    assert "auto picked 'reference'" in why and "D and I multiples of 8 for torch.bfloat16, got D=12, I=8" in why
+    with pytest.raises(ValueError, match="backend 'grouped_mm' cannot run this call: torch._grouped_mm needs 16-byte"):
+        leanmoe.moe_experts(*p.args(), backend="grouped_mm", **p.kwargs())
