@@ -1,0 +1,69 @@
+"""The environment every benchmark table carries: device, versions, commit, date and the exact command."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import platform
+import shlex
+import subprocess
+from pathlib import Path
+
+import torch
+
+import leanmoe
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass  # not Linux: fall back to what platform knows
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU: {_cpu_name()} ({os.cpu_count()} cores)"
+
+
+def git_commit() -> str | None:
+    """Short commit of the checkout leanmoe is imported from, with ``+dirty`` for uncommitted changes to tracked
+    files; ``None`` when leanmoe is not imported from a git checkout or git is missing."""
+    src_dir = Path(leanmoe.__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(src_dir), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(src_dir), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+
+
+def collect_env(device: torch.device, argv: list[str]) -> dict:
+    """What produced a table. ``argv`` is the command's arguments after ``leanmoe``."""
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "triton": _package_version("triton"),
+        "leanmoe": leanmoe.__version__,
+        "git_commit": git_commit(),
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": shlex.join(["leanmoe", *argv]),
+    }

@@ -1,0 +1,248 @@
+"""Reports of a benchmark run: progress while it runs, then a terminal table, JSON, and a Markdown section.
+
+Every report carries the environment (:func:`leanmoe.bench.env.collect_env`) and the command that produced it.
+rich is used when installed and the output is a terminal; plain text otherwise (logs stay readable).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
+
+from leanmoe.bench.harness import Progress
+
+
+def _fmt(fmt: str) -> Callable[[object], str]:
+    return lambda v: "" if v is None else format(v, fmt)
+
+
+def _pct(v: object) -> str:
+    return "" if v is None else f"{100 * v:.0f}%"
+
+
+def _rate(v: object) -> str:
+    # Three significant digits for CPU-sized rates, no decimals for GPU-sized ones.
+    if v is None:
+        return ""
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.3g}"
+
+
+# (header, row key, formatter): a column is shown only when some row has a value for it.
+BENCH_COLUMNS: list[tuple[str, str, Callable[[object], str]]] = [
+    ("preset", "label", str),
+    ("T", "tokens", str),
+    ("routing", "routing", str),
+    ("mode", "mode", str),
+    ("backend", "backend", str),
+    ("status", "status", str),
+    ("ms", "ms", _fmt(".3f")),
+    ("TFLOP/s", "tflops", _rate),
+    ("% dense", "frac_dense", _pct),
+    ("GB/s", "gbps", _rate),
+    ("% copy", "frac_copy", _pct),
+    ("peak MiB", "peak_mem_mb", _fmt(".0f")),
+    ("act MiB", "act_mem_mb", _fmt(".0f")),
+    ("x grouped_mm", "speedup_vs_grouped_mm", _fmt(".2f")),
+    ("max rel err", "max_error", _fmt(".1e")),
+]
+
+VERIFY_COLUMNS = [c for c in BENCH_COLUMNS if c[1] in ("label", "tokens", "routing", "mode", "backend", "status",
+                                                       "max_error")]
+
+HF_COLUMNS: list[tuple[str, str, Callable[[object], str]]] = [
+    ("model_type", "model_type", str),
+    ("implementation", "implementation", str),
+    ("mode", "mode", str),
+    ("ms", "ms", _fmt(".3f")),
+    ("peak MiB", "peak_mem_mb", _fmt(".0f")),
+    ("ok", "ok", str),
+    ("rel err", "rel_err", _fmt(".1e")),
+    ("note", "note", str),
+]
+
+
+def tabulate(rows: list[dict], columns=BENCH_COLUMNS) -> tuple[list[str], list[list[str]], list[str]]:
+    """Headers, string cells of the columns that have at least one value, and the numbered notes that the status
+    cells point to (``unsupported (1)``), so that long reasons do not widen the table."""
+    shown = [c for c in columns if any(row.get(c[1]) is not None for row in rows)]
+    notes: list[str] = []
+    cells = []
+    for row in rows:
+        line = []
+        for _, key, fmt in shown:
+            if key == "status" and row.get("reason"):
+                if row["reason"] not in notes:
+                    notes.append(row["reason"])
+                line.append(f"{row['status']} ({notes.index(row['reason']) + 1})")
+            else:
+                line.append(fmt(row.get(key)))
+        cells.append(line)
+    return [header for header, _, _ in shown], cells, [f"({i}) {note}" for i, note in enumerate(notes, 1)]
+
+
+def env_lines(env: dict) -> list[str]:
+    """The environment as short lines: device and versions, then the command, then the run's own rates."""
+    versions = [env["device"], f"torch {env['torch']}" + (f" (CUDA {env['cuda']})" if env.get("cuda") else ""),
+                f"triton {env['triton'] or 'not installed'}",
+                f"leanmoe {env['leanmoe']}" + (f" (commit {env['git_commit']})" if env.get("git_commit") else ""),
+                env["date"]]
+    lines = [" · ".join(versions), f"command: {env['command']}"]
+    run = []
+    if env.get("dtype"):
+        run.append(f"dtype {env['dtype']}, save_percent {env.get('save_percent', 0):g}, check tolerance "
+                   f"{env['tolerance']:.0e} (relative L2 error vs the fp32 reference)")
+    if env.get("dense_tflops"):
+        run.append(f"dense bf16 8192³ matmul {env['dense_tflops']:.0f} TFLOP/s")
+    if env.get("copy_gbps"):
+        run.append(f"device-to-device copy {env['copy_gbps']:.0f} GB/s")
+    if env.get("timer"):
+        run.append(f"timer: {env['timer']}")
+    if run:
+        lines.append(" · ".join(run))
+    if env.get("notes"):
+        lines.extend(env["notes"])
+    return lines
+
+
+def print_table(rows: list[dict], env: dict, *, columns=BENCH_COLUMNS, title: str = "leanmoe bench",
+                file: TextIO | None = None) -> None:
+    file = file or sys.stdout
+    headers, cells, notes = tabulate(rows, columns)
+    if importlib.util.find_spec("rich") is not None and file.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title, caption="\n".join(notes + env_lines(env)), caption_justify="left")
+        for header in headers:
+            numeric = header not in ("preset", "routing", "mode", "backend", "status", "model_type",
+                                     "implementation")
+            table.add_column(header, justify="right" if numeric else "left", overflow="fold")
+        for line in cells:
+            table.add_row(*line)
+        Console(file=file).print(table)
+        return
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    print(title, file=file)
+    for line in env_lines(env):
+        print(line, file=file)
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)), file=file)
+    print("  ".join("-" * w for w in widths), file=file)
+    for line in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip(), file=file)
+    for note in notes:
+        print(note, file=file)
+
+
+def markdown(rows: list[dict], env: dict, *, columns=BENCH_COLUMNS, title: str = "leanmoe bench",
+             hf_rows: list[dict] | None = None) -> str:
+    """A Markdown section (heading, environment, command, table) to paste into ``docs/BENCHMARKS.md``."""
+    out = [f"## {title} ({env['date']})", ""]
+    out += [f"- {line}" for line in env_lines(env) if not line.startswith("command: ")]
+    out += ["", "Command:", "", "```bash", env["command"], "```", ""]
+
+    def table(rows_: list[dict], columns_) -> None:
+        headers, cells, notes = tabulate(rows_, columns_)
+        out.append("| " + " | ".join(headers) + " |")
+        out.append("|" + "|".join(" --- " for _ in headers) + "|")
+        for line in cells:
+            out.append("| " + " | ".join(c.replace("|", "\\|") for c in line) + " |")
+        out.append("")
+        if notes:
+            out.extend(f"{note}  " for note in notes)
+            out.append("")
+
+    if rows:
+        table(rows, columns)
+    if hf_rows:
+        out.append("Hugging Face models (`--hf`):")
+        out.append("")
+        table(hf_rows, HF_COLUMNS)
+    out.append("MiB = 2²⁰ bytes. peak MiB: `max_memory_allocated` during one call minus `memory_allocated` before "
+               "it; act MiB: that minus the weight gradients. TFLOP/s counts 6·T·K·D·I per forward (gated; "
+               "4·T·K·D·I non-gated), three times that for fwdbwd; % dense is its ratio to the dense bf16 matmul "
+               "rate; max rel err is the largest ‖out − ref‖ / ‖ref‖ over the output and every gradient.")
+    return "\n".join(out) + "\n"
+
+
+def write_json(path: str | Path, rows: list[dict], env: dict, hf_rows: list[dict] | None = None) -> None:
+    payload = {"env": env, "rows": rows}
+    if hf_rows is not None:
+        payload["hf_rows"] = hf_rows
+    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def load_json(paths: list[str]) -> tuple[list[dict], dict, list[dict] | None]:
+    """Rows, environment and HF rows of one or more ``--json`` files, merged in order (the first file's
+    environment, with every file's command)."""
+    rows: list[dict] = []
+    hf_rows: list[dict] | None = None
+    envs = []
+    for path in paths:
+        payload = json.loads(Path(path).read_text())
+        envs.append(payload["env"])
+        rows.extend(payload["rows"])
+        if payload.get("hf_rows") is not None:
+            hf_rows = (hf_rows or []) + payload["hf_rows"]
+    env = dict(envs[0])
+    env["command"] = "\n".join(dict.fromkeys(e["command"] for e in envs))
+    others = {e["device"] for e in envs[1:]} - {env["device"]}
+    if len(paths) > 1:
+        env["notes"] = [*env.get("notes", []), f"merged from {len(paths)} runs" +
+                        (f" (also on: {', '.join(sorted(others))})" if others else "")]
+    return rows, env, hf_rows
+
+
+# ---------------------------------------------------------------------------------------------------- progress
+
+
+class PlainProgress(Progress):
+    """One line per finished measurement on stderr."""
+
+    def __init__(self, file: TextIO | None = None) -> None:
+        self.file = file or sys.stderr
+        self.total = self.count = 0
+
+    def start(self, total: int) -> None:
+        self.total, self.count = total, 0
+
+    def done(self, description: str, result: str) -> None:
+        self.count += 1
+        print(f"[{self.count}/{self.total}] {description}: {result}", file=self.file, flush=True)
+
+
+class RichProgress(Progress):
+    """A progress bar on stderr naming the measurement under way, with each result printed above it."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as _Progress
+
+        self._progress = _Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                   TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+        self._task = None
+
+    def start(self, total: int) -> None:
+        self._progress.start()
+        self._task = self._progress.add_task("starting", total=total)
+
+    def step(self, description: str) -> None:
+        self._progress.update(self._task, description=description)
+
+    def done(self, description: str, result: str) -> None:
+        self._progress.console.print(f"{description}: {result}", markup=False, highlight=False)
+        self._progress.advance(self._task)
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+def make_progress() -> Progress:
+    """rich's progress bar on a terminal when rich is installed, else plain lines to stderr."""
+    if importlib.util.find_spec("rich") is not None and sys.stderr.isatty():
+        return RichProgress()
+    return PlainProgress()

@@ -1,0 +1,312 @@
+"""``leanmoe bench | verify | info``: measure, check, and describe the expert backends on this machine.
+
+- ``bench``: for each preset, routing, backend and mode, check the backend against the fp32 reference, then time it
+  and measure its memory (``../shared/bench-protocol.md``); print a table with the environment; optionally write JSON,
+  Markdown and a PNG chart. ``--hf MODEL_TYPE`` benchmarks a Hugging Face model family instead (or as well, with
+  ``--preset``). Exit status 1 when any check FAILED.
+- ``verify``: the checks alone.
+- ``info``: versions, device, registered backends, and which backend ``auto`` picks for the default case and why.
+
+Defaults: on a CUDA GPU, preset qwen3-30b-a3b at its training T in bf16, fwd and fwdbwd, every backend but the
+reference; on the CPU, the presets scaled down (labelled ``(CPU-scaled)``) in float32, so that the run takes seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+
+import torch
+
+from leanmoe.bench import env as bench_env
+from leanmoe.bench.harness import (
+    TOLERANCES,
+    BenchPlan,
+    copy_gbps,
+    default_backends,
+    dense_matmul_tflops,
+    describe_preset,
+    run_plan,
+    unsupported_reason,
+)
+from leanmoe.bench.presets import (
+    CPU_MAX_DIM,
+    CPU_MAX_EXPERTS,
+    CPU_MAX_HIDDEN_DIM,
+    CPU_MAX_TOP_K,
+    DEFAULT_PRESET,
+    MODES,
+    PRESETS,
+    ROUTINGS,
+    Preset,
+    cpu_scaled,
+)
+from leanmoe.bench.report import (
+    BENCH_COLUMNS,
+    HF_COLUMNS,
+    VERIFY_COLUMNS,
+    load_json,
+    make_progress,
+    markdown,
+    print_table,
+    write_json,
+)
+from leanmoe.experts import available_backends, explain_backend, get_backend
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+HF_DEFAULT_TOKENS = {"cuda": 4096, "cpu": 64}
+
+
+def _add_case_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", action="extend", nargs="+", metavar="P",
+                   help=f"model shapes to run (default {DEFAULT_PRESET}); any of: {', '.join(PRESETS)}, or all")
+    p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--tokens", type=int, metavar="T", help="tokens per call (default: the preset's train or decode T)")
+    p.add_argument("--full-size", action="store_true",
+                   help="on the CPU, keep the presets' real dims (slow, many GB) instead of scaling them down")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    _add_case_args(p)
+    p.add_argument("--backend", action="extend", nargs="+", metavar="B",
+                   help="backends to run (default: every registered backend but the reference, which is always "
+                        "computed for the check and timed only when named)")
+    p.add_argument("--mode", action="extend", nargs="+", choices=MODES,
+                   help="fwd, fwdbwd or both (default: both; fwd with --decode)")
+    p.add_argument("--decode", action="store_true",
+                   help="use the presets' decode T and report weight bandwidth against a device copy")
+    p.add_argument("--routing", action="extend", nargs="+", choices=ROUTINGS, help="default: uniform")
+    p.add_argument("--save-percent", type=float, default=0, metavar="S",
+                   help="the backends' save_percent in [0, 100] (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the inputs and the routing (default 0)")
+    p.add_argument("--json", metavar="FILE", help="write every row and the environment as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="leanmoe", description="leanmoe: fast, memory-lean MoE layers.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,verify,info}")
+
+    bench = sub.add_parser("bench", help="check, then time and measure the memory of each backend",
+                           description="Check each backend against the fp32 reference, then time it and measure "
+                                       "its peak extra memory (bench-protocol.md).")
+    _add_run_args(bench)
+    bench.add_argument("--markdown", metavar="FILE", help="write the table, environment and command as Markdown")
+    bench.add_argument("--plot", metavar="PNG", help="write a chart of TFLOP/s and peak memory per backend")
+    bench.add_argument("--hf", metavar="MODEL_TYPE",
+                       help="benchmark a Hugging Face model family (transformers' expert implementations vs "
+                            "leanmoe); runs alone unless --preset is given too")
+    bench.add_argument("--hf-layers", type=int, default=2, metavar="N", help="decoder layers for --hf (default 2)")
+    bench.add_argument("--from-json", nargs="+", metavar="FILE",
+                       help="measure nothing: report the rows of earlier --json files (merged), with --markdown, "
+                            "--plot and --json")
+
+    verify = sub.add_parser("verify", help="check each backend against the fp32 reference (no timing)",
+                            description="Check each backend's output and gradients against the fp32 reference.")
+    _add_run_args(verify)
+
+    info = sub.add_parser("info", help="versions, device, backends, and what auto picks here")
+    _add_case_args(info)
+    return parser
+
+
+# --------------------------------------------------------------------------------------------- argument checks
+
+
+def _resolve_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch.cuda.is_available() is False")
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _resolve_presets(parser: argparse.ArgumentParser, args: argparse.Namespace, device: torch.device
+                     ) -> list[Preset]:
+    names = [n for name in args.preset or [DEFAULT_PRESET] for n in (PRESETS if name == "all" else [name])]
+    names = list(dict.fromkeys(names))
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown:
+        parser.error(f"unknown preset(s) {', '.join(map(repr, unknown))}; expected any of: {', '.join(PRESETS)}")
+    presets = [PRESETS[n] for n in names]
+    if device.type == "cpu" and not args.full_size:
+        presets = [cpu_scaled(p) for p in presets]
+    return presets
+
+
+def _resolve_backends(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    if args.backend is None:
+        return default_backends()
+    names = list(dict.fromkeys(args.backend))
+    known = available_backends()
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        parser.error(f"unknown backend(s) {', '.join(map(repr, unknown))}; registered: {', '.join(known)}")
+    return names
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.tokens is not None and args.tokens < 1:
+        parser.error(f"--tokens must be >= 1, got {args.tokens}")
+    if not 0 <= getattr(args, "save_percent", 0) <= 100:
+        parser.error(f"--save-percent must be in [0, 100], got {args.save_percent:g}")
+    if getattr(args, "hf_layers", 1) < 1:
+        parser.error(f"--hf-layers must be >= 1, got {args.hf_layers}")
+
+
+def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace, *, check_only: bool) -> BenchPlan:
+    _check_args(parser, args)
+    device = _resolve_device(parser, args)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return BenchPlan(
+        presets=_resolve_presets(parser, args, device),
+        backends=_resolve_backends(parser, args),
+        named_backends=frozenset(args.backend or ()),
+        modes=list(dict.fromkeys(args.mode or (["fwd"] if args.decode else list(MODES)))),
+        routings=list(dict.fromkeys(args.routing or ["uniform"])),
+        tokens=args.tokens,
+        decode=args.decode,
+        save_percent=args.save_percent,
+        dtype=dtype,
+        device=device,
+        check_only=check_only,
+        seed=args.seed,
+    )
+
+
+def _run_env(plan: BenchPlan, argv: list[str]) -> dict:
+    env = bench_env.collect_env(plan.device, argv)
+    env.update(dtype=str(plan.dtype).removeprefix("torch."), tolerance=TOLERANCES[plan.dtype],
+               save_percent=plan.save_percent, dense_tflops=None, copy_gbps=None, notes=[])
+    if not plan.check_only:
+        env["timer"] = ("triton.testing.do_bench median" if plan.device.type == "cuda"
+                        else "median of perf_counter timings")
+    if plan.device.type == "cpu":
+        if any(p.label != p.name for p in plan.presets):
+            env["notes"].append(f"CPU run: presets scaled down (D ≤ {CPU_MAX_DIM}, I ≤ {CPU_MAX_HIDDEN_DIM}, "
+                                f"E ≤ {CPU_MAX_EXPERTS}, K ≤ {CPU_MAX_TOP_K}); memory is measured on CUDA only.")
+        else:
+            env["notes"].append("CPU run: memory is measured on CUDA only.")
+    return env
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+
+
+def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str], *, check_only: bool) -> int:
+    if not check_only and args.from_json:
+        rows, env, hf_rows = load_json(args.from_json)
+        return _report(args, rows, env, hf_rows, title="leanmoe bench", check_only=False)
+    plan = _plan(parser, args, check_only=check_only)
+    hf_only = not check_only and args.hf is not None and args.preset is None
+    if plan.device.type == "cuda" and not check_only and importlib.util.find_spec("triton") is None:
+        raise SystemExit("timing on CUDA uses triton.testing.do_bench: pip install 'leanmoe[triton]'")
+    if not check_only and args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise SystemExit("--plot needs matplotlib: pip install 'leanmoe[bench]'")
+    run_hf_bench = _load_hf_bench() if not check_only and args.hf is not None else None
+
+    env = _run_env(plan, argv)
+    if plan.device.type == "cuda" and not check_only and not hf_only:
+        print("measuring the dense bf16 matmul and device copy rates ...", file=sys.stderr, flush=True)
+        env["dense_tflops"] = dense_matmul_tflops(plan.device)
+        if plan.decode:
+            env["copy_gbps"] = copy_gbps(plan.device)
+        torch.cuda.empty_cache()
+
+    def save_partial(rows_so_far: list[dict]) -> None:
+        write_json(args.json, rows_so_far, env)
+
+    rows = [] if hf_only else run_plan(plan, make_progress(), dense_tflops=env["dense_tflops"],
+                                       copy_rate_gbps=env["copy_gbps"], on_row=save_partial if args.json else None)
+    hf_rows = None
+    if run_hf_bench is not None:
+        print(f"benchmarking Hugging Face model type {args.hf!r} ...", file=sys.stderr, flush=True)
+        hf_rows = run_hf_bench(args.hf, device=plan.device, dtype=plan.dtype,
+                               tokens=args.tokens or HF_DEFAULT_TOKENS[plan.device.type], layers=args.hf_layers)
+
+    return _report(args, rows, env, hf_rows, title="leanmoe verify" if check_only else "leanmoe bench",
+                   check_only=check_only)
+
+
+def _report(args: argparse.Namespace, rows: list[dict], env: dict, hf_rows: list[dict] | None, *, title: str,
+            check_only: bool) -> int:
+    """Prints the tables, writes the requested files, and returns the exit status (1 when a check FAILED)."""
+    columns = VERIFY_COLUMNS if check_only else BENCH_COLUMNS
+    if rows:
+        print_table(rows, env, columns=columns, title=title)
+    if hf_rows is not None:
+        print_table(hf_rows, env, columns=HF_COLUMNS, title="leanmoe bench --hf")
+    if args.json:
+        write_json(args.json, rows, env, hf_rows)
+    if not check_only and args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(rows, env, columns=columns, title=title, hf_rows=hf_rows))
+    if not check_only and args.plot and rows:
+        from leanmoe.bench.plot import write_plot
+
+        write_plot(args.plot, rows, env)
+
+    failed = [r for r in rows if r["status"] == "FAILED"]
+    # leanmoe.bench.hf marks skipped rows (a note starting "skipped") ok=False too; those are not failures.
+    failed_hf = [r for r in hf_rows or () if not r.get("ok") and not str(r.get("note") or "").startswith("skipped")]
+    if failed or failed_hf:
+        print(f"{len(failed) + len(failed_hf)} check(s) FAILED", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _load_hf_bench():
+    if importlib.util.find_spec("transformers") is None:
+        raise SystemExit("--hf needs transformers: pip install 'leanmoe[hf]'")
+    if importlib.util.find_spec("leanmoe.bench.hf") is None:
+        raise SystemExit("--hf: leanmoe.bench.hf is missing from this install of leanmoe")
+    from leanmoe.bench.hf import run_hf_bench
+
+    return run_hf_bench
+
+
+def _info(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
+    _check_args(parser, args)
+    device = _resolve_device(parser, args)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    preset = _resolve_presets(parser, args, device)[0]
+    T = args.tokens or preset.train_tokens
+    env = bench_env.collect_env(device, argv)
+    print(f"leanmoe {env['leanmoe']}" + (f" (commit {env['git_commit']})" if env["git_commit"] else ""))
+    print(f"torch {env['torch']}" + (f" (CUDA {torch.version.cuda})" if torch.version.cuda else "")
+          + f", triton {env['triton'] or 'not installed'}, python {env['python']}")
+    print(f"device: {env['device']}")
+    calls = {
+        "training (fwdbwd)": describe_preset(preset, T, dtype=dtype, device=device, requires_grad=True),
+        "inference (fwd)": describe_preset(preset, T, dtype=dtype, device=device, requires_grad=False),
+    }
+    shape = (f"{preset.label}: T={T}, D={preset.dim}, I={preset.hidden_dim}, E={preset.num_experts}, "
+             f"K={preset.top_k}, {preset.activation.name}, {preset.gate_up_layout}"
+             + (", biases" if preset.bias else "") + f", {str(dtype).removeprefix('torch.')} on {device}")
+    print(f"\nbackends (best first), for {shape}:")
+    for name in available_backends():
+        reasons = {what.split()[0]: unsupported_reason(name, call) for what, call in calls.items()}
+        if len(set(reasons.values())) == 1:
+            reason = next(iter(reasons.values()))
+            status = "runs" if reason is None else f"unsupported: {reason}"
+        else:
+            status = "; ".join(f"{what}: " + ("runs" if r is None else f"unsupported: {r}")
+                               for what, r in reasons.items())
+        print(f"  {name:<12} priority {get_backend(name).priority:<4} {status}")
+    print("\nbackend='auto' here:")
+    for what, call in calls.items():
+        print(f"  {what}: {explain_backend(call)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``leanmoe`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        return _info(parser, args, argv)
+    return _bench(parser, args, argv, check_only=args.command == "verify")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

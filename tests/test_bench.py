@@ -1,0 +1,164 @@
+"""leanmoe.bench: presets, FLOP counts, routing generators and the chunked fp32 reference check.
+
+Legend: T tokens, D model dim, I expert hidden dim, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from leanmoe import Activation
+from leanmoe.bench import (
+    DEFAULT_PRESET,
+    PRESETS,
+    cpu_scaled,
+    flops,
+    get_preset,
+    make_case,
+    make_routing,
+    reference_errors,
+    router_logits,
+)
+from leanmoe.bench.harness import run_once, worst_error
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny problems gain nothing from threads, and on a busy machine OpenMP threads waiting on each other make
+    # them many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+# The table of bench-protocol.md: D, I, E, K, T train, T decode.
+PROTOCOL = {
+    "qwen3-30b-a3b": (2048, 768, 128, 8, 16384, 64),
+    "olmoe-1b-7b": (2048, 1024, 64, 8, 16384, 64),
+    "gpt-oss-20b": (2880, 2880, 32, 4, 16384, 64),
+    "gpt-oss-20b-native": (2880, 2880, 32, 4, 16384, 64),
+    "mixtral-8x7b": (4096, 14336, 8, 2, 16384, 64),
+    "deepseek-v3": (7168, 2048, 256, 8, 4096, 64),
+}
+
+
+def test_presets_match_the_protocol():
+    assert DEFAULT_PRESET == "qwen3-30b-a3b"
+    assert set(PRESETS) == set(PROTOCOL)
+    for name, dims in PROTOCOL.items():
+        p = PRESETS[name]
+        assert (p.dim, p.hidden_dim, p.num_experts, p.top_k, p.train_tokens, p.decode_tokens) == dims, name
+        assert p.label == name
+
+
+def test_gpt_oss_is_measured_plain_and_in_its_own_form():
+    plain, native = PRESETS["gpt-oss-20b"], PRESETS["gpt-oss-20b-native"]
+    assert (plain.activation.name, plain.gate_up_layout, plain.bias) == ("swiglu", "concatenated", False)
+    assert native.activation == Activation(name="clamped_swiglu", alpha=1.702, limit=7.0)
+    assert (native.gate_up_layout, native.bias) == ("interleaved", True)
+    for name, p in PRESETS.items():
+        if name != "gpt-oss-20b-native":
+            assert (p.activation.name, p.gate_up_layout, p.bias) == ("swiglu", "concatenated", False), name
+
+
+def test_cpu_scaled_keeps_the_form_and_says_so():
+    scaled = cpu_scaled(PRESETS["gpt-oss-20b-native"])
+    assert scaled.label == "gpt-oss-20b-native (CPU-scaled)"
+    assert (scaled.dim, scaled.hidden_dim, scaled.num_experts, scaled.top_k) == (256, 128, 16, 4)
+    assert (scaled.activation, scaled.gate_up_layout, scaled.bias) == (PRESETS["gpt-oss-20b-native"].activation,
+                                                                       "interleaved", True)
+    # Mixtral is already under the caps in E and K: they stay.
+    mixtral = cpu_scaled(PRESETS["mixtral-8x7b"])
+    assert (mixtral.num_experts, mixtral.top_k) == (8, 2)
+
+
+def test_get_preset_names_the_choices():
+    with pytest.raises(ValueError, match="unknown preset 'nope'.*qwen3-30b-a3b"):
+        get_preset("nope")
+
+
+def test_flop_formula():
+    qwen = PRESETS["qwen3-30b-a3b"]
+    assert flops(qwen, 16384, "fwd") == 6 * 16384 * 8 * 2048 * 768
+    assert flops(qwen, 16384, "fwdbwd") == 3 * 6 * 16384 * 8 * 2048 * 768
+    non_gated = dataclasses.replace(qwen, activation=Activation(name="relu2"))
+    assert flops(non_gated, 10, "fwd") == 4 * 10 * 8 * 2048 * 768
+    with pytest.raises(ValueError, match="unknown mode 'bwd'"):
+        flops(qwen, 1, "bwd")
+
+
+def test_expert_bytes_count_weights_and_biases():
+    native = PRESETS["gpt-oss-20b-native"]
+    D, hidden = native.dim, native.hidden_dim
+    assert native.expert_bytes(2) == 2 * (2 * hidden * D + D * hidden + 2 * hidden + D)
+    assert PRESETS["gpt-oss-20b"].expert_bytes(2) == 2 * 3 * hidden * D
+
+
+def test_uniform_routing_is_the_protocol_and_reproducible():
+    T, E, K = 512, 16, 4
+    ids_TK, weights_TK = make_routing(T, E, K, "uniform", seed=3)
+    assert ids_TK.shape == weights_TK.shape == (T, K) and ids_TK.dtype == torch.int64
+    torch.testing.assert_close(weights_TK.sum(-1), torch.ones(T))
+    assert ((ids_TK >= 0) & (ids_TK < E)).all()
+    assert all(len(set(row.tolist())) == K for row in ids_TK), "a token's K experts are distinct"
+    # Softmax over all experts, top-k, renormalised: the same as doing it by hand from the logits.
+    probs_TE = torch.softmax(router_logits(T, E, "uniform", seed=3), -1)
+    top_TK, top_ids_TK = probs_TE.topk(K, -1)
+    assert torch.equal(ids_TK, top_ids_TK)
+    torch.testing.assert_close(weights_TK, top_TK / top_TK.sum(-1, keepdim=True))
+    again = make_routing(T, E, K, "uniform", seed=3)
+    assert torch.equal(again[0], ids_TK) and torch.equal(again[1], weights_TK)
+    assert not torch.equal(make_routing(T, E, K, "uniform", seed=4)[0], ids_TK)
+
+
+def test_skewed_routing_is_skewed():
+    T, E, K = 4096, 16, 2
+    uniform_E = torch.bincount(make_routing(T, E, K, "uniform")[0].flatten(), minlength=E).float()
+    skewed_E = torch.bincount(make_routing(T, E, K, "skewed")[0].flatten(), minlength=E).float()
+    assert uniform_E.max() / uniform_E.min() < 1.5
+    # log(1/(e+1)) offsets: expert 0 is far busier than the last one, and load falls with the index.
+    assert skewed_E[0] > 5 * skewed_E[-1]
+    assert skewed_E[:4].sum() > 2 * skewed_E[-4:].sum()
+    torch.testing.assert_close(make_routing(8, E, K, "skewed")[1].sum(-1), torch.ones(8))
+    diff_TE = router_logits(8, E, "skewed") - router_logits(8, E, "uniform")
+    torch.testing.assert_close(diff_TE[0], torch.log(1 / (torch.arange(E) + 1.0)))
+
+
+def test_unknown_routing():
+    with pytest.raises(ValueError, match="unknown routing 'zipf'"):
+        make_routing(4, 4, 2, "zipf")
+
+
+@pytest.mark.parametrize("preset_name", ["qwen3-30b-a3b", "gpt-oss-20b-native"])
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 30], ids=["chunk1expert", "onechunk"])
+def test_reference_check_passes_a_correct_backend_and_catches_a_wrong_gradient(preset_name, chunk_bytes):
+    small = dataclasses.replace(cpu_scaled(PRESETS[preset_name]), dim=32, hidden_dim=16, num_experts=6, top_k=2)
+    case = make_case(small, "skewed", 40, dtype=torch.float32, device=CPU, seed=1)
+    outs = run_once(case, "grouped_mm", "fwdbwd", 0)
+    errors = reference_errors(case, outs, chunk_bytes=chunk_bytes)
+    expected = {"out", "grad_x", "grad_topk_weights", "grad_gate_up_proj", "grad_down_proj"}
+    if small.bias:
+        expected |= {"grad_gate_up_bias", "grad_down_bias"}
+    assert set(errors) == expected
+    assert worst_error(errors)[1] < 1e-5, errors
+
+    # A 1e-2 relative error in one expert's slice of one gradient shows up, under that gradient's name.
+    outs["grad_down_proj"] = outs["grad_down_proj"].clone()
+    outs["grad_down_proj"][3] *= 1.5
+    errors = reference_errors(case, outs, chunk_bytes=chunk_bytes)
+    name, worst = worst_error(errors)
+    assert name == "grad_down_proj" and worst > 1e-2
+
+
+def test_reference_check_treats_nan_as_the_worst():
+    case = make_case(cpu_scaled(PRESETS["qwen3-30b-a3b"]), "uniform", 8, dtype=torch.float32, device=CPU)
+    outs = run_once(case, "grouped_mm", "fwd", 0)
+    outs["out"][0, 0] = float("nan")
+    name, worst = worst_error(reference_errors(case, outs))
+    assert name == "out" and math.isnan(worst)

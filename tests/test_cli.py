@@ -1,0 +1,313 @@
+"""``leanmoe bench | verify | info`` end to end on the CPU, through ``leanmoe.cli.main``.
+
+Runs use the CPU-scaled default preset at a few tokens, and a shortened CPU timer, so the file takes seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+import uuid
+
+import pytest
+import torch
+
+from leanmoe.bench import PRESETS, harness
+from leanmoe.cli import main
+from leanmoe.experts import available_backends, get_backend, registry
+from leanmoe.experts.registry import ExpertsBackend
+
+ROW_FIELDS = {"preset", "label", "tokens", "routing", "mode", "backend", "status", "reason", "errors", "max_error",
+              "tolerance", "ms", "tflops", "frac_dense", "peak_mem_mb", "act_mem_mb", "dtype", "device"}
+TINY = ["--device", "cpu", "--tokens", "16"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny problems gain nothing from threads, and on a busy machine OpenMP threads waiting on each other make
+    # them many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def quick_cpu_timer(monkeypatch):
+    monkeypatch.setattr(harness, "CPU_WARMUP_RUNS", 1)
+    monkeypatch.setattr(harness, "CPU_MIN_RUNS", 2)
+    monkeypatch.setattr(harness, "CPU_TIME_BUDGET_S", 0.05)
+
+
+class _DoubleGrad(torch.autograd.Function):
+    """Identity forward, twice the gradient backward: a backend with a correct output and a wrong gradient."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 2 * grad
+
+
+class _TestBackend(ExpertsBackend):
+    """grouped_mm with a deliberate fault; registered under a unique name and removed after the test."""
+
+    def __init__(self, fault: str, auto_reason: str | None = None) -> None:
+        self.name = f"test-{fault}-{uuid.uuid4().hex[:8]}"
+        self.fault, self.auto_reason = fault, auto_reason
+
+    def auto_unsupported_reason(self, call):
+        return self.auto_reason
+
+    def __call__(self, x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias, *,
+                 activation, gate_up_layout, save_percent):
+        if self.fault == "raises":
+            raise RuntimeError("kernel exploded")
+        if self.fault == "grad":
+            down_proj = _DoubleGrad.apply(down_proj)
+        y_TD = get_backend("grouped_mm")(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias,
+                                         down_bias, activation=activation, gate_up_layout=gate_up_layout,
+                                         save_percent=save_percent)
+        return y_TD * 1.5 if self.fault == "output" else y_TD
+
+
+@pytest.fixture
+def register(monkeypatch):
+    available_backends()  # load the built-in backends first
+
+    def add(backend: ExpertsBackend) -> str:
+        # The registry has no unregister; monkeypatch removes the entry after the test.
+        monkeypatch.setitem(registry._BACKENDS, backend.name, backend)
+        return backend.name
+
+    return add
+
+
+def _rows(path) -> list[dict]:
+    return json.loads(path.read_text())["rows"]
+
+
+def test_bench_end_to_end_writes_json_markdown_and_plot(tmp_path, capsys):
+    out_json, out_md, out_png = tmp_path / "b.json", tmp_path / "b.md", tmp_path / "b.png"
+    argv = ["bench", *TINY, "--backend", "grouped_mm", "--routing", "uniform", "skewed", "--json", str(out_json),
+            "--markdown", str(out_md)]
+    if importlib.util.find_spec("matplotlib") is not None:
+        argv += ["--plot", str(out_png)]
+    assert main(argv) == 0
+    payload = json.loads(out_json.read_text())
+    rows = payload["rows"]
+    assert [(r["routing"], r["mode"]) for r in rows] == [("uniform", "fwd"), ("uniform", "fwdbwd"),
+                                                          ("skewed", "fwd"), ("skewed", "fwdbwd")]
+    for row in rows:
+        assert ROW_FIELDS <= set(row)
+        assert row["status"] == "ok" and row["label"] == "qwen3-30b-a3b (CPU-scaled)" and row["tokens"] == 16
+        assert row["ms"] > 0 and row["tflops"] > 0 and row["max_error"] <= row["tolerance"] == 1e-4
+        assert row["peak_mem_mb"] is None  # measured on CUDA only
+    assert set(rows[1]["errors"]) == {"out", "grad_x", "grad_topk_weights", "grad_gate_up_proj", "grad_down_proj"}
+    env = payload["env"]
+    assert env["command"] == "leanmoe " + " ".join(argv[0:])
+    assert {"device", "torch", "triton", "leanmoe", "git_commit", "date"} <= set(env)
+
+    printed = capsys.readouterr().out
+    assert "leanmoe bench" in printed and "command: leanmoe bench" in printed and "grouped_mm" in printed
+    markdown = out_md.read_text()
+    assert markdown.startswith("## leanmoe bench") and env["command"] in markdown and "| preset |" in markdown
+    if "--plot" in argv:
+        assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_default_backends_pass_over_what_auto_would_not_pick_on_the_cpu(tmp_path, register):
+    passed_over = register(_TestBackend("none", auto_reason="test: auto passes over it"))
+    out_json = tmp_path / "b.json"
+    assert main(["verify", *TINY, "--mode", "fwd", "--json", str(out_json)]) == 0
+    rows = {r["backend"]: r for r in _rows(out_json)}
+    assert "reference" not in rows, "the reference is timed only when named"
+    assert rows["grouped_mm"]["status"] == "ok"
+    assert rows[passed_over]["status"] == "skipped" and "test: auto passes over it" in rows[passed_over]["reason"]
+    if "triton" in rows:  # it needs triton: never run in the interpreter unless named
+        assert rows["triton"]["status"] in ("skipped", "unsupported")
+    # Named, it runs.
+    assert main(["verify", *TINY, "--mode", "fwd", "--backend", passed_over, "--json", str(out_json)]) == 0
+    assert _rows(out_json)[0]["status"] == "ok"
+
+
+def test_a_wrong_backend_is_failed_not_timed_and_the_exit_code_says_so(tmp_path, register, capsys):
+    wrong = register(_TestBackend("output"))
+    out_json = tmp_path / "b.json"
+    assert main(["bench", *TINY, "--backend", "grouped_mm", wrong, "--json", str(out_json)]) == 1
+    rows = {(r["backend"], r["mode"]): r for r in _rows(out_json)}
+    for mode in ("fwd", "fwdbwd"):
+        row = rows[wrong, mode]
+        assert row["status"] == "FAILED" and row["ms"] is None and row["tflops"] is None
+        assert row["reason"].startswith("out relative error")
+        assert rows["grouped_mm", mode]["status"] == "ok" and rows["grouped_mm", mode]["ms"] > 0
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_a_wrong_gradient_fails_fwdbwd_only(tmp_path, register):
+    wrong = register(_TestBackend("grad"))
+    out_json = tmp_path / "b.json"
+    assert main(["bench", *TINY, "--backend", wrong, "--json", str(out_json)]) == 1
+    fwd, fwdbwd = _rows(out_json)
+    assert fwd["status"] == "ok" and fwd["ms"] > 0
+    assert fwdbwd["status"] == "FAILED" and fwdbwd["ms"] is None
+    assert fwdbwd["reason"].startswith("grad_down_proj relative error")
+
+
+def test_a_backend_that_raises_is_failed_with_its_error(tmp_path, register):
+    broken = register(_TestBackend("raises"))
+    out_json = tmp_path / "b.json"
+    assert main(["verify", *TINY, "--backend", broken, "--json", str(out_json)]) == 1
+    assert all(r["status"] == "FAILED" and r["reason"] == "RuntimeError: kernel exploded" for r in _rows(out_json))
+
+
+def test_verify_checks_without_timing(tmp_path):
+    out_json = tmp_path / "v.json"
+    argv = ["verify", *TINY, "--preset", "gpt-oss-20b-native", "--backend", "grouped_mm", "reference", "--json",
+            str(out_json)]
+    assert main(argv) == 0
+    rows = _rows(out_json)
+    assert len(rows) == 4 and all(r["status"] == "ok" and r["ms"] is None for r in rows)
+    assert set(rows[1]["errors"]) >= {"grad_gate_up_bias", "grad_down_bias"}
+
+
+def test_preset_all_runs_every_preset_scaled_on_the_cpu(tmp_path):
+    out_json = tmp_path / "all.json"
+    assert main(["verify", "--device", "cpu", "--tokens", "8", "--preset", "all", "--backend", "grouped_mm", "--mode",
+                 "fwd", "--json", str(out_json)]) == 0
+    rows = _rows(out_json)
+    assert [r["preset"] for r in rows] == list(PRESETS)
+    assert all(r["label"].endswith("(CPU-scaled)") and r["status"] == "ok" for r in rows)
+
+
+def test_decode_reports_weight_bandwidth(tmp_path):
+    out_json = tmp_path / "d.json"
+    assert main(["bench", "--device", "cpu", "--decode", "--backend", "grouped_mm", "--json", str(out_json)]) == 0
+    (row,) = _rows(out_json)
+    assert row["mode"] == "fwd" and row["tokens"] == 64 and row["decode"]
+    assert row["weight_bytes"] > 0 and row["gbps"] > 0
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "qwen3-30b-a3b (CPU-scaled)" in out and "auto picked" in out
+    for name in available_backends():
+        assert name in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--preset", "nope"], "unknown preset"),
+    (["bench", "--backend", "nope"], "unknown backend"),
+    (["bench", "--mode", "bwd"], "invalid choice: 'bwd'"),
+    (["bench", "--routing", "zipf"], "invalid choice: 'zipf'"),
+    (["bench", "--dtype", "int8"], "invalid choice: 'int8'"),
+    (["bench", "--tokens", "0"], "--tokens must be >= 1"),
+    (["verify", "--save-percent", "101"], r"--save-percent must be in \[0, 100\]"),
+    (["info", "--preset", "nope"], "unknown preset"),
+    ([], "required"),
+], ids=["preset", "backend", "mode", "routing", "dtype", "tokens", "save-percent", "info-preset", "no-command"])
+def test_bad_arguments_exit_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_cuda_without_a_gpu(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--device", "cuda"])
+    assert "torch.cuda.is_available() is False" in capsys.readouterr().err
+
+
+def test_missing_optional_packages_name_the_extra(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("transformers", "matplotlib") else find_spec(name, *a))
+    with pytest.raises(SystemExit, match=r"pip install 'leanmoe\[hf\]'"):
+        main(["bench", *TINY, "--hf", "qwen3_moe"])
+    with pytest.raises(SystemExit, match=r"pip install 'leanmoe\[bench\]'"):
+        main(["bench", *TINY, "--plot", "x.png"])
+
+
+def test_python_dash_m():
+    done = subprocess.run([sys.executable, "-m", "leanmoe", "info"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "auto picked" in done.stdout
+
+
+def test_hf_bench_runs_alone_and_its_failures_set_the_exit_code(tmp_path, monkeypatch, capsys):
+    import leanmoe.cli
+
+    calls = []
+
+    def fake_run_hf_bench(model_type, *, device, dtype, tokens, layers, json_path=None):
+        calls.append((model_type, device.type, dtype, tokens, layers))
+        ok = model_type != "bad"
+        return [dict(model_type=model_type, implementation="leanmoe:auto", mode="train", ms=1.0, peak_mem_mb=None,
+                     ok=ok, rel_err=1e-6, note=""),
+                dict(model_type=model_type, implementation="batched_mm", mode="train", ms=None, peak_mem_mb=None,
+                     ok=False, rel_err=None, note="skipped: too big")]
+
+    monkeypatch.setattr(leanmoe.cli, "_load_hf_bench", lambda: fake_run_hf_bench)
+    out_json = tmp_path / "hf.json"
+    assert main(["bench", "--device", "cpu", "--hf", "qwen3_moe", "--hf-layers", "1", "--json", str(out_json)]) == 0
+    assert calls == [("qwen3_moe", "cpu", torch.float32, 64, 1)]
+    payload = json.loads(out_json.read_text())
+    assert payload["rows"] == [] and len(payload["hf_rows"]) == 2
+    assert "leanmoe:auto" in capsys.readouterr().out
+    assert main(["bench", "--device", "cpu", "--hf", "bad"]) == 1
+
+
+def test_plot_draws_memory_when_there_is_some(tmp_path):
+    pytest.importorskip("matplotlib")
+    from leanmoe.bench.plot import write_plot
+
+    def row(backend, mode, tflops, peak, act, status="ok"):
+        return dict(label="qwen3-30b-a3b", tokens=16384, routing="uniform", mode=mode, backend=backend,
+                    status=status, tflops=tflops, peak_mem_mb=peak, act_mem_mb=act)
+
+    rows = [row("grouped_mm", "fwd", 300.0, 900.0, None), row("triton", "fwd", 500.0, 300.0, None),
+            row("grouped_mm", "fwdbwd", 250.0, 9000.0, 4200.0), row("triton", "fwdbwd", None, None, None, "FAILED")]
+    env = {"device": "NVIDIA H100", "torch": "2.x", "cuda": "12.8", "triton": "3.x", "leanmoe": "0.1.0",
+           "git_commit": "abc", "date": "today", "command": "leanmoe bench", "dense_tflops": 700.0}
+    write_plot(tmp_path / "p.png", rows, env)
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_from_json_merges_earlier_runs(tmp_path, capsys):
+    first, second, merged_md = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "m.md"
+    assert main(["bench", *TINY, "--backend", "grouped_mm", "--mode", "fwd", "--json", str(first)]) == 0
+    assert main(["bench", *TINY, "--backend", "grouped_mm", "--mode", "fwd", "--routing", "skewed", "--json",
+                 str(second)]) == 0
+    capsys.readouterr()
+    assert main(["bench", "--from-json", str(first), str(second), "--markdown", str(merged_md)]) == 0
+    text = merged_md.read_text()
+    assert "--json " + str(first) in text and "--json " + str(second) in text and "merged from 2 runs" in text
+    assert "| skewed |" in text and "| uniform |" in text
+
+
+@pytest.mark.gpu
+def test_bench_on_the_gpu_measures_rates_and_memory(tmp_path):
+    # Full qwen3-30b-a3b dims at a few hundred tokens: every CUDA-only figure (dense rate, copy rate, memory) is set.
+    out_json = tmp_path / "gpu.json"
+    argv = ["bench", "--device", "cuda", "--tokens", "512", "--backend", "grouped_mm", "--json", str(out_json)]
+    assert main(argv) == 0
+    payload = json.loads(out_json.read_text())
+    assert payload["env"]["dense_tflops"] > 0 and "NVIDIA" in payload["env"]["device"]
+    fwd, fwdbwd = payload["rows"]
+    assert fwd["label"] == "qwen3-30b-a3b" and fwd["dtype"] == "bfloat16" and fwd["tolerance"] == 2e-2
+    for row in (fwd, fwdbwd):
+        assert row["status"] == "ok" and row["ms"] > 0 and 0 < row["frac_dense"] and row["peak_mem_mb"] > 0
+    assert fwd["act_mem_mb"] is None and fwdbwd["act_mem_mb"] < fwdbwd["peak_mem_mb"]
+
+    assert main(["bench", "--device", "cuda", "--decode", "--backend", "grouped_mm", "--json", str(out_json)]) == 0
+    payload = json.loads(out_json.read_text())
+    (row,) = payload["rows"]
+    assert payload["env"]["copy_gbps"] > 0 and row["gbps"] > 0 and row["frac_copy"] > 0
