@@ -27,6 +27,12 @@ def _poison(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _with_default_device(kwargs: dict) -> dict:
+    if kwargs.get("device") is None:
+        kwargs = {**kwargs, "device": torch.get_default_device()}
+    return kwargs
+
+
 @pytest.fixture(autouse=True)
 def poison_empty(request, monkeypatch):
     # torch.compile cannot trace these replacements; compiled tests opt out with @pytest.mark.no_poison (the same
@@ -34,7 +40,8 @@ def poison_empty(request, monkeypatch):
     if request.node.get_closest_marker("no_poison"):
         yield
         return
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: _poison(_empty(*a, **k)))
+    # Python replacements fall outside `with torch.device(...)`'s interception, so they pass its device on.
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: _poison(_empty(*a, **_with_default_device(k))))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _poison(_empty_like(*a, **k)))
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: _poison(_new_empty(self, *a, **k)))
     yield

@@ -33,7 +33,7 @@ def test_backend_compiles_fullgraph(backend, dtype):
         grads = torch.autograd.grad(y, p.inputs(), dy)
     # Compiled and eager runs of one backend differ only by fusion-order rounding.
     assert_close(y, eager, tol=TOLERANCES[dtype], name="y")
-    for g, r in zip(grads, ref_grads):
+    for g, r in zip(grads, ref_grads, strict=True):
         assert_close(g, r, tol=TOLERANCES[dtype])
 
 

@@ -83,7 +83,7 @@ def test_check_ids_false_skips_the_range_check(p):
 
 
 def test_named_backend_that_cannot_run_says_why(p):
-    from leanmoe.experts.registry import ExpertsBackend, _BACKENDS, register_backend
+    from leanmoe.experts.registry import _BACKENDS, ExpertsBackend, register_backend
 
     class Never(ExpertsBackend):
         name = "test-never"
@@ -105,7 +105,7 @@ def test_named_backend_that_cannot_run_says_why(p):
 
 
 def test_missing_optional_package_names_the_extra(p):
-    from leanmoe.experts.registry import ExpertsBackend, _BACKENDS, register_backend
+    from leanmoe.experts.registry import _BACKENDS, ExpertsBackend, register_backend
 
     class NeedsPkg(ExpertsBackend):
         name = "test-needs-pkg"

@@ -34,7 +34,7 @@ def run(problem, backend, save_percent=0, dy=None):
     inputs = [t for t in leaves.values() if t is not None]
     grads = torch.autograd.grad(y, inputs, dy, allow_unused=True)
     names = [n for n, t in leaves.items() if t is not None]
-    return y, dict(zip(names, grads)), dy
+    return y, dict(zip(names, grads, strict=True)), dy
 
 
 def check_against_reference(problem, backend, dtype, save_percent=0):

@@ -39,7 +39,7 @@ def test_grouped_mm_bf16_matches_fp32_reference(routing, activation, layout, bia
     ref_y, ref_grads = _fwd_bwd(_fp32_copy(p), "reference", dy)
     y, grads = _fwd_bwd(p, "grouped_mm", dy)
     assert_close(y, ref_y, tol=BF16_TOL, name="y")
-    for g, r in zip(grads, ref_grads):
+    for g, r in zip(grads, ref_grads, strict=True):
         assert_close(g, r, tol=BF16_TOL)
 
 
@@ -88,4 +88,4 @@ def test_grouped_mm_is_deterministic_on_cuda():
     dy = torch.randn(4096, 256, device="cuda", dtype=torch.bfloat16)
     y1, g1 = _fwd_bwd(p, "grouped_mm", dy)
     y2, g2 = _fwd_bwd(p, "grouped_mm", dy)
-    assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+    assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2, strict=True))
