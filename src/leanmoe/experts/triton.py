@@ -1,0 +1,268 @@
+"""The ``triton`` backend: fused Triton MoE kernels for forward and backward, registered as ``torch.library`` ops.
+
+Legend: T tokens, D model dim, I expert hidden dim, N gate/up rows (2I gated, I otherwise), E experts, K top-k,
+R routed rows (T*K), S saved rows (``R * save_percent / 100``, rounded down).
+
+Forward (``leanmoe::triton_experts_fwd``):
+1. plan: stable sort of the routed rows by expert, int32 offsets (:func:`leanmoe.experts.plan.plan_experts`; no
+   host sync: the kernels find each tile's expert on the device);
+2. ``h_RI = act(x[sorted_tokens] @ gate_up_proj[e].T + b1)``: gather in the GEMM's loads, bias and activation in its
+   epilogue (:func:`leanmoe.kernels.moe_fwd.gate_up_fwd`); the pre-activations of the first S sorted rows are kept;
+3. ``out = w_r * (h_RI @ down_proj[e].T + b2)`` with the routing weight and bias in the epilogue, rows scattered to
+   token-slot order, then ``y_t = sum_k out[t, k]`` (a fixed-order fp32 sum: deterministic, no atomics). Step 3
+   runs in column chunks of D so the transient ``[R, D_chunk]`` buffer stays under ``COMBINE_CHUNK_BYTES``.
+
+Backward (``leanmoe::triton_experts_bwd``):
+1. one fused kernel per (row tile, hidden-column tile): ``W_down^T dy`` for the tile, the pre-activations (loaded
+   if saved, else recomputed from x), the activation derivative times the routing weight, ``h`` and the partial
+   routing-weight gradient ``<W_down^T dy, h>`` (never the unweighted expert output);
+2. ``d down_proj[e] = dy^T (w h)`` (the fused kernel stores ``w h``) and ``d gate_up_proj[e] = dgate_up^T x`` as
+   per-expert reductions (one program per output tile and expert, no atomics); bias gradients as per-expert
+   row sums in a small kernel beside them;
+3. ``dx`` through the grouped GEMM ``dgate_up @ gate_up_proj[e]`` and the same fixed-order combine (in D chunks).
+
+``save_percent`` (what stays alive between forward and backward, besides the caller's x, ids, weights and
+parameters, and the R-long routing metadata: sorted rows, sorted tokens, fp32 sorted weights, E offsets):
+- 0: nothing else; backward recomputes the gate/up GEMM (one extra ``2*R*N*D`` FLOPs).
+- 100: the gate/up pre-activations ``[R, N]`` in x's dtype; backward skips the recompute (the fastest backward).
+- in between: the pre-activations of the first S rows in expert-sorted order; row tiles wholly inside them skip the
+  recompute, the rest recompute. Memory and the recompute cost both scale linearly.
+
+Transient memory (freed before the op returns): forward ``h_RI`` plus one ``[R, D_chunk]`` chunk; backward
+``dgate_up_RN``, ``hw_RI`` (until ``d down_proj``), then one ``[R, D_chunk]`` chunk for dx.
+"""
+
+# torch.library.custom_op infers each op's schema from the annotations: keep ``Optional[Tensor]``, which every
+# supported torch version parses, rather than ``Tensor | None``.
+# ruff: noqa: UP045
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+
+from leanmoe.activations import Activation
+from leanmoe.experts.plan import plan_experts
+from leanmoe.experts.registry import ExpertsBackend, ExpertsCall, register_backend
+
+Tensor = torch.Tensor
+
+#: Bound on the transient ``[R, D_chunk]`` buffer of the combine (forward output and dx).
+COMBINE_CHUNK_BYTES = 256 * 2**20
+
+_ACTIVATION_CODES = {"swiglu": 0, "geglu": 1, "clamped_swiglu": 2, "relu2": 3, "gelu": 4, "silu": 5}
+_GATED = ("swiglu", "geglu", "clamped_swiglu")
+
+
+def saved_rows(num_rows: int, save_percent: float) -> int:
+    """Rows whose pre-activations forward keeps: ``floor(R * save_percent / 100)`` (save_percent to 0.01)."""
+    return num_rows * round(save_percent * 100) // 10000
+
+
+def _d_chunks(R: int, D: int, elem_size: int) -> list[tuple[int, int]]:
+    """Column ranges of D whose ``[R, D_chunk]`` buffer fits ``COMBINE_CHUNK_BYTES`` (multiples of 128 columns)."""
+    n = max(1, math.ceil(R * D * elem_size / COMBINE_CHUNK_BYTES))
+    width = min(D, max(128, math.ceil(D / n / 128) * 128))
+    return [(c, min(c + width, D)) for c in range(0, D, width)]
+
+
+def _combine_chunked(a_RX: Tensor, b_EDX: Tensor, bias_ED: Optional[Tensor], scale_R: Optional[Tensor],
+                     sorted_rows_R: Tensor, offsets_E: Tensor, T: int, K: int, y_TD: Tensor) -> Tensor:
+    """``y_TD[t] = sum_k out[t*K + k]`` with ``out[sorted_rows[r]] = scale_r * (a_RX[r] @ b_EDX[e].T + bias[e])``."""
+    from leanmoe.kernels.moe_fwd import combine, grouped_gemm
+
+    R, D = T * K, y_TD.shape[1]
+    for c0, c1 in _d_chunks(R, D, a_RX.element_size()):
+        out_RC = torch.empty(R, c1 - c0, device=a_RX.device, dtype=a_RX.dtype)
+        grouped_gemm(a_RX, b_EDX[:, c0:c1], offsets_E, sorted_rows_R, out_RC,
+                     bias_EN=bias_ED[:, c0:c1] if bias_ED is not None else None, scale_R=scale_R)
+        combine(out_RC, y_TD[:, c0:c1], K)
+        del out_RC
+    return y_TD
+
+
+@torch.library.custom_op("leanmoe::triton_experts_fwd", mutates_args=())
+def triton_experts_fwd(
+    x_TD: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
+    gate_up_bias: Optional[Tensor], down_bias: Optional[Tensor], activation: str, alpha: float, limit: float,
+    gate_up_layout: str, save_percent: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(y_TD, sorted_rows_R, sorted_tokens_R, offsets_E, scale_R, saved_SN)``; all but ``y_TD`` are kept
+    for backward."""
+    from leanmoe.kernels.moe_fwd import gate_up_fwd
+
+    T, D = x_TD.shape
+    K = topk_ids_TK.shape[1]
+    E = gate_up_proj.shape[0]
+    R = T * K
+    plan = plan_experts(topk_ids_TK, E)
+    scale_R = topk_weights_TK.reshape(-1).index_select(0, plan.sorted_rows_R).float()
+    h_RI, saved_SN = gate_up_fwd(
+        x_TD, plan.sorted_tokens_R, plan.offsets_E, gate_up_proj, gate_up_bias,
+        act_code=_ACTIVATION_CODES[activation], gated=activation in _GATED,
+        interleaved=gate_up_layout == "interleaved", alpha=alpha, limit=limit, n_saved=saved_rows(R, save_percent))
+    y_TD = torch.empty(T, D, device=x_TD.device, dtype=x_TD.dtype)
+    if R:
+        _combine_chunked(h_RI, down_proj, down_bias, scale_R, plan.sorted_rows_R, plan.offsets_E, T, K, y_TD)
+    return y_TD, plan.sorted_rows_R, plan.sorted_tokens_R, plan.offsets_E, scale_R, saved_SN
+
+
+@triton_experts_fwd.register_fake
+def _(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, alpha,
+      limit, gate_up_layout, save_percent):
+    T, D = x_TD.shape
+    R = T * topk_ids_TK.shape[1]
+    E, N, _ = gate_up_proj.shape
+    index = dict(device=x_TD.device, dtype=torch.int64)
+    return (x_TD.new_empty(T, D), torch.empty(R, **index), torch.empty(R, **index),
+            torch.empty(E, device=x_TD.device, dtype=torch.int32),
+            torch.empty(R, device=x_TD.device, dtype=torch.float32),
+            x_TD.new_empty(saved_rows(R, save_percent), N))
+
+
+@torch.library.custom_op("leanmoe::triton_experts_bwd", mutates_args=())
+def triton_experts_bwd(
+    dy_TD: Tensor, x_TD: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor, gate_up_proj: Tensor,
+    down_proj: Tensor, gate_up_bias: Optional[Tensor], down_bias: Optional[Tensor], sorted_rows_R: Tensor,
+    sorted_tokens_R: Tensor, offsets_E: Tensor, scale_R: Tensor, saved_SN: Tensor, activation: str, alpha: float,
+    limit: float, gate_up_layout: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(dx, dweights, dgate_up_proj, ddown_proj, dgate_up_bias, ddown_bias)``; a missing bias's gradient
+    is an empty tensor."""
+    from leanmoe.kernels.moe_bwd import expert_weight_grad, gate_up_bwd
+
+    T, D = x_TD.shape
+    K = topk_ids_TK.shape[1]
+    E, N, _ = gate_up_proj.shape
+    R = T * K
+    dgate_up_RN, hw_RI, dweights_R = gate_up_bwd(
+        x_TD, dy_TD, sorted_tokens_R, offsets_E, scale_R, gate_up_proj, gate_up_bias, down_proj, saved_SN,
+        act_code=_ACTIVATION_CODES[activation], gated=activation in _GATED,
+        interleaved=gate_up_layout == "interleaved", alpha=alpha, limit=limit)
+    if down_bias is not None and R:
+        # <dy_t, b_down[e]> for every (token, expert) is a small [T, E] GEMM; pick each routed row's entry.
+        bias_dot_TE = dy_TD.float() @ down_bias.float().t()
+        sorted_experts_R = topk_ids_TK.reshape(-1).index_select(0, sorted_rows_R).long()
+        dweights_R = dweights_R + bias_dot_TE[sorted_tokens_R, sorted_experts_R]
+    # Each routed row appears once in sorted_rows_R: a plain scatter, no accumulation.
+    dweights_TK = torch.zeros(R, device=x_TD.device, dtype=torch.float32).scatter_(0, sorted_rows_R, dweights_R)
+    dweights_TK = dweights_TK.view(T, K).to(topk_weights_TK.dtype)
+
+    ddown_proj = torch.empty_like(down_proj, memory_format=torch.contiguous_format)
+    ddown_bias = torch.empty(E, D, device=x_TD.device, dtype=down_proj.dtype) if down_bias is not None else None
+    expert_weight_grad(dy_TD, hw_RI, offsets_E, ddown_proj, a_rows_R=sorted_tokens_R, dbias_EM=ddown_bias,
+                       bias_scale_R=scale_R)
+    del hw_RI
+    dgate_up_proj = torch.empty_like(gate_up_proj, memory_format=torch.contiguous_format)
+    dgate_up_bias = torch.empty(E, N, device=x_TD.device, dtype=gate_up_proj.dtype) if gate_up_bias is not None \
+        else None
+    expert_weight_grad(dgate_up_RN, x_TD, offsets_E, dgate_up_proj, b_rows_R=sorted_tokens_R, dbias_EM=dgate_up_bias)
+
+    dx_TD = torch.empty(T, D, device=x_TD.device, dtype=x_TD.dtype)
+    if R:
+        # dx_r = dgate_up_r @ gate_up_proj[e]: the grouped GEMM with b[e, d, n] = gate_up_proj[e, n, d].
+        _combine_chunked(dgate_up_RN, gate_up_proj.transpose(1, 2), None, None, sorted_rows_R, offsets_E, T, K,
+                         dx_TD)
+    # Distinct empty tensors for missing biases: a custom op's outputs may not alias each other.
+    return (dx_TD, dweights_TK, dgate_up_proj, ddown_proj,
+            dgate_up_bias if dgate_up_bias is not None else x_TD.new_empty(0),
+            ddown_bias if ddown_bias is not None else x_TD.new_empty(0))
+
+
+@triton_experts_bwd.register_fake
+def _(dy_TD, x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias, sorted_rows_R,
+      sorted_tokens_R, offsets_E, scale_R, saved_SN, activation, alpha, limit, gate_up_layout):
+    E, N, D = gate_up_proj.shape
+    return (x_TD.new_empty(x_TD.shape), topk_weights_TK.new_empty(topk_weights_TK.shape),
+            gate_up_proj.new_empty(gate_up_proj.shape), down_proj.new_empty(down_proj.shape),
+            gate_up_proj.new_empty((E, N) if gate_up_bias is not None else (0,)),
+            down_proj.new_empty((E, D) if down_bias is not None else (0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    (x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, alpha, limit,
+     gate_up_layout, _save_percent) = inputs
+    _y, sorted_rows_R, sorted_tokens_R, offsets_E, scale_R, saved_SN = output
+    ctx.save_for_backward(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias,
+                          sorted_rows_R, sorted_tokens_R, offsets_E, scale_R, saved_SN)
+    ctx.options = (activation, alpha, limit, gate_up_layout)
+    ctx.has_bias = (gate_up_bias is not None, down_bias is not None)
+
+
+def _backward(ctx, dy_TD, *_unused_grads):
+    saved = ctx.saved_tensors
+    dx, dweights, dgate_up_proj, ddown_proj, dgate_up_bias, ddown_bias = triton_experts_bwd(dy_TD, *saved,
+                                                                                           *ctx.options)
+    has_gate_up_bias, has_down_bias = ctx.has_bias
+    return (dx, None, dweights, dgate_up_proj, ddown_proj, dgate_up_bias if has_gate_up_bias else None,
+            ddown_bias if has_down_bias else None, None, None, None, None, None)
+
+
+triton_experts_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_moe_experts(x_TD: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor, gate_up_proj: Tensor,
+                       down_proj: Tensor, gate_up_bias: Optional[Tensor] = None, down_bias: Optional[Tensor] = None,
+                       *, activation: Activation, gate_up_layout: str, save_percent: float = 0) -> Tensor:
+    """The fused Triton expert compute; same contract as :func:`leanmoe.moe_experts` (validated inputs)."""
+    return triton_experts_fwd(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias,
+                              activation.name, float(activation.alpha), float(activation.limit), gate_up_layout,
+                              float(save_percent))[0]
+
+
+class TritonBackend(ExpertsBackend):
+    """Fused Triton kernels: CUDA GPUs of compute capability >= 8.0 in bfloat16, float16 or float32 (tuned for
+    Hopper, bf16). On CPU tensors they run only in the Triton interpreter (``TRITON_INTERPRET=1``, float32/float16),
+    for tests; ``auto`` never picks that."""
+
+    name = "triton"
+    priority = 20
+    requires = ("triton",)
+    extra = "triton"
+
+    def unsupported_reason(self, call: ExpertsCall) -> str | None:
+        if call.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"dtype {call.dtype} (needs bfloat16, float16 or float32)"
+        if call.device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(call.device)
+            if major < 8:
+                return f"needs a CUDA GPU of compute capability >= 8.0, got {major}.{minor}"
+            return None
+        if call.device.type == "cpu":
+            if os.environ.get("TRITON_INTERPRET", "0") != "1":
+                return "on CPU tensors it runs only in the Triton interpreter (set TRITON_INTERPRET=1 before " \
+                       "importing triton); use a CUDA GPU"
+            if call.dtype == torch.bfloat16:
+                return "the Triton interpreter does not support bfloat16 (use float32 or float16 on the CPU)"
+            return None
+        return f"device {call.device.type} is not supported (needs a CUDA GPU)"
+
+    #: Average routed rows per expert from which ``auto`` prefers ``grouped_mm`` (when it supports the call): with
+    #: few, large experts its cuBLAS-class GEMMs beat these kernels. Measured on an H100, 2026-11-23
+    #: (docs/BENCHMARKS.md): mixtral-8x7b, 4096 rows/expert, triton at 0.70x (fwd) and 0.93x (fwd+bwd) grouped_mm;
+    #: gpt-oss-20b, 2048 rows/expert, triton at 0.96-1.58x (fwd) and 1.36-1.45x (fwd+bwd).
+    AUTO_MAX_ROWS_PER_EXPERT = 4096
+
+    def auto_unsupported_reason(self, call: ExpertsCall) -> str | None:
+        reason = self.unsupported_reason(call)
+        if reason is None and call.device.type != "cuda":
+            reason = "auto never picks the Triton interpreter (CPU tensors); name backend='triton' to use it"
+        if reason is None:
+            rows_per_expert = call.num_tokens * call.top_k / call.num_experts
+            from leanmoe.experts.grouped_mm import GroupedMMBackend
+
+            if rows_per_expert >= self.AUTO_MAX_ROWS_PER_EXPERT and GroupedMMBackend().unsupported_reason(call) is None:
+                reason = (f"{rows_per_expert:.0f} rows per expert >= {self.AUTO_MAX_ROWS_PER_EXPERT}: grouped_mm "
+                          "is faster for few, large experts (measured on H100)")
+        return reason
+
+    def __call__(self, x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias, *,
+                 activation, gate_up_layout, save_percent):
+        return triton_moe_experts(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias,
+                                  down_bias, activation=activation, gate_up_layout=gate_up_layout,
+                                  save_percent=save_percent)
+
+
+register_backend(TritonBackend())

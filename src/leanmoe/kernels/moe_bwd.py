@@ -1,0 +1,301 @@
+"""Backward MoE kernels: the fused gate/up + activation backward, and the per-expert weight gradient.
+
+Legend: T tokens, D model dim, I expert hidden dim, N gate/up rows (2I gated, I otherwise), E experts, K top-k,
+R routed rows (T*K) in expert-sorted order, P groups of PART_W hidden columns (routing-weight gradient partials).
+
+1. :func:`gate_up_bwd`: per row tile of one expert and BN hidden columns, one pass over D computes
+   ``dh_unweighted = dy[sorted_tokens] @ down_proj[e]`` (``W_down^T dy``); the gate/up pre-activations come from the
+   saved copy when the whole tile was saved, else a second pass over D recomputes them (x gathered in the loads).
+   The epilogue produces ``w_r * h`` (for dW_down), ``dgate_up = act'(gate_up) * w_r * dh_unweighted`` and the partial
+   routing-weight gradient ``sum_i dh_unweighted * h`` of its columns (``<dy, W_down h> = <W_down^T dy, h>``: the
+   unweighted expert output is never formed). Partials go to ``[P, R]`` and are summed in a fixed order.
+2. :func:`expert_weight_grad`: ``out[e] = sum_{r in e} a[a_rows_r]^T b[b_rows_r]``, one program per
+   (expert, output tile) looping over that expert's rows: no atomics, deterministic, and experts with no rows get
+   exact zeros. The bias gradient ``sum_r scale_r * a[a_rows_r]`` is a separate small kernel of the same shape.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from leanmoe.kernels.moe_common import (
+    INTERPRETER_META,
+    activation_bwd,
+    autotuned,
+    configs,
+    dot_precision,
+    e_p2,
+    expert_tile,
+    launch_grouped,
+    rows_bucket,
+)
+
+# Hidden columns per routing-weight partial (divides every config's BN).
+PART_W = 32
+
+
+@triton.jit(do_not_specialize=["R", "n_saved"])  # no recompile for a new token count
+def gate_up_bwd_kernel(
+    # pointers
+    x_ptr, dy_ptr, sorted_tokens_ptr, offsets_E_ptr, scale_ptr, wgu_ptr, bgu_ptr, wd_ptr, saved_ptr,
+    dgu_ptr, h_ptr, dw_part_ptr,
+    # sizes and scalars
+    R, D, I, E, n_saved, alpha, limit, rows_key,
+    # strides
+    stride_xt, stride_xd, stride_dyt, stride_dyd, stride_wge, stride_wgn, stride_wgd, stride_bge, stride_bgn,
+    stride_wde, stride_wdd, stride_wdi, stride_sr, stride_dgr, stride_hr, stride_pp,
+    # meta-parameters
+    ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    E_P2: tl.constexpr, DOT_PREC: tl.constexpr, PART_W: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(I, BN)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    expert, row_start, row_end = expert_tile(pid_m, offsets_E_ptr, E, E_P2, BM)
+    if expert >= E:
+        return
+    io_dtype = h_ptr.dtype.element_ty
+    rows = row_start + tl.arange(0, BM)
+    row_mask = rows < row_end
+    rows64 = rows.to(tl.int64)
+    tokens = tl.load(sorted_tokens_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    cols = pid_n * BN + tl.arange(0, BN)
+    col_mask = cols < I
+    if GATED:
+        if INTERLEAVED:
+            g_rows = 2 * cols
+            u_rows = 2 * cols + 1
+        else:
+            g_rows = cols
+            u_rows = cols + I
+    else:
+        g_rows = cols
+        u_rows = cols
+    e64 = expert.to(tl.int64)
+
+    # dh_unweighted = dy[tokens] @ down_proj[e][:, cols]
+    wd_base = wd_ptr + e64 * stride_wde
+    dy_rows = dy_ptr + tokens[:, None] * stride_dyt
+    acc_dh = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        ks = k0 + tl.arange(0, BK)
+        k_mask = ks < D
+        a = tl.load(dy_rows + ks[None, :] * stride_dyd, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(wd_base + ks[:, None] * stride_wdd + cols[None, :] * stride_wdi,
+                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc_dh = tl.dot(a, w, acc_dh, input_precision=DOT_PREC)
+
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    if tl.minimum(row_start + BM, row_end) <= n_saved:
+        s_rows = saved_ptr + rows64[:, None] * stride_sr
+        g = tl.load(s_rows + cols[None, :], mask=out_mask, other=0.0).to(tl.float32)  # saved as [gate | up]
+        if GATED:
+            u = tl.load(s_rows + (cols + I)[None, :], mask=out_mask, other=0.0).to(tl.float32)
+        else:
+            u = g
+    else:
+        # Recompute the pre-activations exactly as the forward did (rounded to the I/O dtype).
+        wg_base = wgu_ptr + e64 * stride_wge
+        x_rows = x_ptr + tokens[:, None] * stride_xt
+        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, D, BK):
+            ks = k0 + tl.arange(0, BK)
+            k_mask = ks < D
+            a = tl.load(x_rows + ks[None, :] * stride_xd, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w_mask = k_mask[:, None] & col_mask[None, :]
+            wg = tl.load(wg_base + ks[:, None] * stride_wgd + g_rows[None, :] * stride_wgn, mask=w_mask, other=0.0)
+            acc_g = tl.dot(a, wg, acc_g, input_precision=DOT_PREC)
+            if GATED:
+                wu = tl.load(wg_base + ks[:, None] * stride_wgd + u_rows[None, :] * stride_wgn, mask=w_mask,
+                             other=0.0)
+                acc_u = tl.dot(a, wu, acc_u, input_precision=DOT_PREC)
+        if HAS_BIAS:
+            b_base = bgu_ptr + e64 * stride_bge
+            acc_g += tl.load(b_base + g_rows * stride_bgn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            if GATED:
+                acc_u += tl.load(b_base + u_rows * stride_bgn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        g = acc_g.to(io_dtype).to(tl.float32)
+        u = acc_u.to(io_dtype).to(tl.float32)
+
+    w_r = tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
+    h, dg, du = activation_bwd(g, u, acc_dh * w_r[:, None], alpha, limit, ACT)
+    h = h.to(io_dtype)
+    # Partial routing-weight gradients, one per PART_W hidden columns, so every config writes the same rows of the
+    # [P, R] buffer (autotuning runs several configs on it; a per-program partial would leave another config's
+    # rows behind). Masked columns have g = u = 0, so h = 0 there for every activation and they add nothing.
+    prod = acc_dh * h.to(tl.float32)
+    part = tl.sum(tl.reshape(prod, (BM, BN // PART_W, PART_W)), axis=2)
+    p_idx = (pid_n * (BN // PART_W) + tl.arange(0, BN // PART_W)).to(tl.int64)
+    tl.store(dw_part_ptr + p_idx[None, :] * stride_pp + rows[:, None], part, mask=row_mask[:, None])
+    # h is stored times the routing weight: d down_proj[e] = dy^T (w h) then needs no scaling inside its loop.
+    tl.store(h_ptr + rows64[:, None] * stride_hr + cols[None, :], (h.to(tl.float32) * w_r[:, None]).to(io_dtype),
+             mask=out_mask)
+    d_rows = dgu_ptr + rows64[:, None] * stride_dgr
+    tl.store(d_rows + g_rows[None, :], dg.to(io_dtype), mask=out_mask)
+    if GATED:
+        tl.store(d_rows + u_rows[None, :], du.to(io_dtype), mask=out_mask)
+
+
+@triton.jit
+def expert_weight_grad_kernel(
+    # pointers
+    a_ptr, a_rows_ptr, b_ptr, b_rows_ptr, offsets_E_ptr, c_ptr,
+    # sizes
+    M, N, E,
+    # strides
+    stride_ar, stride_am, stride_br, stride_bn, stride_ce, stride_cm, stride_cn,
+    # meta-parameters
+    A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    expert = tl.program_id(1)
+    num_n = tl.cdiv(N, BN)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    start = tl.load(offsets_E_ptr + expert - 1, mask=expert > 0, other=0)
+    end = tl.load(offsets_E_ptr + expert)
+    ms = pid_m * BM + tl.arange(0, BM)
+    m_mask = ms < M
+    ns = pid_n * BN + tl.arange(0, BN)
+    n_mask = ns < N
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for r0 in range(start, end, BK):
+        rows = r0 + tl.arange(0, BK)
+        r_mask = rows < end
+        if A_GATHER:
+            a_rows = tl.load(a_rows_ptr + rows, mask=r_mask, other=0).to(tl.int64)
+        else:
+            a_rows = rows.to(tl.int64)
+        if B_GATHER:
+            b_rows = tl.load(b_rows_ptr + rows, mask=r_mask, other=0).to(tl.int64)
+        else:
+            b_rows = rows.to(tl.int64)
+        a = tl.load(a_ptr + a_rows[:, None] * stride_ar + ms[None, :] * stride_am,
+                    mask=r_mask[:, None] & m_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + b_rows[:, None] * stride_br + ns[None, :] * stride_bn,
+                    mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=DOT_PREC)
+    tl.store(c_ptr + expert.to(tl.int64) * stride_ce + ms[:, None] * stride_cm + ns[None, :] * stride_cn,
+             acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def expert_bias_grad_kernel(
+    # pointers
+    a_ptr, a_rows_ptr, scale_ptr, offsets_E_ptr, db_ptr,
+    # sizes
+    M,
+    # strides
+    stride_ar, stride_am, stride_dbe, stride_dbm,
+    # meta-parameters
+    A_GATHER: tl.constexpr, SCALE: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr,
+):
+    """``db[e, m] = sum_{r of e} scale_r * a[a_rows_r, m]`` in row order (fp32, deterministic).
+
+    Kept out of the weight-gradient loop: summing the A tile in registers there slows its matrix pipeline.
+    """
+    expert = tl.program_id(1)
+    start = tl.load(offsets_E_ptr + expert - 1, mask=expert > 0, other=0)
+    end = tl.load(offsets_E_ptr + expert)
+    ms = tl.program_id(0) * BM + tl.arange(0, BM)
+    m_mask = ms < M
+    acc = tl.zeros((BR, BM), dtype=tl.float32)
+    for r0 in range(start, end, BR):
+        rows = r0 + tl.arange(0, BR)
+        r_mask = rows < end
+        if A_GATHER:
+            a_rows = tl.load(a_rows_ptr + rows, mask=r_mask, other=0).to(tl.int64)
+        else:
+            a_rows = rows.to(tl.int64)
+        a = tl.load(a_ptr + a_rows[:, None] * stride_ar + ms[None, :] * stride_am,
+                    mask=r_mask[:, None] & m_mask[None, :], other=0.0).to(tl.float32)
+        if SCALE:
+            a = a * tl.load(scale_ptr + rows, mask=r_mask, other=0.0)[:, None]
+        acc += a
+    db = tl.sum(acc, axis=0)
+    tl.store(db_ptr + expert.to(tl.int64) * stride_dbe + ms * stride_dbm, db.to(db_ptr.dtype.element_ty), mask=m_mask)
+
+
+_GATE_UP_BWD_CONFIGS = configs([(128, 64, 64, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 8, 3), (64, 128, 64, 4, 3),
+                                 (128, 128, 64, 8, 2)])
+_WEIGHT_GRAD_CONFIGS = configs([(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
+                                (256, 128, 64, 8, 3), (128, 128, 128, 8, 2)])
+_gate_up_bwd_tuned = autotuned(gate_up_bwd_kernel, _GATE_UP_BWD_CONFIGS, ["D", "I", "rows_key"])
+_weight_grad_tuned = autotuned(expert_weight_grad_kernel, _WEIGHT_GRAD_CONFIGS, ["M", "N", "E"])
+
+
+def gate_up_bwd(x_TD: torch.Tensor, dy_TD: torch.Tensor, sorted_tokens_R: torch.Tensor, offsets_E: torch.Tensor,
+                scale_R: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_bias: torch.Tensor | None,
+                down_proj: torch.Tensor, saved_SN: torch.Tensor, *, act_code: int, gated: bool, interleaved: bool,
+                alpha: float, limit: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``dgate_up_RN`` and ``hw_RI = w_r * h`` (sorted rows, x's dtype) and ``dweights_R`` (fp32, sorted
+    rows, without the down-bias term ``<dy_t, b_down[e]>``).
+
+    ``saved_SN`` holds the pre-activations of the first ``S`` sorted rows (``S`` may be 0); ``scale_R`` is the fp32
+    routing weight of each sorted row.
+    """
+    E, N, D = gate_up_proj.shape
+    I = down_proj.shape[2]
+    R = sorted_tokens_R.numel()
+    n_saved = saved_SN.shape[0]
+    dev, dtype = x_TD.device, x_TD.dtype
+    dgate_up_RN = torch.empty(R, N, device=dev, dtype=dtype)
+    h_RI = torch.empty(R, I, device=dev, dtype=dtype)
+    # Rows for the widest column coverage of any config; rows past I stay zero.
+    P = max(triton.cdiv(I, bn) * (bn // PART_W) for bn in [INTERPRETER_META["BN"]] +
+            [c.kwargs["BN"] for c in _GATE_UP_BWD_CONFIGS])
+    dw_part_PR = torch.zeros(P, R, device=dev, dtype=torch.float32)
+    if R == 0:
+        return dgate_up_RN, h_RI, dw_part_PR.sum(0)
+    bias = gate_up_bias if gate_up_bias is not None else gate_up_proj
+    saved = saved_SN if n_saved else h_RI  # never read when no tile is saved
+    args = (x_TD, dy_TD, sorted_tokens_R, offsets_E, scale_R, gate_up_proj, bias, down_proj, saved,
+            dgate_up_RN, h_RI, dw_part_PR,
+            R, D, I, E, n_saved, float(alpha), float(limit), rows_bucket(R),
+            x_TD.stride(0), x_TD.stride(1), dy_TD.stride(0), dy_TD.stride(1), *gate_up_proj.stride(),
+            bias.stride(0), bias.stride(1), *down_proj.stride(), saved.stride(0), dgate_up_RN.stride(0),
+            h_RI.stride(0), dw_part_PR.stride(0))
+    meta = dict(ACT=act_code, GATED=gated, INTERLEAVED=interleaved, HAS_BIAS=gate_up_bias is not None,
+                E_P2=e_p2(E), DOT_PREC=dot_precision(dtype), PART_W=PART_W)
+    launch_grouped(gate_up_bwd_kernel, _gate_up_bwd_tuned, lambda bn: triton.cdiv(I, bn), R, E, args, meta)
+    # Fixed-order sum over the column tiles: deterministic.
+    return dgate_up_RN, h_RI, dw_part_PR.sum(0)
+
+
+def expert_weight_grad(a: torch.Tensor, b: torch.Tensor, offsets_E: torch.Tensor, out_EMN: torch.Tensor, *,
+                       a_rows_R: torch.Tensor | None = None, b_rows_R: torch.Tensor | None = None,
+                       dbias_EM: torch.Tensor | None = None, bias_scale_R: torch.Tensor | None = None) -> torch.Tensor:
+    """``out_EMN[e] = sum_{r of e} a[a_rows_R[r]]^T b[b_rows_R[r]]`` (rows r in sorted order; ``a_rows_R`` and
+    ``b_rows_R`` default to r itself); ``dbias_EM[e] = sum_{r of e} bias_scale_R[r] * a[a_rows_R[r]]`` (fp32
+    ``bias_scale_R`` defaults to ones).
+
+    ``a`` is ``[*, M]``, ``b`` ``[*, N]``, both may be strided; every element of ``out_EMN`` (and ``dbias_EM``) is
+    written, zeros for experts with no rows.
+    """
+    E, M, N = out_EMN.shape
+    a_rows = a_rows_R if a_rows_R is not None else offsets_E  # never read when A_GATHER is False
+    args = (a, a_rows, b, b_rows_R if b_rows_R is not None else offsets_E, offsets_E, out_EMN, M, N, E,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), *out_EMN.stride())
+    meta = dict(A_GATHER=a_rows_R is not None, B_GATHER=b_rows_R is not None, DOT_PREC=dot_precision(a.dtype))
+    if _weight_grad_tuned is None:
+        meta.update(INTERPRETER_META)
+        grid = (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]), E)
+        expert_weight_grad_kernel[grid](*args, **meta)
+    else:
+        _weight_grad_tuned[lambda m: (triton.cdiv(M, m["BM"]) * triton.cdiv(N, m["BN"]), E)](*args, **meta)
+    if dbias_EM is not None:
+        BR, BM = (64, 64) if _weight_grad_tuned is None else (32, 256)
+        expert_bias_grad_kernel[(triton.cdiv(M, BM), E)](
+            a, a_rows, bias_scale_R if bias_scale_R is not None else offsets_E, offsets_E, dbias_EM, M,
+            a.stride(0), a.stride(1), dbias_EM.stride(0), dbias_EM.stride(1),
+            A_GATHER=a_rows_R is not None, SCALE=bias_scale_R is not None, BR=BR, BM=BM)
+    return out_EMN
+
+
+__all__ = ["expert_weight_grad", "gate_up_bwd"]

@@ -1,0 +1,160 @@
+"""Shared pieces of the MoE kernels: the on-device tile schedule, activations and their derivatives, configs.
+
+Legend: R routed rows (T*K) in expert-sorted order, E experts, BM rows per tile.
+
+Tile schedule: expert e owns sorted rows ``[offsets_E[e-1], offsets_E[e])`` and ``ceil(count_e / BM)`` row tiles.
+Summed over experts that is at most ``ceil(R / BM) + E`` tiles, so the launchers start that many row tiles and each
+program finds its (expert, first row) from ``offsets_E`` in registers (a cumulative sum over ``E_P2`` lanes); the
+programs past the last tile exit at once. The routing is never read on the host, so there is no host sync.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Activation codes (constexpr ACT); the names match leanmoe.activations.
+ACTIVATION_CODES = {"swiglu": 0, "geglu": 1, "clamped_swiglu": 2, "relu2": 3, "gelu": 4, "silu": 5}
+_GELU_C = 0.7978845608028654  # sqrt(2 / pi)
+_GELU_A = 0.044715
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # A float32 tl.dot defaults to tf32 on GPUs (~3e-4 relative error); keep float32 exact.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def rows_bucket(R: int) -> int:
+    """Autotune key for the routed-row count: a power of two, so a new token count rarely re-tunes."""
+    return 1 << max(R - 1, 0).bit_length()
+
+
+def autotuned(kernel, configs, key):
+    """``kernel`` autotuned over ``configs`` on GPUs; under the interpreter, the plain kernel (the caller passes a
+    fixed small config) so tests do not benchmark."""
+    if interpreting():
+        return None
+    return triton.autotune(configs=configs, key=key)(kernel)
+
+
+def configs(shapes):
+    return [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s) for bm, bn, bk, w, s in shapes]
+
+
+# Under the interpreter every kernel runs with these blocks: large, so that few programs run (each nested jit call
+# costs the interpreter about 1 ms).
+INTERPRETER_META = {"BM": 64, "BN": 64, "BK": 64}
+
+
+def launch_grouped(plain, tuned, num_n_of, R, E, args, meta):
+    """Launches over an upper bound of ``ceil(R / BM) + E`` row tiles times the column tiles."""
+    if tuned is None:
+        meta = {**meta, **INTERPRETER_META}
+        grid = ((triton.cdiv(R, meta["BM"]) + E) * num_n_of(meta["BN"]),)
+        plain[grid](*args, **meta)
+    else:
+        tuned[lambda m: ((triton.cdiv(R, m["BM"]) + E) * num_n_of(m["BN"]),)](*args, **meta)
+
+
+def e_p2(E: int) -> int:
+    return max(triton.next_power_of_2(E), 2)
+
+
+@triton.jit
+def expert_tile(pid_m, offsets_E_ptr, E, E_P2: tl.constexpr, BM: tl.constexpr):
+    """Row tile ``pid_m`` of the expert-grouped schedule -> (expert, first sorted row, end row of that expert).
+
+    ``expert == E`` marks a surplus program (more tiles were launched than exist); it must exit.
+    """
+    e_idx = tl.arange(0, E_P2)
+    e_mask = e_idx < E
+    ends = tl.load(offsets_E_ptr + e_idx, mask=e_mask, other=0)
+    starts = tl.load(offsets_E_ptr + e_idx - 1, mask=e_mask & (e_idx > 0), other=0)
+    tiles = tl.where(e_mask, (ends - starts + BM - 1) // BM, 0)
+    tile_ends = tl.cumsum(tiles, 0)
+    # Experts whose tiles all come before pid_m; with empty experts skipped, that is pid_m's expert.
+    expert = tl.sum((tile_ends <= pid_m).to(tl.int32), 0)
+    this = e_idx == expert
+    first_tile = tl.sum(tl.where(this, tile_ends - tiles, 0), 0)
+    row_start = tl.sum(tl.where(this, starts, 0), 0) + (pid_m - first_tile) * BM
+    row_end = tl.sum(tl.where(this, ends, 0), 0)
+    return expert, row_start, row_end
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _gelu_tanh_and_grad(a):
+    z = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+    t = 2.0 * _sigmoid(2.0 * z) - 1.0  # tanh(z), in a form every Triton version has
+    value = 0.5 * a * (1.0 + t)
+    grad = 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * a * a)
+    return value, grad
+
+
+@triton.jit
+def _silu_and_grad(a):
+    s = _sigmoid(a)
+    return a * s, s * (1.0 + a * (1.0 - s))
+
+
+@triton.jit
+def activation_fwd(g, u, alpha, limit, ACT: tl.constexpr):
+    """fp32 pre-activations -> fp32 hidden state. Gated: ``g`` gate, ``u`` up; non-gated: ``g`` only."""
+    if ACT == 0:
+        h = _silu_and_grad(g)[0] * u
+    elif ACT == 1:
+        h = _gelu_tanh_and_grad(g)[0] * u
+    elif ACT == 2:
+        g_c = tl.minimum(g, limit)
+        u_c = tl.minimum(tl.maximum(u, -limit), limit)
+        h = (u_c + 1.0) * g_c * _sigmoid(alpha * g_c)
+    elif ACT == 3:
+        r = tl.maximum(g, 0.0)
+        h = r * r
+    elif ACT == 4:
+        h = _gelu_tanh_and_grad(g)[0]
+    else:
+        h = _silu_and_grad(g)[0]
+    return h
+
+
+@triton.jit
+def activation_bwd(g, u, dh, alpha, limit, ACT: tl.constexpr):
+    """fp32 pre-activations and hidden-state gradient -> (h, dg, du); ``du`` is zero for non-gated activations.
+
+    The clamp masks match ``torch.clamp``: the gradient passes where the value lies in the closed interval.
+    """
+    if ACT == 0:
+        act, dact = _silu_and_grad(g)
+        h, dg, du = act * u, dh * u * dact, dh * act
+    elif ACT == 1:
+        act, dact = _gelu_tanh_and_grad(g)
+        h, dg, du = act * u, dh * u * dact, dh * act
+    elif ACT == 2:
+        g_c = tl.minimum(g, limit)
+        u_c = tl.minimum(tl.maximum(u, -limit), limit)
+        s = _sigmoid(alpha * g_c)
+        h = (u_c + 1.0) * g_c * s
+        dg = tl.where(g <= limit, dh * (u_c + 1.0) * (s + alpha * g_c * s * (1.0 - s)), 0.0)
+        du = tl.where((u >= -limit) & (u <= limit), dh * g_c * s, 0.0)
+    elif ACT == 3:
+        r = tl.maximum(g, 0.0)
+        h, dg, du = r * r, dh * 2.0 * r, 0.0 * dh
+    elif ACT == 4:
+        act, dact = _gelu_tanh_and_grad(g)
+        h, dg, du = act, dh * dact, 0.0 * dh
+    else:
+        act, dact = _silu_and_grad(g)
+        h, dg, du = act, dh * dact, 0.0 * dh
+    return h, dg, du

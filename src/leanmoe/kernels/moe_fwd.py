@@ -1,0 +1,244 @@
+"""Forward MoE kernels: the gather-fused gate/up GEMM with its activation, and the expert-grouped GEMM.
+
+Legend: T tokens, D model dim, I expert hidden dim, N gate/up rows (2I gated, I otherwise), E experts, K top-k,
+R routed rows (T*K), sorted by expert (see :mod:`leanmoe.experts.plan`).
+
+1. :func:`gate_up_fwd`: ``h_RI = act(x[sorted_tokens_R] @ gate_up_proj[e].T + b)``. Token rows are gathered inside
+   the GEMM's loads (no permuted copy of x); a program owns one row tile of one expert and BN hidden columns, and
+   for gated activations it holds the gate and the up accumulator of the same columns, so the activation runs in
+   the epilogue. Optionally also stores the pre-activation of the first ``n_saved`` sorted rows (for backward).
+2. :func:`grouped_gemm`: ``out[out_rows_R] = (a_R @ b[e].T + bias[e]) * scale_R`` with the result rows scattered
+   to token-slot order (so that a combine is a contiguous sum of K rows). The down projection (bias and routing
+   weight in the epilogue) and dX in backward both use it.
+
+Both accept any T without recompiling: T, R, D, I are runtime values; only block sizes and flags are constexpr.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from leanmoe.kernels.moe_common import (
+    activation_fwd,
+    autotuned,
+    configs,
+    dot_precision,
+    e_p2,
+    expert_tile,
+    interpreting,
+    launch_grouped,
+    rows_bucket,
+)
+
+
+# T-dependent integers are not specialised (on divisibility by 16 or == 1), so a new token count never recompiles.
+@triton.jit(do_not_specialize=["R", "n_saved"])
+def gate_up_fwd_kernel(
+    # pointers
+    x_ptr, sorted_tokens_ptr, offsets_E_ptr, w_ptr, bias_ptr, h_ptr, saved_ptr,
+    # sizes and scalars
+    R, D, I, E, n_saved, alpha, limit, rows_key,
+    # strides
+    stride_xt, stride_xd, stride_we, stride_wn, stride_wd, stride_be, stride_bn, stride_hr, stride_sr,
+    # meta-parameters
+    ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SAVE: tl.constexpr, E_P2: tl.constexpr, DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(I, BN)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    expert, row_start, row_end = expert_tile(pid_m, offsets_E_ptr, E, E_P2, BM)
+    if expert >= E:
+        return
+    rows = row_start + tl.arange(0, BM)
+    row_mask = rows < row_end
+    tokens = tl.load(sorted_tokens_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    cols = pid_n * BN + tl.arange(0, BN)
+    col_mask = cols < I
+    # Rows of gate_up_proj[e] holding the gate and up pre-activations of hidden columns `cols`.
+    if GATED:
+        if INTERLEAVED:
+            g_rows = 2 * cols
+            u_rows = 2 * cols + 1
+        else:
+            g_rows = cols
+            u_rows = cols + I
+    else:
+        g_rows = cols
+        u_rows = cols
+    w_base = w_ptr + expert.to(tl.int64) * stride_we
+    x_rows = x_ptr + tokens[:, None] * stride_xt
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        ks = k0 + tl.arange(0, BK)
+        k_mask = ks < D
+        a = tl.load(x_rows + ks[None, :] * stride_xd, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w_mask = k_mask[:, None] & col_mask[None, :]
+        wg = tl.load(w_base + ks[:, None] * stride_wd + g_rows[None, :] * stride_wn, mask=w_mask, other=0.0)
+        acc_g = tl.dot(a, wg, acc_g, input_precision=DOT_PREC)
+        if GATED:
+            wu = tl.load(w_base + ks[:, None] * stride_wd + u_rows[None, :] * stride_wn, mask=w_mask, other=0.0)
+            acc_u = tl.dot(a, wu, acc_u, input_precision=DOT_PREC)
+    if HAS_BIAS:
+        b_base = bias_ptr + expert.to(tl.int64) * stride_be
+        acc_g += tl.load(b_base + g_rows * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_u += tl.load(b_base + u_rows * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    # Round the pre-activation to the I/O dtype, as the reference does and as a saved copy would be.
+    g = acc_g.to(h_ptr.dtype.element_ty)
+    u = acc_u.to(h_ptr.dtype.element_ty)
+    h = activation_fwd(g.to(tl.float32), u.to(tl.float32), alpha, limit, ACT)
+    rows64 = rows.to(tl.int64)
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    tl.store(h_ptr + rows64[:, None] * stride_hr + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=out_mask)
+    if SAVE:
+        # The saved copy is private: gate then up (concatenated) whatever the weight layout, so stores coalesce.
+        save_mask = out_mask & (rows < n_saved)[:, None]
+        s_rows = saved_ptr + rows64[:, None] * stride_sr
+        tl.store(s_rows + cols[None, :], g, mask=save_mask)
+        if GATED:
+            tl.store(s_rows + (cols + I)[None, :], u, mask=save_mask)
+
+
+@triton.jit(do_not_specialize=["R"])
+def grouped_gemm_kernel(
+    # pointers
+    a_ptr, b_ptr, bias_ptr, scale_ptr, out_ptr, out_rows_ptr, offsets_E_ptr,
+    # sizes
+    R, N, KD, E, rows_key,
+    # strides
+    stride_ar, stride_ak, stride_be, stride_bn, stride_bk, stride_biase, stride_biasn, stride_or, stride_on,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, E_P2: tl.constexpr, DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BN)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    expert, row_start, row_end = expert_tile(pid_m, offsets_E_ptr, E, E_P2, BM)
+    if expert >= E:
+        return
+    rows = row_start + tl.arange(0, BM)
+    row_mask = rows < row_end
+    rows64 = rows.to(tl.int64)
+    cols = pid_n * BN + tl.arange(0, BN)
+    col_mask = cols < N
+    b_base = b_ptr + expert.to(tl.int64) * stride_be
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, KD, BK):
+        ks = k0 + tl.arange(0, BK)
+        k_mask = ks < KD
+        a = tl.load(a_ptr + rows64[:, None] * stride_ar + ks[None, :] * stride_ak,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_base + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
+                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + expert.to(tl.int64) * stride_biase + cols * stride_biasn, mask=col_mask, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + rows, mask=row_mask, other=0.0)[:, None]
+    out_rows = tl.load(out_rows_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    tl.store(out_ptr + out_rows[:, None] * stride_or + cols[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit(do_not_specialize=["T"])
+def combine_kernel(
+    # pointers
+    out_ptr, y_ptr,
+    # sizes
+    T, K, C,
+    # strides
+    stride_or, stride_yt, stride_yc,
+    # meta-parameters
+    BT: tl.constexpr, BC: tl.constexpr,
+):
+    """``y[t, c] = sum_k out[t*K + k, c]``: K rows summed in slot order in fp32 (deterministic)."""
+    tokens = tl.program_id(0) * BT + tl.arange(0, BT)
+    cs = tl.program_id(1) * BC + tl.arange(0, BC)
+    mask = (tokens < T)[:, None] & (cs < C)[None, :]
+    t64 = tokens.to(tl.int64)
+    acc = tl.zeros((BT, BC), dtype=tl.float32)
+    for k in range(0, K):
+        acc += tl.load(out_ptr + (t64 * K + k)[:, None] * stride_or + cs[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + t64[:, None] * stride_yt + cs[None, :] * stride_yc, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# Hopper-sized tiles, autotuned per (dims, power-of-two bucket of R) on GPUs.
+_GATE_UP_CONFIGS = configs([(128, 64, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4)])
+_GEMM_CONFIGS = configs([(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (64, 128, 64, 4, 4)])
+
+_gate_up_fwd_tuned = autotuned(gate_up_fwd_kernel, _GATE_UP_CONFIGS, ["D", "I", "rows_key"])
+_grouped_gemm_tuned = autotuned(grouped_gemm_kernel, _GEMM_CONFIGS, ["N", "KD", "rows_key"])
+
+
+def gate_up_fwd(x_TD: torch.Tensor, sorted_tokens_R: torch.Tensor, offsets_E: torch.Tensor,
+                gate_up_proj: torch.Tensor, gate_up_bias: torch.Tensor | None, *, act_code: int, gated: bool,
+                interleaved: bool, alpha: float, limit: float, n_saved: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``h_RI`` (sorted rows, x's dtype) and ``saved_SN``, the pre-activations of the first ``n_saved``
+    sorted rows (``[n_saved, N]``, gate columns then up columns whatever the layout; empty when 0).
+
+    ``x_TD`` may be strided; ``gate_up_proj`` is ``[E, N, D]`` with any strides; ``offsets_E`` int32 inclusive.
+    """
+    E, N, D = gate_up_proj.shape
+    I = N // 2 if gated else N
+    R = sorted_tokens_R.numel()
+    assert offsets_E.dtype == torch.int32 and offsets_E.numel() == E
+    h_RI = torch.empty(R, I, device=x_TD.device, dtype=x_TD.dtype)
+    saved_SN = torch.empty(n_saved, N, device=x_TD.device, dtype=x_TD.dtype)
+    if R == 0:
+        return h_RI, saved_SN
+    bias = gate_up_bias if gate_up_bias is not None else gate_up_proj  # never read when HAS_BIAS is False
+    args = (x_TD, sorted_tokens_R, offsets_E, gate_up_proj, bias, h_RI, saved_SN,
+            R, D, I, E, n_saved, float(alpha), float(limit), rows_bucket(R),
+            x_TD.stride(0), x_TD.stride(1), *gate_up_proj.stride(), bias.stride(0), bias.stride(1),
+            h_RI.stride(0), saved_SN.stride(0) if n_saved else N)
+    meta = dict(ACT=act_code, GATED=gated, INTERLEAVED=interleaved, HAS_BIAS=gate_up_bias is not None,
+                SAVE=n_saved > 0, E_P2=e_p2(E), DOT_PREC=dot_precision(x_TD.dtype))
+    launch_grouped(gate_up_fwd_kernel, _gate_up_fwd_tuned, lambda bn: triton.cdiv(I, bn), R, E, args, meta)
+    return h_RI, saved_SN
+
+
+def grouped_gemm(a_RK: torch.Tensor, b_ENK: torch.Tensor, offsets_E: torch.Tensor, out_rows_R: torch.Tensor,
+                 out: torch.Tensor, *, bias_EN: torch.Tensor | None = None,
+                 scale_R: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[out_rows_R[r]] = (a_RK[r] @ b_ENK[e].T + bias_EN[e]) * scale_R[r]`` for the rows r of expert e.
+
+    ``a_RK`` in expert-sorted order; ``b_ENK`` and ``out`` ([*, N]) may be strided views (a column slice of a
+    weight, say); ``scale_R`` fp32; ``out_rows_R`` a permutation (int64). Fills every row of ``out`` listed.
+    """
+    E, N, KD = b_ENK.shape
+    R = a_RK.shape[0]
+    if R == 0:
+        return out
+    bias = bias_EN if bias_EN is not None else b_ENK
+    scale = scale_R if scale_R is not None else a_RK
+    args = (a_RK, b_ENK, bias, scale, out, out_rows_R, offsets_E, R, N, KD, E, rows_bucket(R),
+            a_RK.stride(0), a_RK.stride(1), *b_ENK.stride(), bias.stride(0), bias.stride(1),
+            out.stride(0), out.stride(1))
+    meta = dict(HAS_BIAS=bias_EN is not None, HAS_SCALE=scale_R is not None, E_P2=e_p2(E),
+                DOT_PREC=dot_precision(a_RK.dtype))
+    launch_grouped(grouped_gemm_kernel, _grouped_gemm_tuned, lambda bn: triton.cdiv(N, bn), R, E, args, meta)
+    return out
+
+
+def combine(out_RC: torch.Tensor, y_TC: torch.Tensor, K: int) -> torch.Tensor:
+    """``y_TC[t] = sum_k out_RC[t*K + k]`` (fp32 sum in slot order) written into ``y_TC`` (may be a column slice)."""
+    T, C = y_TC.shape
+    assert out_RC.shape == (T * K, C) and out_RC.stride(1) == 1
+    if T == 0:
+        return y_TC
+    BT, BC = (32, 64) if interpreting() else (16, 256)
+    combine_kernel[(triton.cdiv(T, BT), triton.cdiv(C, BC))](out_RC, y_TC, T, K, C, out_RC.stride(0),
+                                                              y_TC.stride(0), y_TC.stride(1), BT=BT, BC=BC)
+    return y_TC
+
+
+__all__ = ["combine", "gate_up_fwd", "grouped_gemm"]

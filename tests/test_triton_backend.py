@@ -1,0 +1,244 @@
+"""The Triton backend against the reference loop, on the CPU under the Triton interpreter (``TRITON_INTERPRET=1``,
+set by conftest when there is no GPU). float32 and float16 at small shapes; bfloat16 is not supported by the
+interpreter and is covered by ``test_triton_gpu.py``.
+
+Legend: T tokens, D model dim, I expert hidden dim, E experts, K top-k.
+Every test compares the forward and every gradient (x, routing weights, both weights, both biases) with fresh random
+inputs; ``torch.empty`` is NaN-poisoned by conftest, so a row a kernel forgets to write fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leanmoe import Activation, describe_call, moe_experts
+from leanmoe.experts.registry import ExpertsCall, get_backend, select_backend
+from tests.helpers import TOLERANCES, assert_close, make_problem
+
+pytest.importorskip("triton")
+
+if torch.cuda.is_available():
+    pytest.skip("the interpreter tests run on CPU-only machines; GPUs run test_triton_gpu.py", allow_module_level=True)
+
+import leanmoe.experts.triton as triton_backend  # noqa: E402
+
+GRAD_NAMES = ["dx", "dweights", "dgate_up_proj", "ddown_proj", "dgate_up_bias", "ddown_bias"]
+
+# A clamp limit small enough that clamped_swiglu's clamps are hit by N(0, 1)-ish pre-activations.
+CLAMPED = Activation(name="clamped_swiglu", alpha=1.702, limit=0.75)
+
+
+def run_both(problem, *, save_percent=0.0, tol=None, backend="triton"):
+    """Runs the reference and ``backend`` with the same ``dy``; compares y and every gradient."""
+    dtype = problem.x_TD.dtype
+    tol = tol or TOLERANCES[dtype]
+    ref_y = moe_experts(*problem.args(), **problem.kwargs(), backend="reference")
+    out_y = moe_experts(*problem.args(), **problem.kwargs(), backend=backend, save_percent=save_percent)
+    assert out_y.dtype == ref_y.dtype
+    assert_close(out_y, ref_y, tol=tol, name="y")
+    dy = torch.randn_like(ref_y)
+    inputs = problem.inputs()
+    ref_grads = torch.autograd.grad(ref_y, inputs, dy)
+    out_grads = torch.autograd.grad(out_y, inputs, dy)
+    names = [n for n, t in zip(GRAD_NAMES, [problem.x_TD, problem.topk_weights_TK, problem.gate_up_proj,
+                                            problem.down_proj, problem.gate_up_bias, problem.down_bias], strict=True)
+             if t is not None]
+    for name, out_g, ref_g in zip(names, out_grads, ref_grads, strict=True):
+        assert out_g.dtype == ref_g.dtype, name
+        assert_close(out_g, ref_g, tol=tol, name=name)
+    return out_y, out_grads
+
+
+ACTIVATION_CASES = [
+    ("swiglu", "concatenated"), ("swiglu", "interleaved"),
+    ("geglu", "concatenated"), ("geglu", "interleaved"),
+    (CLAMPED, "concatenated"), (CLAMPED, "interleaved"),
+    ("relu2", "concatenated"), ("gelu", "concatenated"), ("silu", "concatenated"),
+]
+
+
+def _act_id(case):
+    act, layout = case
+    return f"{act if isinstance(act, str) else act.name}-{layout[:6]}"
+
+
+# float16 (no biases) on a subset: both layouts, the clamps, and one non-gated activation of each kind.
+FP16_CASES = [ACTIVATION_CASES[i] for i in (0, 1, 5, 6, 8)]
+PARAMS = [pytest.param(c, torch.float32, True, id=f"fp32-bias-{_act_id(c)}") for c in ACTIVATION_CASES] + \
+    [pytest.param(c, torch.float16, False, id=f"fp16-{_act_id(c)}") for c in FP16_CASES]
+
+
+@pytest.mark.parametrize("case,dtype,bias", PARAMS)
+def test_activations_and_layouts(case, dtype, bias):
+    activation, layout = case
+    # T13-E5-K2, D40 I24: no size is a multiple of a tile, so every dimension's mask is exercised.
+    problem = make_problem(13, 40, 24, 5, 2, activation=activation, layout=layout, bias=bias, dtype=dtype)
+    run_both(problem)
+
+
+EDGE_CASES = {
+    # id: (T, D, I, E, K, routing)
+    "T40-E6-K2-few_experts": (40, 32, 24, 6, 2, "few_experts"),  # experts 2..5 get no tokens: zero weight grads
+    "T20-E4-K2-one_expert": (20, 32, 24, 4, 2, "one_expert"),  # every token on expert 0: one expert spans tiles
+    "T17-E5-K1": (17, 32, 24, 5, 1, "uniform"),  # K = 1: no combine across slots
+    "T9-E4-K4": (9, 32, 24, 4, 4, "uniform"),  # K = E: every token visits every expert
+    "T30-E13-K3": (30, 24, 16, 13, 3, "uniform"),  # prime E, not a power of two (the schedule's E_P2 padding)
+    "T3-E5-K2": (3, 32, 24, 5, 2, "uniform"),  # T smaller than a tile, most experts empty
+    "T1-E3-K2": (1, 16, 8, 3, 2, "uniform"),  # a single token
+    # ~100 rows per expert: several row tiles per expert; D72 and I80 also span several K steps and column tiles
+    # (the routing-weight gradient sums partials across column tiles).
+    "T150-E3-K2-D72-I80": (150, 72, 80, 3, 2, "skewed"),
+}
+
+
+@pytest.mark.parametrize("case", list(EDGE_CASES), ids=list(EDGE_CASES))
+def test_edge_cases(case):
+    T, D, I, E, K, routing = EDGE_CASES[case]
+    run_both(make_problem(T, D, I, E, K, routing=routing, bias=True))
+
+
+def test_zero_tokens():
+    # T = 0: an empty output, and zero gradients for weights, biases and routing weights.
+    problem = make_problem(0, 16, 8, 4, 2, bias=True)
+    y = moe_experts(*problem.args(), **problem.kwargs(), backend="triton")
+    assert y.shape == (0, 16)
+    grads = torch.autograd.grad(y.sum(), problem.inputs(), allow_unused=True)
+    for name, g, t in zip(GRAD_NAMES, grads, problem.inputs(), strict=False):
+        assert g is not None and g.shape == t.shape, name
+        assert not g.isnan().any() and (g == 0).all(), name
+
+
+@pytest.mark.parametrize("save_percent", [0, 50, 100])
+def test_save_percent(save_percent):
+    # T150-E3-K2: 50% splits the sorted rows inside an expert, so a row tile straddles the saved/recomputed boundary.
+    problem = make_problem(150, 40, 24, 3, 2, bias=True, activation=CLAMPED, layout="interleaved")
+    run_both(problem, save_percent=save_percent)
+
+
+def test_save_percent_same_gradients():
+    # Saving rounds the pre-activation to the I/O dtype exactly as the recompute does: the gradients agree closely.
+    problem = make_problem(60, 32, 24, 3, 2, bias=True)
+    dy = torch.randn(60, 32)
+    grads = []
+    for save_percent in (0, 100):
+        y = moe_experts(*problem.args(), **problem.kwargs(), backend="triton", save_percent=save_percent)
+        grads.append(torch.autograd.grad(y, problem.inputs(), dy))
+    for name, g0, g100 in zip(GRAD_NAMES, *grads, strict=False):
+        assert_close(g100, g0, tol=1e-6, name=name)
+
+
+def test_saved_rows():
+    assert triton_backend.saved_rows(1000, 0) == 0
+    assert triton_backend.saved_rows(1000, 100) == 1000
+    assert triton_backend.saved_rows(1000, 33.3) == 333
+    assert triton_backend.saved_rows(7, 50) == 3
+
+
+def test_deterministic():
+    # Two runs on the same inputs are bitwise identical (no atomics, fixed-order sums), forward and backward.
+    problem = make_problem(150, 40, 24, 3, 2, bias=True, routing="skewed")
+    dy = torch.randn(150, 40)
+    runs = []
+    for _ in range(2):
+        y = moe_experts(*problem.args(), **problem.kwargs(), backend="triton")
+        runs.append([y, *torch.autograd.grad(y, problem.inputs(), dy)])
+    for name, a, b in zip(["y", *GRAD_NAMES], *runs, strict=False):
+        assert torch.equal(a, b), name
+
+
+def test_non_contiguous_x_int32_ids_float64_weights():
+    # x is a strided view (every other column of a wider tensor), ids are int32, weights float64: the routing-weight
+    # gradient must come back in float64.
+    problem = make_problem(21, 32, 24, 5, 2, bias=True)
+    wide = torch.randn(21, 64)
+    problem.x_TD = wide[:, ::2].detach().requires_grad_()
+    assert not problem.x_TD.is_contiguous()
+    problem.topk_ids_TK = problem.topk_ids_TK.int()
+    problem.topk_weights_TK = problem.topk_weights_TK.detach().double().requires_grad_()
+    run_both(problem)
+
+
+def test_combine_in_chunks(monkeypatch):
+    # A tiny chunk budget splits D = 200 into column chunks of 128 + 72 for the forward combine and for dx.
+    monkeypatch.setattr(triton_backend, "COMBINE_CHUNK_BYTES", 1)
+    assert triton_backend._d_chunks(10, 200, 4) == [(0, 128), (128, 200)]
+    run_both(make_problem(11, 200, 16, 3, 2, bias=True))
+
+
+@pytest.mark.parametrize("block_n", [32, 64])
+def test_block_sizes(monkeypatch, block_n):
+    # Column tiles of 32 and 64 (GPU autotuning runs several on the same buffers): the routing-weight partials
+    # are per 32 hidden columns, so every block size fills the same rows and gives the same gradients.
+    from leanmoe.kernels import moe_common
+
+    monkeypatch.setitem(moe_common.INTERPRETER_META, "BN", block_n)
+    run_both(make_problem(40, 40, 72, 3, 2, bias=True))
+
+
+def test_compile_fullgraph():
+    # The custom ops' fake implementations let dynamo trace the whole call (aot_eager: no C++ compiler needed).
+    problem = make_problem(13, 32, 24, 5, 2, bias=True)
+
+    def fn(x, ids, w, gate_up, down, b1, b2):
+        return moe_experts(x, ids, w, gate_up, down, b1, b2, activation="swiglu", backend="triton", check_ids=False)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out_y = compiled(*problem.args())
+    ref_y = moe_experts(*problem.args(), **problem.kwargs(), backend="reference")
+    assert_close(out_y, ref_y, tol=TOLERANCES[torch.float32], name="y")
+    dy = torch.randn_like(ref_y)
+    for name, out_g, ref_g in zip(GRAD_NAMES, torch.autograd.grad(out_y, problem.inputs(), dy),
+                                  torch.autograd.grad(ref_y, problem.inputs(), dy), strict=False):
+        assert_close(out_g, ref_g, tol=TOLERANCES[torch.float32], name=name)
+
+
+def test_fake_shapes():
+    problem = make_problem(10, 32, 24, 5, 2)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        args = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in problem.args()]
+        out = torch.ops.leanmoe.triton_experts_fwd(*args, "swiglu", 1.702, 7.0, "concatenated", 50.0)
+    assert [tuple(t.shape) for t in out] == [(10, 32), (20,), (20,), (5,), (20,), (10, 48)]
+
+
+def _call(**overrides):
+    fields = dict(device=torch.device("cpu"), dtype=torch.float32, num_tokens=8, dim=16, hidden_dim=8, num_experts=4,
+                  top_k=2, activation=Activation(), gate_up_layout="concatenated", has_gate_up_bias=False,
+                  has_down_bias=False, save_percent=0, requires_grad=True)
+    fields.update(overrides)
+    return ExpertsCall(**fields)
+
+
+def test_backend_selection(monkeypatch):
+    backend = get_backend("triton")
+    assert (backend.priority, backend.requires, backend.extra) == (20, ("triton",), "triton")
+    # Under the interpreter a named call runs on the CPU, but auto never picks the interpreter.
+    assert backend.unsupported_reason(_call()) is None
+    assert "interpreter" in backend.auto_unsupported_reason(_call())
+    picked, why = select_backend("auto", _call())
+    assert picked.name != "triton" and "'triton'" in why
+    assert "bfloat16" in backend.unsupported_reason(_call(dtype=torch.bfloat16))
+    assert "float64" in backend.unsupported_reason(_call(dtype=torch.float64))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET=1" in backend.unsupported_reason(_call())
+    with pytest.raises(ValueError, match="cannot run this call"):
+        problem = make_problem(4, 16, 8, 4, 2)
+        moe_experts(*problem.args(), **problem.kwargs(), backend="triton")
+
+
+def test_auto_prefers_grouped_mm_for_few_large_experts(monkeypatch):
+    # The rule is about CUDA calls; describe one without needing a GPU.
+    import dataclasses
+
+    from leanmoe.experts.grouped_mm import GroupedMMBackend
+    from leanmoe.experts.triton import TritonBackend
+
+    monkeypatch.setattr(TritonBackend, "unsupported_reason", lambda self, call: None)
+    monkeypatch.setattr(GroupedMMBackend, "unsupported_reason", lambda self, call: None)
+    p = make_problem(8, 16, 8, 4, 2, requires_grad=False)
+    call = dataclasses.replace(describe_call(*p.args(), **p.kwargs()), device=torch.device("cuda"))
+    mixtral = dataclasses.replace(call, num_tokens=16384, num_experts=8, top_k=2)  # 4096 rows per expert
+    qwen3 = dataclasses.replace(call, num_tokens=16384, num_experts=128, top_k=8)  # 1024 rows per expert
+    backend = TritonBackend()
+    assert "grouped_mm is faster for few, large experts" in backend.auto_unsupported_reason(mixtral)
+    assert backend.auto_unsupported_reason(qwen3) is None
