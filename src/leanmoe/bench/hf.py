@@ -1,0 +1,280 @@
+"""``leanmoe bench --hf MODEL_TYPE``: a transformers MoE model on transformers' own experts vs on leanmoe.
+
+Legend: T tokens, D model dim, E experts, K top-k.
+
+1. build the family's model with its published layer shapes (transformers' default config for the model type is
+   the flagship checkpoint's: Mixtral-8x7B, Qwen1.5-MoE-A2.7B, Qwen3-30B-A3B, DeepSeek-V3, gpt-oss-120b,
+   Llama-4-Scout; OLMoE-1B-7B's expert width is set by hand), with
+   ``layers`` decoder layers, every one of them MoE, random weights;
+2. verify before timing: the logits of one forward over ``tokens`` tokens under each implementation against
+   transformers' eager experts (relative RMS error, per-dtype tolerance); a row that fails is reported ``ok=False``
+   and not timed;
+3. time a training step (forward with labels, backward; gradients reset to None between steps) and a prefill
+   (a no-grad forward with ``logits_to_keep=1``) for transformers' ``eager``, ``grouped_mm`` and ``batched_mm``
+   experts implementations (where the family has them) and leanmoe (``leanmoe:auto`` and each other leanmoe
+   backend that runs the call, except the reference loop); median of ``triton.testing.do_bench`` on CUDA, of a
+   few ``perf_counter`` runs on the CPU; peak CUDA memory of one run (``None`` on the CPU).
+
+``batched_mm`` gathers a ``[T*K, N, D]`` copy of the expert weights; rows where that would not fit are skipped
+with a note. DeepSeek-V3's real layer holds ~23 GB of bf16 expert weights: one layer is the most an 80 GB GPU
+trains.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+
+#: Tiny shapes for CPU tests and smoke runs: every family's routing features, seconds per model on 2 cores.
+TINY_SHAPES: dict[str, dict] = {
+    "mixtral": dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(intermediate_size=64, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                      num_experts=6, num_experts_per_tok=2, norm_topk_prob=False),
+    "qwen3_moe": dict(intermediate_size=64, moe_intermediate_size=24, num_experts=6, num_experts_per_tok=2,
+                      norm_topk_prob=True),
+    "olmoe": dict(intermediate_size=24, num_experts=6, num_experts_per_tok=2),
+    "deepseek_v3": dict(intermediate_size=64, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
+                        n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5, q_lora_rank=16,
+                        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                        num_key_value_heads=4, norm_topk_prob=True),
+    "gpt_oss": dict(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2),
+    "llama4_text": dict(intermediate_size=24, intermediate_size_mlp=48, num_local_experts=4, num_experts_per_tok=1),
+}
+_TINY_COMMON = dict(vocab_size=128, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                    max_position_embeddings=64, initializer_range=0.1, tie_word_embeddings=False)
+#: Where transformers' default config is not the flagship checkpoint's shape: OLMoE-1B-7B has I=1024 (default 2048).
+_REAL_SHAPE_FIXES: dict[str, dict] = {"olmoe": dict(intermediate_size=1024)}
+#: Settings that make every decoder layer an MoE layer (the real configs interleave dense layers in some families).
+_ALL_MOE_LAYERS: dict[str, dict] = {
+    "deepseek_v3": dict(first_k_dense_replace=0),
+    "qwen2_moe": dict(decoder_sparse_step=1, mlp_only_layers=[]),
+    "qwen3_moe": dict(decoder_sparse_step=1, mlp_only_layers=[]),
+    "llama4_text": dict(interleave_moe_layer_step=1),
+}
+#: Bench model types: the ones with a family file that build as a causal LM on their own.
+BENCH_MODEL_TYPES = tuple(TINY_SHAPES)
+
+#: Tolerance on the relative RMS error of the logits against eager experts.
+_LOGITS_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 4e-2}
+
+
+def model_config(model_type: str, *, layers: int, tiny: bool = False, **overrides):
+    """A transformers config for ``model_type``: real layer shapes (transformers' defaults), or :data:`TINY_SHAPES`
+    when ``tiny``; ``layers`` decoder layers, all MoE; ``overrides`` last."""
+    from transformers import AutoConfig
+
+    if model_type not in BENCH_MODEL_TYPES:
+        raise ValueError(f"no bench shapes for model type {model_type!r}; expected one of {BENCH_MODEL_TYPES}")
+    kwargs = dict(num_hidden_layers=layers, **_ALL_MOE_LAYERS.get(model_type, {}))
+    if model_type == "llama4_text":
+        kwargs["moe_layers"] = list(range(layers))
+    if tiny:
+        kwargs.update(_TINY_COMMON, **TINY_SHAPES[model_type])
+    else:
+        kwargs.update(_REAL_SHAPE_FIXES.get(model_type, {}))
+    kwargs.update(overrides)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def build_model(config, *, device, dtype, experts_implementation: str | None = "eager", seed: int = 0):
+    """``AutoModelForCausalLM.from_config`` on ``device`` in ``dtype``, with seeded random weights."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    kwargs = {"dtype": dtype}
+    if experts_implementation is not None:
+        kwargs["experts_implementation"] = experts_implementation
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    # A no-op normally; it matters where torch.empty is wrapped in Python (the tests' NaN poisoning), which makes
+    # torch's device context skip it, so that some parameters start on the CPU.
+    return model.to(device)
+
+
+def _supports_hf_experts_implementation(model) -> bool:
+    return model._can_set_experts_implementation()
+
+
+def _rel_rms(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _time_ms(fn, device: torch.device, grad_to_none=None) -> float:
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(3):
+        if grad_to_none:
+            for p in grad_to_none:
+                p.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _peak_mb(fn, device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def _batched_mm_bytes(config, tokens: int, dtype: torch.dtype) -> int:
+    # batched_mm gathers gate_up [T*K, 2I, D] (then down [T*K, D, I]) per layer.
+    K = config.num_experts_per_tok
+    inter = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    return tokens * K * 2 * inter * config.hidden_size * torch.tensor([], dtype=dtype).element_size()
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return 16 * 2**30
+
+
+def _leanmoe_backends(model, tokens: int, device, dtype) -> tuple[str, list[str]]:
+    """The backend ``auto`` picks for this model's expert calls, and the other non-reference backends that run."""
+    import leanmoe.hf
+    from leanmoe.experts.functional import describe_call
+    from leanmoe.experts.registry import available_backends, get_backend, select_backend
+
+    name, experts = leanmoe.hf.experts_modules(model)[0]
+    w = experts.expert_weights()
+    E, _, D = w.gate_up_proj.shape
+    K = model.config.num_experts_per_tok
+    x_TD = torch.zeros(tokens, D, device=device, dtype=dtype)
+    ids_TK = torch.zeros(tokens, K, device=device, dtype=torch.int64)
+    call = describe_call(x_TD, ids_TK, x_TD.new_zeros(tokens, K), w.gate_up_proj, w.down_proj, w.gate_up_bias,
+                         w.down_bias, activation=w.activation, gate_up_layout=w.gate_up_layout)
+    auto = select_backend("auto", call)[0].name
+    others = [b for b in available_backends()
+              if b not in (auto, "reference") and get_backend(b).auto_unsupported_reason(call) is None]
+    return auto, others
+
+
+def environment(device: torch.device) -> dict:
+    import transformers
+
+    import leanmoe
+
+    env = {"torch": torch.__version__, "transformers": transformers.__version__, "leanmoe": leanmoe.__version__,
+           "python": platform.python_version(), "device": str(device)}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    env["triton"] = importlib.metadata.version("triton") if importlib.util.find_spec("triton") else None
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(__file__), capture_output=True,
+                         text=True, check=False)
+    env["commit"] = git.stdout.strip() if git.returncode == 0 else None
+    return env
+
+
+def run_hf_bench(model_type: str, *, device, dtype, tokens: int, layers: int, json_path=None,
+                 config_overrides: dict | None = None) -> list[dict]:
+    """Benchmarks one transformers MoE family on its own experts implementations and on leanmoe.
+
+    Args:
+        model_type: one of :data:`BENCH_MODEL_TYPES` (``"qwen3_moe"``, ``"mixtral"``, ...).
+        device, dtype: where and in what precision the model runs (bf16 on a GPU is the intended use); a dtype
+            may be given by name (``"bfloat16"``).
+        tokens: tokens per step (one sequence of this length).
+        layers: decoder layers (all MoE).
+        json_path: if given, writes ``{"env": ..., "rows": [...]}`` there.
+        config_overrides: extra config fields (tests pass tiny shapes; ``tiny=True`` is ``TINY_SHAPES``).
+
+    Returns:
+        One row per (implementation, mode): ``model_type, implementation, mode ("train" | "prefill"), ms,
+        peak_mem_mb, ok`` plus ``rel_err`` (logits against eager experts) and ``note``. ``ms`` is None for rows
+        that were skipped or failed verification.
+    """
+    import leanmoe.hf
+
+    device = torch.device(device)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."))
+    overrides = dict(config_overrides or {})
+    tiny = bool(overrides.pop("tiny", False))
+    config = model_config(model_type, layers=layers, tiny=tiny, **overrides)
+    model = build_model(config, device=device, dtype=dtype)
+    model.train()  # dropout is 0 in these configs; train mode exercises the training paths
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    input_ids = torch.randint(0, config.vocab_size, (1, tokens), generator=generator).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    tol = _LOGITS_TOL.get(dtype, 4e-2)
+
+    with torch.no_grad():
+        ref_logits = model(input_ids).logits.float()
+
+    def train_step():
+        loss = model(input_ids, labels=input_ids).loss
+        loss.backward()
+
+    def prefill():
+        with torch.no_grad():
+            model(input_ids, logits_to_keep=1)
+
+    hf_impls = ["eager", "grouped_mm", "batched_mm"] if _supports_hf_experts_implementation(model) else ["eager"]
+    leanmoe.hf.patch(model)
+    auto, others = _leanmoe_backends(model, tokens, device, dtype)
+    leanmoe.hf.unpatch(model)
+    impls = [(name, None) for name in hf_impls] + [("leanmoe:auto", "auto")] + [(f"leanmoe:{b}", b) for b in others]
+
+    rows = []
+    for impl, backend in impls:
+        note = ""
+        leanmoe.hf.unpatch(model)
+        if backend is None:
+            if impl != "eager" or _supports_hf_experts_implementation(model):
+                model.set_experts_implementation(impl)
+            if impl == "batched_mm":
+                need = _batched_mm_bytes(config, tokens, dtype)
+                if need > _free_bytes(device) // 2:
+                    note = f"skipped: batched_mm gathers {need / 2**30:.1f} GiB of expert weights per layer"
+                    rows += [dict(model_type=model_type, implementation=impl, mode=mode, ms=None, peak_mem_mb=None,
+                                  ok=False, rel_err=None, note=note) for mode in ("train", "prefill")]
+                    continue
+        else:
+            if _supports_hf_experts_implementation(model):
+                model.set_experts_implementation("eager")
+            leanmoe.hf.patch(model, backend=backend)
+            if backend == "auto":
+                note = f"auto -> {auto}"
+        with torch.no_grad():
+            rel_err = _rel_rms(model(input_ids).logits.float(), ref_logits)
+        ok = rel_err <= tol
+        if not ok:
+            note = (note + "; " if note else "") + f"logits off eager by {rel_err:.2e} > {tol:.0e}: not timed"
+        for mode, fn in (("train", train_step), ("prefill", prefill)):
+            ms = peak = None
+            if ok:
+                fn()  # warm-up (Triton autotuning, lazy allocations) outside the peak-memory run
+                for p in params:
+                    p.grad = None
+                peak = _peak_mb(fn, device)
+                ms = _time_ms(fn, device, grad_to_none=params if mode == "train" else None)
+                for p in params:
+                    p.grad = None
+            rows.append(dict(model_type=model_type, implementation=impl, mode=mode, ms=ms, peak_mem_mb=peak, ok=ok,
+                             rel_err=rel_err, note=note))
+    leanmoe.hf.unpatch(model)
+    if json_path is not None:
+        with open(json_path, "w") as f:
+            json.dump({"env": environment(device), "config": {"model_type": model_type, "tokens": tokens,
+                                                              "layers": layers, "dtype": str(dtype)},
+                       "rows": rows}, f, indent=2)
+    return rows
