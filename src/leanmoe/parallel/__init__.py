@@ -1,5 +1,20 @@
 """Token dispatch: the local dispatcher, and expert parallelism over ``torch.distributed``."""
 
 from leanmoe.parallel.dispatcher import DispatchMeta, LocalDispatcher
+from leanmoe.parallel.expert_parallel import (
+    ExpertParallelDispatcher,
+    ExpertParallelMeta,
+    ExpertShard,
+    expert_parallel,
+    expert_parameters,
+)
 
-__all__ = ["DispatchMeta", "LocalDispatcher"]
+__all__ = [
+    "DispatchMeta",
+    "ExpertParallelDispatcher",
+    "ExpertParallelMeta",
+    "ExpertShard",
+    "LocalDispatcher",
+    "expert_parallel",
+    "expert_parameters",
+]

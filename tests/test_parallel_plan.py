@@ -1,0 +1,68 @@
+"""Expert-parallel index logic on the CPU, against hand-worked expectations (no process group needed).
+
+Legend: T tokens, K top-k, E experts, P ranks, L experts per rank, R routed rows (T*K), S received rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from leanmoe.parallel.expert_parallel import plan_dispatch, received_expert_ids
+
+
+def test_plan_sorts_rows_by_expert_and_counts_per_rank():
+    # T=3, K=2, E=4 over P=2 ranks (L=2): rank 0 owns experts 0-1, rank 1 owns experts 2-3.
+    topk_ids_TK = torch.tensor([[3, 0], [1, 2], [0, 1]])
+    plan = plan_dispatch(topk_ids_TK, num_experts=4, ep_size=2)
+    # Routed rows r = t*K + k hold experts [3, 0, 1, 2, 0, 1]; a stable sort by expert gives
+    # expert 0: rows 1, 4; expert 1: rows 2, 5; expert 2: row 3; expert 3: row 0.
+    assert plan.sorted_rows_R.tolist() == [1, 4, 2, 5, 3, 0]
+    assert plan.send_counts_PL.tolist() == [[2, 2], [1, 1]]
+    # Tokens of the sorted rows (what the all-to-all sends, in order): rank 0 gets tokens 0, 2, 1, 2.
+    assert (plan.sorted_rows_R // 2).tolist() == [0, 2, 1, 2, 1, 0]
+    # inverse_R undoes the sort: sorted position of rows 0..5.
+    assert plan.inverse_R().tolist() == [5, 0, 2, 4, 1, 3]
+
+
+def test_plan_keeps_token_order_within_an_expert():
+    # Every row on expert 2 (rank 1 of P=2, E=4): stability keeps token order 0, 1, 2, 3.
+    plan = plan_dispatch(torch.tensor([[2], [2], [2], [2]]), num_experts=4, ep_size=2)
+    assert plan.sorted_rows_R.tolist() == [0, 1, 2, 3]
+    assert plan.send_counts_PL.tolist() == [[0, 0], [4, 0]]
+
+
+def test_plan_with_no_tokens():
+    # A rank with no tokens sends nothing, but still takes part with all-zero counts.
+    plan = plan_dispatch(torch.empty(0, 2, dtype=torch.int64), num_experts=8, ep_size=4)
+    assert plan.sorted_rows_R.tolist() == []
+    assert plan.send_counts_PL.tolist() == [[0, 0]] * 4
+    assert plan.inverse_R().tolist() == []
+
+
+def test_plan_four_ranks_int32_ids():
+    # E=8 over P=4 (L=2); int32 ids as some routers give. Experts per row: [7, 2, 5, 2, 0, 6].
+    topk_ids_TK = torch.tensor([[7, 2], [5, 2], [0, 6]], dtype=torch.int32)
+    plan = plan_dispatch(topk_ids_TK, num_experts=8, ep_size=4)
+    # expert 0: row 4; expert 2: rows 1, 3; expert 5: row 2; expert 6: row 5; expert 7: row 0.
+    assert plan.sorted_rows_R.tolist() == [4, 1, 3, 2, 5, 0]
+    assert plan.send_counts_PL.tolist() == [[1, 0], [2, 0], [0, 1], [1, 1]]
+
+
+def test_received_expert_ids_follow_source_then_local_expert():
+    # P=2 sources, L=3 local experts. Source 0 sent 2 rows to expert 0 and 1 to expert 2; source 1 sent 1 row to
+    # expert 1 and 2 to expert 2. Rows arrive source by source, each source's rows sorted by local expert.
+    recv_counts_PL = torch.tensor([[2, 0, 1], [0, 1, 2]])
+    assert received_expert_ids(recv_counts_PL, 6).tolist() == [0, 0, 2, 1, 2, 2]
+
+
+def test_received_expert_ids_when_nothing_arrives():
+    assert received_expert_ids(torch.zeros(3, 2, dtype=torch.int64), 0).tolist() == []
+
+
+def test_plan_and_received_ids_round_trip_without_communication():
+    # With P=1 (no exchange), what rank 0 receives is what it sent: local ids = sorted global ids.
+    gen = torch.Generator().manual_seed(0)
+    topk_ids_TK = torch.stack([torch.randperm(6, generator=gen)[:3] for _ in range(11)])
+    plan = plan_dispatch(topk_ids_TK, num_experts=6, ep_size=1)
+    ids_S = received_expert_ids(plan.send_counts_PL, topk_ids_TK.numel())
+    assert ids_S.tolist() == topk_ids_TK.reshape(-1)[plan.sorted_rows_R].tolist()
