@@ -2,10 +2,6 @@
 
 from leanmoe.activations import Activation
 from leanmoe.config import MoEConfig
-from leanmoe.experts.module import ExpertWeights, GroupedExperts, SharedExperts
-from leanmoe.layer import MoE
-from leanmoe.parallel.dispatcher import LocalDispatcher
-from leanmoe.routers import RouterOutput, TopKRouter, stable_topk, update_balance_biases
 from leanmoe.experts import (
     ExpertsBackend,
     ExpertsCall,
@@ -15,6 +11,10 @@ from leanmoe.experts import (
     moe_experts,
     register_backend,
 )
+from leanmoe.experts.module import ExpertWeights, GroupedExperts, SharedExperts
+from leanmoe.layer import MoE
+from leanmoe.parallel.dispatcher import LocalDispatcher
+from leanmoe.routers import RouterOutput, TopKRouter, stable_topk, update_balance_biases
 
 __version__ = "0.1.0"
 
