@@ -28,6 +28,7 @@ from leanmoe.kernels.moe_common import (
     dot_precision,
     e_p2,
     expert_tile,
+    gate_up_rows,
     launch_grouped,
     rows_bucket,
 )
@@ -65,16 +66,7 @@ def gate_up_bwd_kernel(
     tokens = tl.load(sorted_tokens_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     cols = pid_n * BN + tl.arange(0, BN)
     col_mask = cols < I
-    if GATED:
-        if INTERLEAVED:
-            g_rows = 2 * cols
-            u_rows = 2 * cols + 1
-        else:
-            g_rows = cols
-            u_rows = cols + I
-    else:
-        g_rows = cols
-        u_rows = cols
+    g_rows, u_rows = gate_up_rows(cols, I, GATED, INTERLEAVED)
     e64 = expert.to(tl.int64)
 
     # dh_unweighted = dy[tokens] @ down_proj[e][:, cols]

@@ -89,6 +89,17 @@ def expert_tile(pid_m, offsets_E_ptr, E, E_P2: tl.constexpr, BM: tl.constexpr):
 
 
 @triton.jit
+def gate_up_rows(cols, I, GATED: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Rows of ``gate_up_proj[e]`` holding the gate and up pre-activations of hidden columns ``cols``
+    (non-gated: both are the column's own row)."""
+    if GATED:
+        if INTERLEAVED:
+            return 2 * cols, 2 * cols + 1
+        return cols, cols + I
+    return cols, cols
+
+
+@triton.jit
 def _sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
 

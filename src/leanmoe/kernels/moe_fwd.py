@@ -27,6 +27,7 @@ from leanmoe.kernels.moe_common import (
     dot_precision,
     e_p2,
     expert_tile,
+    gate_up_rows,
     interpreting,
     launch_grouped,
     rows_bucket,
@@ -59,17 +60,7 @@ def gate_up_fwd_kernel(
     tokens = tl.load(sorted_tokens_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     cols = pid_n * BN + tl.arange(0, BN)
     col_mask = cols < I
-    # Rows of gate_up_proj[e] holding the gate and up pre-activations of hidden columns `cols`.
-    if GATED:
-        if INTERLEAVED:
-            g_rows = 2 * cols
-            u_rows = 2 * cols + 1
-        else:
-            g_rows = cols
-            u_rows = cols + I
-    else:
-        g_rows = cols
-        u_rows = cols
+    g_rows, u_rows = gate_up_rows(cols, I, GATED, INTERLEAVED)
     w_base = w_ptr + expert.to(tl.int64) * stride_we
     x_rows = x_ptr + tokens[:, None] * stride_xt
     acc_g = tl.zeros((BM, BN), dtype=tl.float32)
