@@ -143,8 +143,8 @@ def grouped_mm_moe_experts(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, dow
 
 
 @torch.compiler.assume_constant_result
-def _cuda_major(device_index: int) -> int:
-    # A constant to torch.compile, so the support check adds no guard or graph break.
+def _cuda_major(device_index: int | None) -> int:
+    # A constant to torch.compile, so the support check adds no guard or graph break. None: the current device.
     return torch.cuda.get_device_capability(device_index)[0]
 
 
@@ -170,7 +170,7 @@ class GroupedMMBackend(ExpertsBackend):
         if call.device.type == "cuda":
             if call.dtype != torch.bfloat16:
                 return f"on CUDA torch._grouped_mm needs bfloat16, got {call.dtype}"
-            major = _cuda_major(call.device.index if call.device.index is not None else torch.cuda.current_device())
+            major = _cuda_major(call.device.index)
             if major < 9:
                 return f"on CUDA torch._grouped_mm needs compute capability >= 9.0, got {major}.x"
         elif call.device.type != "cpu":
