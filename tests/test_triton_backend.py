@@ -240,5 +240,33 @@ def test_auto_prefers_grouped_mm_for_few_large_experts(monkeypatch):
     mixtral = dataclasses.replace(call, num_tokens=16384, num_experts=8, top_k=2)  # 4096 rows per expert
     qwen3 = dataclasses.replace(call, num_tokens=16384, num_experts=128, top_k=8)  # 1024 rows per expert
     backend = TritonBackend()
+    assert not mixtral.requires_grad
     assert "grouped_mm is faster for few, large experts" in backend.auto_unsupported_reason(mixtral)
     assert backend.auto_unsupported_reason(qwen3) is None
+    # Training keeps triton: grouped_mm's small speed lead there costs 8x the activation memory.
+    assert backend.auto_unsupported_reason(dataclasses.replace(mixtral, requires_grad=True)) is None
+
+
+def test_autotuning_results_are_cached_on_disk_where_triton_can(monkeypatch):
+    # On GPUs the kernels autotune; the results go to Triton's disk cache (per GPU target and shape bucket), so a
+    # new process skips the first-call tuning. The interpreter never autotunes (and Triton turns the cache off
+    # there), so this checks what leanmoe asks Triton for.
+    import inspect
+
+    import triton
+
+    from leanmoe.kernels import moe_common
+
+    asked = {}
+
+    def fake_autotune(**kwargs):
+        asked.update(kwargs)
+        return lambda kernel: kernel
+
+    monkeypatch.setattr(moe_common, "interpreting", lambda: False)
+    monkeypatch.setattr(moe_common.triton, "autotune", fake_autotune)
+    moe_common.autotuned(moe_common.gate_up_rows, moe_common.configs([(16, 16, 16, 4, 2)]), key=["I"])
+    monkeypatch.undo()
+    supported = "cache_results" in inspect.signature(triton.autotune).parameters
+    assert asked.get("cache_results", False) is supported
+    assert asked["key"] == ["I"]

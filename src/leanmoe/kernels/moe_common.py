@@ -10,6 +10,7 @@ programs past the last tile exit at once. The routing is never read on the host,
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -36,12 +37,19 @@ def rows_bucket(R: int) -> int:
     return 1 << max(R - 1, 0).bit_length()
 
 
+# Triton >= 3.4 can keep tuning results on disk (in TRITON_CACHE_DIR), keyed by the GPU target, the kernel source,
+# the configs and the tuning-key values (our shape buckets): a new process then skips the first-call tuning.
+_AUTOTUNE_CACHE_KWARGS = {"cache_results": True} if "cache_results" in inspect.signature(
+    triton.autotune).parameters else {}
+
+
 def autotuned(kernel, configs, key):
-    """``kernel`` autotuned over ``configs`` on GPUs; under the interpreter, the plain kernel (the caller passes a
-    fixed small config) so tests do not benchmark."""
+    """``kernel`` autotuned over ``configs`` on GPUs, with the results cached on disk per GPU and shape bucket
+    where Triton supports it; under the interpreter, the plain kernel (the caller passes a fixed small config) so
+    tests do not benchmark."""
     if interpreting():
         return None
-    return triton.autotune(configs=configs, key=key)(kernel)
+    return triton.autotune(configs=configs, key=key, **_AUTOTUNE_CACHE_KWARGS)(kernel)
 
 
 def configs(shapes):
