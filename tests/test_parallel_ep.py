@@ -2,8 +2,10 @@
 
 Legend: T tokens, D model dim, I expert hidden dim, E experts, K top-k, P ranks in the expert-parallel group.
 
-Each test world (gloo on the CPU, 2 or 4 ranks) is spawned once per module with ``torch.multiprocessing`` and runs
-every case of that size; each case is then one parametrized test that reports its ranks' failures. In a case every
+Each test world (gloo on the CPU, 2, 4 or 8 ranks) is spawned once with ``torch.multiprocessing`` and runs every
+check of that size (``all_checks``); the world's one test reports every failing check with its ranks' tracebacks.
+The 2- and 4-rank cases are hand-picked (``CASES_2``, ``CASES_4``); other world sizes get ``scaled_cases(P)``, whose
+token counts and expert counts follow from P (8 ranks: E = 8, 16, 24 and 32, two ranks without tokens). In a case every
 rank builds the same full layer (same seed) and the inputs of *every* rank, runs the plain layer on each rank's
 tokens as the reference (loss = sum over ranks), and compares its own expert-parallel forward and gradients:
 - output and ``dx`` on its own tokens;
@@ -13,6 +15,8 @@ tokens as the reference (loss = sum over ranks), and compares its own expert-par
 The same checks run on GPUs under torchrun (NCCL, fp32 and bf16)::
 
     PYTHONPATH=src:. torchrun --nproc-per-node 2 tests/test_parallel_ep.py --device cuda
+
+(any ``--nproc-per-node``: 2 and 4 take the hand-picked cases, other sizes ``scaled_cases``).
 """
 
 from __future__ import annotations
@@ -80,6 +84,46 @@ CASES_4 = {
     # DP x EP on a (2, 2) device mesh: experts replicated over "dp", sharded over "ep".
     "dp2_ep2_mesh": Case(tokens=(6, 3, 0, 5), ep_size=2, shared=True),
 }
+
+
+def uneven_tokens(world: int, *, empty: tuple[int, ...] = (), offset: int = 0) -> tuple[int, ...]:
+    """Tokens per rank for any world size: 1 to 9, uneven and not monotonic (``offset`` shifts the pattern), and 0
+    on the ranks in ``empty``."""
+    return tuple(0 if r in empty else 1 + (5 * r + 3 + offset) % 9 for r in range(world))
+
+
+def scaled_cases(world: int) -> dict[str, Case]:
+    """The cases for a world of ``world`` ranks other than the hand-picked 2 and 4: the per-rank token lists and the
+    expert counts follow from the world size, every E a multiple of it (L = E / P experts per rank)."""
+    P = world
+    return {
+        "uniform": Case(tokens=uneven_tokens(P), E=2 * P),
+        # Zipf-like router bias over E = 3P, K = 3: the last ranks' experts get few or no rows.
+        "skewed_shared": Case(tokens=uneven_tokens(P, offset=2), E=3 * P, K=3, routing="skewed", shared=True),
+        # K <= L: every row goes to rank 0's experts; ranks 1..P-1 receive nothing, their expert gradients are zero.
+        "one_rank": Case(tokens=(4,) * P, E=2 * P, routing="one_rank"),
+        # The first and the last rank have no tokens (with masks on the others), yet take part in every collective.
+        "empty_ranks": Case(tokens=uneven_tokens(P, empty=(0, P - 1) if P >= 4 else (P - 1,), offset=4), E=2 * P,
+                            mask=True, batch_dims=True),
+        # L = 1: a single expert per rank, gated shared expert, expert biases, sigmoid scores.
+        "one_expert_per_rank": Case(tokens=uneven_tokens(P, offset=1), E=P, bias=True, shared=True,
+                                    score_func="sigmoid"),
+        "sigmoid_E4P_K4": Case(tokens=uneven_tokens(P, offset=3), E=4 * P, K=4, score_func="sigmoid",
+                               backend="reference"),
+        "bf16": Case(tokens=uneven_tokens(P, offset=5), E=2 * P, dtype=torch.bfloat16, shared=True),
+        # DP x EP on a (2, P/2) device mesh, with a rank without tokens.
+        **({f"dp2_ep{P // 2}_mesh": Case(tokens=uneven_tokens(P, empty=(1,), offset=6), E=2 * P, ep_size=P // 2,
+                                         shared=True)} if P >= 4 and P % 2 == 0 else {}),
+    }
+
+
+def cases_for(world: int) -> dict[str, Case]:
+    return {2: CASES_2, 4: CASES_4}.get(world) or scaled_cases(world)
+
+
+def default_num_experts(world: int) -> int:
+    """E for the non-case checks: 8 as before on 2 and 4 ranks, two experts per rank beyond."""
+    return max(8, 2 * world)
 
 
 def make_layer(case: Case, seed: int, device) -> leanmoe.MoE:
@@ -178,7 +222,8 @@ def check_case(case: Case, device) -> None:
 def check_balance_bias(device, backend: str = "auto") -> None:
     """The aux-loss-free bias update sums the load over the world: every rank ends with the reference's bias."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    case = Case(tokens=tuple(3 + 4 * r for r in range(world)), score_func="sigmoid", balance_bias=True, backend=backend)
+    case = Case(tokens=tuple(3 + 4 * r for r in range(world)), E=default_num_experts(world), score_func="sigmoid",
+                balance_bias=True, backend=backend)
     ref = make_layer(case, seed=0, device=device)
     layer = expert_parallel(make_layer(case, seed=0, device=device), None)
     assert layer.router.balance_group is dist.group.WORLD
@@ -192,9 +237,10 @@ def check_balance_bias(device, backend: str = "auto") -> None:
 
 
 def check_state_dict(device, tmp: str, backend: str = "auto") -> None:
-    """Save the full model from EP=P, load it on EP=1 (a plain layer) and back; and EP=P -> EP=P/2 if P >= 4."""
+    """Save the full model from EP=P, load it on EP=1 (a plain layer) and back; if P >= 4, EP=P -> EP=Q for each
+    Q = P/2, P/4, ... down to 2 (on a (P/Q, Q) mesh), then the smallest Q -> file -> EP=P."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    case = Case(tokens=(5,) * world, bias=True, shared=True, backend=backend)
+    case = Case(tokens=(5,) * world, E=default_num_experts(world), bias=True, shared=True, backend=backend)
     ref = make_layer(case, seed=0, device=device)
     layer = expert_parallel(make_layer(case, seed=0, device=device), None)
 
@@ -224,12 +270,29 @@ def check_state_dict(device, tmp: str, backend: str = "auto") -> None:
     pairs.append(("loaded shard", sharded.experts.gate_up_proj, ref.experts.gate_up_proj[first:][:case.E // world], 0))
     pairs.append(("EP=1 -> EP=P output", sharded(x, mask), ref_y, tol))
 
-    if world >= 4:  # EP=P -> EP=P/2 on a (2, P/2) mesh.
+    if world >= 4:
         from torch.distributed.device_mesh import init_device_mesh
-        mesh = init_device_mesh(torch.device(device).type, (2, world // 2), mesh_dim_names=("dp", "ep"))
-        half = expert_parallel(make_layer(case, seed=3, device=device), mesh["ep"])
-        half.load_state_dict(torch.load(path, map_location=device))
-        pairs.append(("EP=P -> EP=P/2 output", half(x, mask), ref_y, tol))
+        ep = world // 2
+        while ep >= 2 and world % ep == 0:  # EP=P -> EP=Q on a (P/Q, Q) mesh: Q = P/2, ..., 2
+            sub_ep = ep
+            mesh = init_device_mesh(torch.device(device).type, (world // ep, ep), mesh_dim_names=("dp", "ep"))
+            sub = expert_parallel(make_layer(case, seed=3, device=device), mesh["ep"])
+            sub.load_state_dict(torch.load(path, map_location=device))
+            assert sub.experts.down_proj.shape[0] == case.E // ep
+            pairs.append((f"EP=P -> EP={ep} output", sub(x, mask), ref_y, tol))
+            ep //= 2
+        # EP=Q -> file -> EP=P (Q = 2 for P = 4, 8): the last EP=Q layer gathers full tensors over its own group.
+        sub_sd = sub.state_dict()
+        pairs += [(f"EP={sub_ep} state_dict[{key}]", sub_sd[key], ref_sd[key], 0) for key in ref_sd]
+        path2 = os.path.join(tmp, "ep2_full.pt")
+        if rank == 0:
+            torch.save(sub_sd, path2)
+        dist.barrier()
+        back = expert_parallel(make_layer(case, seed=4, device=device), None)
+        back.load_state_dict(torch.load(path2, map_location=device))
+        pairs.append((f"EP={sub_ep} -> EP=P down_proj shard", back.experts.down_proj,
+                      ref.experts.down_proj[first:][:case.E // world], 0))
+        pairs.append((f"EP={sub_ep} -> EP=P output", back(x, mask), ref_y, tol))
     # Comparisons after every collective, so a failing rank leaves none of the others waiting.
     for name, out, expected, pair_tol in pairs:
         assert_close(out, expected, tol=pair_tol, name=f"rank {rank} {name}")
@@ -286,7 +349,7 @@ def check_fsdp2(device, backend: str = "auto") -> None:
 def check_meta_init(device, backend: str = "auto") -> None:
     """Shard a layer built on the meta device, materialise it, load the full reference state dict: same output."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    case = Case(tokens=(6,) * world, shared=True, backend=backend)
+    case = Case(tokens=(6,) * world, E=default_num_experts(world), shared=True, backend=backend)
     ref = make_layer(case, seed=0, device=device)
     layer = leanmoe.MoE(ref.config, device="meta")
     expert_parallel(layer, None)
@@ -316,7 +379,7 @@ def check_errors(device) -> None:
 def all_checks(world: int, tmp: str, device="cpu", dtypes=None, backend=None) -> dict:
     """Name -> zero-argument check, for a world of ``world`` ranks. ``dtypes`` overrides each case's dtype,
     ``backend`` each case's experts backend."""
-    cases = CASES_2 if world == 2 else CASES_4
+    cases = cases_for(world)
     checks = {}
     for name, case in cases.items():
         for dtype in dtypes or [case.dtype]:
@@ -403,8 +466,30 @@ def test_gloo_world_2():
 
 def test_gloo_world_4():
     """Every check in ``all_checks(4)``: CASES_4 (incl. a 2x2 dp/ep mesh), balance bias, state_dict
-    EP=4 -> EP=1, EP=1 -> EP=4, EP=4 -> EP=2, errors."""
+    EP=4 -> EP=1, EP=1 -> EP=4, EP=4 -> EP=2, EP=2 -> EP=4, meta init, errors."""
     _check_world(4)
+
+
+def test_gloo_world_8():
+    """Every check in ``all_checks(8)``: ``scaled_cases(8)`` (uniform and skewed routing, all rows to one rank, two
+    ranks without tokens, one expert per rank, sigmoid/K=4, bf16, a 2x4 dp/ep mesh), balance bias, state_dict
+    EP=8 -> EP=1, EP=1 -> EP=8, EP=8 -> EP=4 and EP=2, EP=2 -> EP=8, meta init, errors."""
+    _check_world(8)
+
+
+def test_scaled_cases_shapes():
+    """The generated cases fit their world: one token count per rank, E a multiple of the EP group size, K <= E,
+    one_rank routing really lands on rank 0's experts, and the named ranks are empty."""
+    for world in (2, 3, 4, 6, 8, 16):
+        cases = scaled_cases(world)
+        for name, case in cases.items():
+            assert len(case.tokens) == world, name
+            assert case.E % (case.ep_size or world) == 0 and case.K <= case.E, name
+            if case.routing == "one_rank":
+                assert case.K <= case.E // (case.ep_size or world), name
+        assert 0 in cases["empty_ranks"].tokens and sum(cases["empty_ranks"].tokens) > 0
+    assert scaled_cases(8)["empty_ranks"].tokens[0] == scaled_cases(8)["empty_ranks"].tokens[7] == 0
+    assert cases_for(2) is CASES_2 and cases_for(4) is CASES_4
 
 
 def test_needs_an_initialised_process_group():
