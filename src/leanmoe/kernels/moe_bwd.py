@@ -31,6 +31,7 @@ from leanmoe.kernels.moe_common import (
     gate_up_rows,
     launch_grouped,
     rows_bucket,
+    source_rows,
 )
 
 # Hidden columns per routing-weight partial (divides every config's BN).
@@ -160,14 +161,8 @@ def expert_weight_grad_kernel(
     for r0 in range(start, end, BK):
         rows = r0 + tl.arange(0, BK)
         r_mask = rows < end
-        if A_GATHER:
-            a_rows = tl.load(a_rows_ptr + rows, mask=r_mask, other=0).to(tl.int64)
-        else:
-            a_rows = rows.to(tl.int64)
-        if B_GATHER:
-            b_rows = tl.load(b_rows_ptr + rows, mask=r_mask, other=0).to(tl.int64)
-        else:
-            b_rows = rows.to(tl.int64)
+        a_rows = source_rows(a_rows_ptr, rows, r_mask, A_GATHER)
+        b_rows = source_rows(b_rows_ptr, rows, r_mask, B_GATHER)
         a = tl.load(a_ptr + a_rows[:, None] * stride_ar + ms[None, :] * stride_am,
                     mask=r_mask[:, None] & m_mask[None, :], other=0.0)
         b = tl.load(b_ptr + b_rows[:, None] * stride_br + ns[None, :] * stride_bn,
@@ -201,10 +196,7 @@ def expert_bias_grad_kernel(
     for r0 in range(start, end, BR):
         rows = r0 + tl.arange(0, BR)
         r_mask = rows < end
-        if A_GATHER:
-            a_rows = tl.load(a_rows_ptr + rows, mask=r_mask, other=0).to(tl.int64)
-        else:
-            a_rows = rows.to(tl.int64)
+        a_rows = source_rows(a_rows_ptr, rows, r_mask, A_GATHER)
         a = tl.load(a_ptr + a_rows[:, None] * stride_ar + ms[None, :] * stride_am,
                     mask=r_mask[:, None] & m_mask[None, :], other=0.0).to(tl.float32)
         if SCALE:

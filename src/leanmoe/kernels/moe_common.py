@@ -108,6 +108,15 @@ def gate_up_rows(cols, I, GATED: tl.constexpr, INTERLEAVED: tl.constexpr):
 
 
 @triton.jit
+def source_rows(rows_ptr, rows, r_mask, GATHER: tl.constexpr):
+    """int64 rows of an operand for sorted positions ``rows``: gathered through ``rows_ptr`` (token order) or the
+    positions themselves (an operand already in expert order)."""
+    if GATHER:
+        return tl.load(rows_ptr + rows, mask=r_mask, other=0).to(tl.int64)
+    return rows.to(tl.int64)
+
+
+@triton.jit
 def _sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
 
