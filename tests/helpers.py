@@ -62,6 +62,19 @@ class Problem:
         return {"activation": self.activation, "gate_up_layout": self.gate_up_layout}
 
 
+def assert_deterministic(problem: Problem, backend: str, dy_TD: torch.Tensor) -> None:
+    """Two runs of ``backend`` on the same inputs are bitwise identical: the output and every input gradient."""
+    import leanmoe
+
+    runs = []
+    for _ in range(2):
+        y = leanmoe.moe_experts(*problem.args(), **problem.kwargs(), backend=backend)
+        runs.append([y, *torch.autograd.grad(y, problem.inputs(), dy_TD)])
+    names = ["y", "dx", "dweights", "dgate_up_proj", "ddown_proj", "dgate_up_bias", "ddown_bias"]
+    for name, a, b in zip(names, *runs, strict=False):  # no bias: four gradients, the names run longer
+        assert torch.equal(a, b), f"{backend}: {name} differs between two runs on the same inputs"
+
+
 def random_ids(T: int, E: int, K: int, routing: str = "uniform", generator=None) -> torch.Tensor:
     """``[T, K]`` distinct expert ids per token. ``routing``: ``uniform``, ``skewed`` (Zipf-like), ``one_expert``
     (every token's first choice is expert 0), ``few_experts`` (only experts 0..K-1 used: the rest get no tokens)."""

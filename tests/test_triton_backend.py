@@ -14,7 +14,7 @@ import torch
 
 from leanmoe import Activation, describe_call, moe_experts
 from leanmoe.experts.registry import ExpertsCall, get_backend, select_backend
-from tests.helpers import TOLERANCES, assert_close, make_problem
+from tests.helpers import TOLERANCES, assert_close, assert_deterministic, make_problem
 
 pytest.importorskip("triton")
 
@@ -138,13 +138,7 @@ def test_saved_rows():
 def test_deterministic():
     # Two runs on the same inputs are bitwise identical (no atomics, fixed-order sums), forward and backward.
     problem = make_problem(150, 40, 24, 3, 2, bias=True, routing="skewed")
-    dy = torch.randn(150, 40)
-    runs = []
-    for _ in range(2):
-        y = moe_experts(*problem.args(), **problem.kwargs(), backend="triton")
-        runs.append([y, *torch.autograd.grad(y, problem.inputs(), dy)])
-    for name, a, b in zip(["y", *GRAD_NAMES], *runs, strict=False):
-        assert torch.equal(a, b), name
+    assert_deterministic(problem, "triton", torch.randn(150, 40))
 
 
 def test_non_contiguous_x_int32_ids_float64_weights():

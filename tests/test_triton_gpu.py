@@ -13,7 +13,7 @@ import torch
 from leanmoe import Activation, moe_experts
 from leanmoe.experts.functional import describe_call
 from leanmoe.experts.registry import select_backend
-from tests.helpers import TOLERANCES, assert_close, make_problem
+from tests.helpers import TOLERANCES, assert_close, assert_deterministic, make_problem
 
 pytestmark = pytest.mark.gpu
 
@@ -74,13 +74,7 @@ def test_other_dtypes(dtype):
 
 def test_deterministic():
     problem = make_problem(4096, 1024, 512, 32, 4, dtype=torch.bfloat16, device="cuda")
-    dy = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16)
-    runs = []
-    for _ in range(2):
-        y = moe_experts(*problem.args(), **problem.kwargs(), backend="triton")
-        runs.append([y, *torch.autograd.grad(y, problem.inputs(), dy)])
-    for name, a, b in zip(["y", *GRAD_NAMES], *runs, strict=False):
-        assert torch.equal(a, b), name
+    assert_deterministic(problem, "triton", torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16))
 
 
 def test_64bit_offsets():
