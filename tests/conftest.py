@@ -47,6 +47,17 @@ def poison_empty(request, monkeypatch):
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny problems gain nothing from threads, and on a busy 2-core machine
+    OpenMP threads waiting on each other make a 1 ms op take 100 ms. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     n_gpus = torch.cuda.device_count()
     for item in items:

@@ -75,6 +75,12 @@ def assert_deterministic(problem: Problem, backend: str, dy_TD: torch.Tensor) ->
         assert torch.equal(a, b), f"{backend}: {name} differs between two runs on the same inputs"
 
 
+def xtx(rows_RC: torch.Tensor) -> torch.Tensor:
+    """``XᵀX`` of the rows in float64: the Hessian a GPTQ-style observer should accumulate."""
+    r = rows_RC.double()
+    return r.T @ r
+
+
 def random_ids(T: int, E: int, K: int, routing: str = "uniform", generator=None) -> torch.Tensor:
     """``[T, K]`` distinct expert ids per token. ``routing``: ``uniform``, ``skewed`` (Zipf-like), ``one_expert``
     (every token's first choice is expert 0), ``few_experts`` (only experts 0..K-1 used: the rest get no tokens)."""

@@ -28,14 +28,7 @@ from leanmoe.bench.harness import run_once, worst_error
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny problems gain nothing from threads, and on a busy machine OpenMP threads waiting on each other make
-    # them many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # The table of bench-protocol.md: D, I, E, K, T train, T decode.
 PROTOCOL = {

@@ -22,7 +22,7 @@ from leanmoe.calibration import (
     StatsObserver,
     calibrate,
 )
-from tests.helpers import assert_close
+from tests.helpers import assert_close, xtx
 
 CONFIGS = {
     "swiglu-E8-K2": dict(dim=32, hidden_dim=16, num_experts=8, top_k=2),
@@ -41,13 +41,7 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny shapes: on a shared 2-core runner, OpenMP threads oversubscribe and a 1 ms op takes 100 ms.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_layer(seed: int = 0, dtype=torch.float32, **cfg) -> leanmoe.MoE:
@@ -80,11 +74,6 @@ def by_hand_h(layer: leanmoe.MoE, e: int, x_RD: torch.Tensor) -> torch.Tensor:
     if ex.gate_up_bias is not None:
         a = a + ex.gate_up_bias[e]
     return apply_activation(a, ex.activation, ex.gate_up_layout)
-
-
-def xtx(rows_RC: torch.Tensor) -> torch.Tensor:
-    r = rows_RC.double()
-    return r.T @ r
 
 
 def snapshot(model: nn.Module) -> dict:

@@ -17,7 +17,7 @@ hf = pytest.importorskip("leanmoe.hf", reason="leanmoe.hf is not importable")
 import transformers  # noqa: E402
 
 from leanmoe.calibration import HessianObserver, StatsObserver, calibrate  # noqa: E402
-from tests.helpers import assert_close  # noqa: E402
+from tests.helpers import assert_close, xtx  # noqa: E402
 
 _ATTN = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
              attn_implementation="eager", initializer_range=0.2)
@@ -46,13 +46,7 @@ def deepseek_v3(top_k: int = 2):
 FAMILIES = {"mixtral": mixtral, "qwen3_moe": qwen3_moe, "deepseek_v3": deepseek_v3}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny shapes: on a shared 2-core runner, OpenMP threads oversubscribe and a 1 ms op takes 100 ms.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def patched(family: str, seed: int = 0, top_k: int = 2) -> nn.Module:
@@ -87,11 +81,6 @@ def hf_h(experts: nn.Module, e: int, x_RD: torch.Tensor) -> torch.Tensor:
     """transformers' own expert activation: ``act_fn(gate) * up``, gate rows first in ``gate_up_proj[e]``."""
     gate, up = F.linear(x_RD, experts.gate_up_proj[e]).chunk(2, dim=-1)
     return experts.act_fn(gate) * up
-
-
-def xtx(rows_RC: torch.Tensor) -> torch.Tensor:
-    r = rows_RC.double()
-    return r.T @ r
 
 
 def snapshot(model: nn.Module) -> dict:

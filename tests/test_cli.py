@@ -25,14 +25,7 @@ ROW_FIELDS = {"preset", "label", "tokens", "routing", "mode", "backend", "status
 TINY = ["--device", "cpu", "--tokens", "16"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny problems gain nothing from threads, and on a busy machine OpenMP threads waiting on each other make
-    # them many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
