@@ -45,6 +45,19 @@ def poison_empty(request, monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _poison(_empty_like(*a, **k)))
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: _poison(_new_empty(self, *a, **k)))
     yield
+    monkeypatch.undo()
+    _forget_dynamo_torch_objects()
+
+
+def _forget_dynamo_torch_objects() -> None:
+    # Dynamo resolves torch's functions by name once per process and caches the objects. Resolved during a poisoned
+    # test, that table holds the replacements, and a later compiled test fails on the real torch.empty_like as an
+    # unknown builtin; so a table built under the poison is dropped (rebuilding it takes about 2 s).
+    import sys
+
+    trace_rules = sys.modules.get("torch._dynamo.trace_rules")
+    if trace_rules is not None and trace_rules.get_torch_obj_rule_map.cache_info().currsize:
+        trace_rules.clear_lru_cache()
 
 
 @pytest.fixture

@@ -97,6 +97,7 @@ def test_auto_picks_triton():
     assert backend.name == "triton", why
 
 
+@pytest.mark.no_poison  # torch.compile cannot trace the poisoning replacements of torch.empty*
 def test_compile_fullgraph():
     problem = make_problem(1024, 1024, 512, 16, 4, bias=True, dtype=torch.bfloat16, device="cuda")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import importlib
 import importlib.util
 from typing import ClassVar
 
@@ -37,6 +36,12 @@ class ExpertsCall:
     requires_grad: bool
 
 
+@torch.compiler.assume_constant_result
+def _importable(module: str) -> bool:
+    # A constant to torch.compile, which cannot trace importlib's finders: the check adds no graph break.
+    return importlib.util.find_spec(module) is not None
+
+
 class ExpertsBackend(abc.ABC):
     """A way to compute ``y_TD = sum_k w_tk * expert_{ids_tk}(x_t)``; see :func:`leanmoe.moe_experts`."""
 
@@ -48,7 +53,7 @@ class ExpertsBackend(abc.ABC):
     extra: ClassVar[str | None] = None
 
     def missing_packages(self) -> list[str]:
-        return [m for m in self.requires if importlib.util.find_spec(m) is None]
+        return [m for m in self.requires if not _importable(m)]
 
     def unsupported_reason(self, call: ExpertsCall) -> str | None:
         """``None`` when the backend can run ``call``, else a short reason."""
@@ -141,13 +146,11 @@ _LOADED = False
 
 
 def _load_builtin_backends() -> None:
-    # Imported lazily so that `leanmoe.experts.registry` has no import cycle with the backends that register here.
+    # Called when `leanmoe.experts` is imported (and on first use, for code that imports the registry alone); not
+    # at the top of this module, which the backends import to register themselves.
     global _LOADED
     if _LOADED:
         return
     _LOADED = True
-    from leanmoe.experts import grouped_mm, reference  # noqa: F401
-
     # The Triton backend module imports triton itself only when it runs, so it registers even without triton.
-    if importlib.util.find_spec("leanmoe.experts.triton") is not None:
-        importlib.import_module("leanmoe.experts.triton")
+    from leanmoe.experts import grouped_mm, reference, triton  # noqa: F401
