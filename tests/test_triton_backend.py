@@ -264,3 +264,32 @@ def test_autotuning_results_are_cached_on_disk_where_triton_can(monkeypatch):
     supported = "cache_results" in inspect.signature(triton.autotune).parameters
     assert asked.get("cache_results", False) is supported
     assert asked["key"] == ["I"]
+
+
+@pytest.mark.parametrize("env,expected", [(None, 3), ("1", 3), ("0", 1)])
+def test_autotune_env_switch_keeps_only_the_default_config(monkeypatch, env, expected):
+    from leanmoe.kernels import moe_common
+
+    asked = {}
+
+    def fake_autotune(**kwargs):
+        asked.update(kwargs)
+        return lambda kernel: kernel
+
+    if env is None:
+        monkeypatch.delenv("LEANMOE_AUTOTUNE", raising=False)
+    else:
+        monkeypatch.setenv("LEANMOE_AUTOTUNE", env)
+    monkeypatch.setattr(moe_common, "interpreting", lambda: False)
+    monkeypatch.setattr(moe_common.triton, "autotune", fake_autotune)
+    cfgs = moe_common.configs([(16, 16, 16, 4, 2), (32, 16, 16, 4, 2), (32, 32, 16, 4, 2)])
+    moe_common.autotuned(moe_common.gate_up_rows, cfgs, key=["I"])
+    assert asked["configs"] == cfgs[:expected]
+
+
+def test_autotune_env_switch_rejects_other_values(monkeypatch):
+    from leanmoe.kernels import moe_common
+
+    monkeypatch.setenv("LEANMOE_AUTOTUNE", "off")
+    with pytest.raises(ValueError, match="LEANMOE_AUTOTUNE must be '0' or '1', got 'off'"):
+        moe_common.autotune_enabled()

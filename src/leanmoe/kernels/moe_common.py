@@ -43,12 +43,23 @@ _AUTOTUNE_CACHE_KWARGS = {"cache_results": True} if "cache_results" in inspect.s
     triton.autotune).parameters else {}
 
 
+def autotune_enabled() -> bool:
+    """``LEANMOE_AUTOTUNE=0`` turns tuning off: each kernel then runs the first (default) of its configs, which
+    starts fast and is a few percent slower. Read once, when the kernels are defined."""
+    value = os.environ.get("LEANMOE_AUTOTUNE", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"LEANMOE_AUTOTUNE must be '0' or '1', got {value!r}")
+    return value == "1"
+
+
 def autotuned(kernel, configs, key):
     """``kernel`` autotuned over ``configs`` on GPUs, with the results cached on disk per GPU and shape bucket
-    where Triton supports it; under the interpreter, the plain kernel (the caller passes a fixed small config) so
-    tests do not benchmark."""
+    where Triton supports it (only the first config with ``LEANMOE_AUTOTUNE=0``); under the interpreter, the plain
+    kernel (the caller passes a fixed small config) so tests do not benchmark."""
     if interpreting():
         return None
+    if not autotune_enabled():
+        configs = configs[:1]  # one config: Triton's autotuner launches it without benchmarking
     return triton.autotune(configs=configs, key=key, **_AUTOTUNE_CACHE_KWARGS)(kernel)
 
 
