@@ -81,9 +81,11 @@ def main() -> None:
     if args.fsdp:
         from torch.distributed.fsdp import fully_shard
         fully_shard(model, mesh=mesh, ignored_params=set(experts))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)  # after sharding: the expert parameters are new
     expert_ids = {id(p) for p in experts}
     replicated = [p for p in model.parameters() if id(p) not in expert_ids]
+    # Made after sharding (the expert parameters are new). Two groups: with --fsdp the replicated parameters are
+    # DTensors and the expert shards plain tensors, and one fused (foreach) update cannot mix the two.
+    opt = torch.optim.AdamW([{"params": replicated}, {"params": experts}], lr=3e-3)
 
     gen = torch.Generator().manual_seed(1 + rank)  # each rank its own data
     next_token = (torch.arange(vocab) * 7 + 3) % vocab

@@ -1,0 +1,28 @@
+"""The runnable examples, launched as a user would (``torchrun`` on the CPU: gloo ranks)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("extra", [[], ["--fsdp"]], ids=["replicated-by-hand", "fsdp2"])
+def test_expert_parallel_example_trains(extra):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+           "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "examples" / "expert_parallel.py"), "--steps", "11", *extra]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    losses = [float(v) for v in re.findall(r"loss (\d+\.\d+)", run.stdout)]
+    assert len(losses) == 3 and losses[-1] < 0.7 * losses[0], run.stdout
+    assert "world 2, 4 experts per rank" in run.stdout and "(8, 128, 64)" in run.stdout, run.stdout
