@@ -21,7 +21,11 @@ pytest.importorskip("triton")
 if torch.cuda.is_available():
     pytest.skip("the interpreter tests run on CPU-only machines; GPUs run test_triton_gpu.py", allow_module_level=True)
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 import leanmoe.experts.triton as triton_backend  # noqa: E402
+from leanmoe.kernels.moe_common import tile_coords  # noqa: E402
 
 GRAD_NAMES = ["dx", "dweights", "dgate_up_proj", "ddown_proj", "dgate_up_bias", "ddown_bias"]
 
@@ -168,6 +172,45 @@ def test_block_sizes(monkeypatch, block_n):
 
     monkeypatch.setitem(moe_common.INTERPRETER_META, "BN", block_n)
     run_both(make_problem(40, 40, 72, 3, 2, bias=True))
+
+
+@pytest.mark.parametrize("group_m", [1, 2, 3])
+def test_tile_bands(monkeypatch, group_m):
+    # Small row tiles, so every kernel walks several bands of them, the last one partial.
+    from leanmoe.kernels import moe_common
+
+    for key, value in {"BM": 16, "BN": 32, "BK": 16, "GROUP_M": group_m}.items():  # BN >= the 32-column partials
+        monkeypatch.setitem(moe_common.INTERPRETER_META, key, value)
+    run_both(make_problem(37, 48, 40, 5, 2, bias=True))
+
+
+def test_group_m_bands_only_operands_larger_than_half_of_l2(monkeypatch):
+    from leanmoe.kernels import moe_common
+
+    monkeypatch.setattr(moe_common, "_l2_bytes", lambda index: 50 * 2**20)
+    cuda = torch.device("cuda", 0)
+    assert moe_common.group_m(cuda, 117 * 2**20) == moe_common.GROUP_M  # Mixtral's down projection
+    assert moe_common.group_m(cuda, 25 * 2**20) == 1
+    assert moe_common.group_m(cuda, 3 * 2**20) == 1  # Qwen3-30B-A3B's
+    assert moe_common.group_m(torch.device("cpu"), 2**40) == 1
+
+
+@triton.jit
+def _tile_coords_probe(out_ptr, num_m, num_n, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_m, pid_n = tile_coords(pid, num_m, num_n, GROUP_M)
+    tl.store(out_ptr + 2 * pid, pid_m)
+    tl.store(out_ptr + 2 * pid + 1, pid_n)
+
+
+@pytest.mark.parametrize("num_m,num_n,group_m", [(1, 1, 8), (5, 3, 2), (7, 4, 3), (16, 5, 8), (3, 7, 8)])
+def test_tile_coords_visit_every_tile_once(num_m, num_n, group_m):
+    out = torch.full((num_m * num_n, 2), -1, dtype=torch.int32)
+    _tile_coords_probe[(num_m * num_n,)](out, num_m, num_n, GROUP_M=group_m)
+    assert sorted(map(tuple, out.tolist())) == [(m, n) for m in range(num_m) for n in range(num_n)]
+    # Bands: the first min(group_m, num_m) programs share column tile 0 and take consecutive row tiles.
+    first = min(group_m, num_m)
+    assert out[:first].tolist() == [[m, 0] for m in range(first)]
 
 
 def test_compile_fullgraph():

@@ -29,9 +29,11 @@ from leanmoe.kernels.moe_common import (
     e_p2,
     expert_tile,
     gate_up_rows,
+    group_m,
     launch_grouped,
     rows_bucket,
     source_rows,
+    tile_coords,
 )
 
 # Hidden columns per routing-weight partial (divides every config's BN).
@@ -51,12 +53,9 @@ def gate_up_bwd_kernel(
     # meta-parameters
     ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
     E_P2: tl.constexpr, DOT_PREC: tl.constexpr, PART_W: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(I, BN)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
+    pid_m, pid_n = tile_coords(tl.program_id(0), tl.cdiv(R, BM) + E, tl.cdiv(I, BN), GROUP_M)
     expert, row_start, row_end = expert_tile(pid_m, offsets_E_ptr, E, E_P2, BM)
     if expert >= E:
         return
@@ -144,13 +143,10 @@ def expert_weight_grad_kernel(
     stride_ar, stride_am, stride_br, stride_bn, stride_ce, stride_cm, stride_cn,
     # meta-parameters
     A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, DOT_PREC: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid_m, pid_n = tile_coords(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
     expert = tl.program_id(1)
-    num_n = tl.cdiv(N, BN)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
     start = tl.load(offsets_E_ptr + expert - 1, mask=expert > 0, other=0)
     end = tl.load(offsets_E_ptr + expert)
     ms = pid_m * BM + tl.arange(0, BM)
@@ -246,7 +242,8 @@ def gate_up_bwd(x_TD: torch.Tensor, dy_TD: torch.Tensor, sorted_tokens_R: torch.
             bias.stride(0), bias.stride(1), *down_proj.stride(), saved.stride(0), dgate_up_RN.stride(0),
             h_RI.stride(0), dw_part_PR.stride(0))
     meta = dict(ACT=act_code, GATED=gated, INTERLEAVED=interleaved, HAS_BIAS=gate_up_bias is not None,
-                E_P2=e_p2(E), DOT_PREC=dot_precision(dtype), PART_W=PART_W)
+                E_P2=e_p2(E), DOT_PREC=dot_precision(dtype), PART_W=PART_W,
+                GROUP_M=group_m(dev, (gate_up_proj[0].numel() + down_proj[0].numel()) * gate_up_proj.element_size()))
     launch_grouped(gate_up_bwd_kernel, _gate_up_bwd_tuned, lambda bn: triton.cdiv(I, bn), R, E, args, meta)
     # Fixed-order sum over the column tiles: deterministic.
     return dgate_up_RN, h_RI, dw_part_PR.sum(0)
@@ -266,7 +263,10 @@ def expert_weight_grad(a: torch.Tensor, b: torch.Tensor, offsets_E: torch.Tensor
     a_rows = a_rows_R if a_rows_R is not None else offsets_E  # never read when A_GATHER is False
     args = (a, a_rows, b, b_rows_R if b_rows_R is not None else offsets_E, offsets_E, out_EMN, M, N, E,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), *out_EMN.stride())
-    meta = dict(A_GATHER=a_rows_R is not None, B_GATHER=b_rows_R is not None, DOT_PREC=dot_precision(a.dtype))
+    # Each output tile streams its expert's rows of a and b: about R / E of them.
+    rows = triton.cdiv(a_rows_R.numel() if a_rows_R is not None else a.shape[0], max(E, 1))
+    meta = dict(A_GATHER=a_rows_R is not None, B_GATHER=b_rows_R is not None, DOT_PREC=dot_precision(a.dtype),
+                GROUP_M=group_m(a.device, rows * (M + N) * a.element_size()))
     if _weight_grad_tuned is None:
         meta.update(INTERPRETER_META)
         grid = (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]), E)

@@ -10,6 +10,7 @@ programs past the last tile exit at once. The routing is never read on the host,
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 
@@ -63,8 +64,32 @@ def autotuned(kernel, configs, key):
     return triton.autotune(configs=configs, key=key, **_AUTOTUNE_CACHE_KWARGS)(kernel)
 
 
+#: Row tiles per band of the tile order, for operands too large for L2 (see :func:`tile_coords`, :func:`group_m`).
+GROUP_M = 8
+
+
 def configs(shapes):
     return [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s) for bm, bn, bk, w, s in shapes]
+
+
+@functools.cache
+def _l2_bytes(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).L2_cache_size
+
+
+def group_m(device: torch.device, streamed_bytes: int) -> int:
+    """``GROUP_M`` for :func:`tile_coords`: bands of :data:`GROUP_M` row tiles when the per-expert operand that
+    every row tile streams (``streamed_bytes``, the expert's weight matrix, say) exceeds half of L2, so that
+    row-major order would read it from memory again for each row tile; else 1, row-major.
+
+    Measured on an H100 (50 MB L2), Mixtral-8x7B's 117-235 MB expert matrices: forward 27.9 -> 20.8 ms with
+    bands; Qwen3-30B-A3B's 3-6 MB ones: no gain (fwd+bwd 11.3 ms row-major, 12.1 ms banded). Derived from the
+    shapes alone, so it is the same for every call in one autotuning bucket.
+    """
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return GROUP_M if streamed_bytes > _l2_bytes(index) // 2 else 1
 
 
 # Under the interpreter every kernel runs with these blocks: large, so that few programs run (each nested jit call
@@ -84,6 +109,22 @@ def launch_grouped(plain, tuned, num_n_of, R, E, args, meta):
 
 def e_p2(E: int) -> int:
     return max(triton.next_power_of_2(E), 2)
+
+
+@triton.jit
+def tile_coords(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Program ``pid`` -> (row tile, column tile), in bands of ``GROUP_M`` row tiles walked column by column.
+
+    Row-major order (every column tile of one row tile, then the next row tile) streams the whole weight matrix
+    of an expert once per row tile, and for a large expert (Mixtral's down projection: 117 MB) that misses L2 each
+    time. In bands, the programs running together share GROUP_M row tiles of A and a few column tiles of B.
+    """
+    band = GROUP_M * num_n
+    first_m = (pid // band) * GROUP_M
+    band_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % band) % band_m
+    pid_n = (pid % band) // band_m
+    return pid_m, pid_n
 
 
 @triton.jit

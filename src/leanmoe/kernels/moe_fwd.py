@@ -28,9 +28,11 @@ from leanmoe.kernels.moe_common import (
     e_p2,
     expert_tile,
     gate_up_rows,
+    group_m,
     interpreting,
     launch_grouped,
     rows_bucket,
+    tile_coords,
 )
 
 
@@ -46,12 +48,9 @@ def gate_up_fwd_kernel(
     # meta-parameters
     ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
     SAVE: tl.constexpr, E_P2: tl.constexpr, DOT_PREC: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(I, BN)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
+    pid_m, pid_n = tile_coords(tl.program_id(0), tl.cdiv(R, BM) + E, tl.cdiv(I, BN), GROUP_M)
     expert, row_start, row_end = expert_tile(pid_m, offsets_E_ptr, E, E_P2, BM)
     if expert >= E:
         return
@@ -106,12 +105,9 @@ def grouped_gemm_kernel(
     stride_ar, stride_ak, stride_be, stride_bn, stride_bk, stride_biase, stride_biasn, stride_or, stride_on,
     # meta-parameters
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, E_P2: tl.constexpr, DOT_PREC: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BN)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
+    pid_m, pid_n = tile_coords(tl.program_id(0), tl.cdiv(R, BM) + E, tl.cdiv(N, BN), GROUP_M)
     expert, row_start, row_end = expert_tile(pid_m, offsets_E_ptr, E, E_P2, BM)
     if expert >= E:
         return
@@ -192,7 +188,8 @@ def gate_up_fwd(x_TD: torch.Tensor, sorted_tokens_R: torch.Tensor, offsets_E: to
             x_TD.stride(0), x_TD.stride(1), *gate_up_proj.stride(), bias.stride(0), bias.stride(1),
             h_RI.stride(0), saved_SN.stride(0) if n_saved else N)
     meta = dict(ACT=act_code, GATED=gated, INTERLEAVED=interleaved, HAS_BIAS=gate_up_bias is not None,
-                SAVE=n_saved > 0, E_P2=e_p2(E), DOT_PREC=dot_precision(x_TD.dtype))
+                SAVE=n_saved > 0, E_P2=e_p2(E), DOT_PREC=dot_precision(x_TD.dtype),
+                GROUP_M=group_m(x_TD.device, gate_up_proj[0].numel() * gate_up_proj.element_size()))
     launch_grouped(gate_up_fwd_kernel, _gate_up_fwd_tuned, lambda bn: triton.cdiv(I, bn), R, E, args, meta)
     return h_RI, saved_SN
 
@@ -215,7 +212,8 @@ def grouped_gemm(a_RK: torch.Tensor, b_ENK: torch.Tensor, offsets_E: torch.Tenso
             a_RK.stride(0), a_RK.stride(1), *b_ENK.stride(), bias.stride(0), bias.stride(1),
             out.stride(0), out.stride(1))
     meta = dict(HAS_BIAS=bias_EN is not None, HAS_SCALE=scale_R is not None, E_P2=e_p2(E),
-                DOT_PREC=dot_precision(a_RK.dtype))
+                DOT_PREC=dot_precision(a_RK.dtype),
+                GROUP_M=group_m(a_RK.device, b_ENK[0].numel() * b_ENK.element_size()))
     launch_grouped(grouped_gemm_kernel, _grouped_gemm_tuned, lambda bn: triton.cdiv(N, bn), R, E, args, meta)
     return out
 
