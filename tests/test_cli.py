@@ -240,8 +240,8 @@ def test_hf_bench_runs_alone_and_its_failures_set_the_exit_code(tmp_path, monkey
 
     calls = []
 
-    def fake_run_hf_bench(model_type, *, device, dtype, tokens, layers, json_path=None):
-        calls.append((model_type, device.type, dtype, tokens, layers))
+    def fake_run_hf_bench(model_type, *, device, dtype, tokens, layers, save_percent, json_path=None):
+        calls.append((model_type, device.type, dtype, tokens, layers, save_percent))
         ok = model_type != "bad"
         return [dict(model_type=model_type, implementation="leanmoe:auto", mode="train", ms=1.0, peak_mem_mb=None,
                      ok=ok, rel_err=1e-6, note=""),
@@ -250,8 +250,9 @@ def test_hf_bench_runs_alone_and_its_failures_set_the_exit_code(tmp_path, monkey
 
     monkeypatch.setattr(leanmoe.cli, "_load_hf_bench", lambda: fake_run_hf_bench)
     out_json = tmp_path / "hf.json"
-    assert main(["bench", "--device", "cpu", "--hf", "qwen3_moe", "--hf-layers", "1", "--json", str(out_json)]) == 0
-    assert calls == [("qwen3_moe", "cpu", torch.float32, 64, 1)]
+    assert main(["bench", "--device", "cpu", "--hf", "qwen3_moe", "--hf-layers", "1", "--save-percent", "100",
+                 "--json", str(out_json)]) == 0
+    assert calls == [("qwen3_moe", "cpu", torch.float32, 64, 1, 100.0)]
     payload = json.loads(out_json.read_text())
     assert payload["rows"] == [] and len(payload["hf_rows"]) == 2
     assert "leanmoe:auto" in capsys.readouterr().out

@@ -31,6 +31,23 @@ def test_run_hf_bench_cpu_tiny(model_type, implementations, tmp_path):
     assert saved["rows"] == rows and saved["env"]["transformers"]
 
 
+def test_save_percent_reaches_the_patched_experts(monkeypatch):
+    import leanmoe.hf
+
+    seen = []
+    patch = leanmoe.hf.patch
+
+    def spy(model, backend="auto", *, save_percent=0):
+        seen.append(save_percent)
+        return patch(model, backend, save_percent=save_percent)
+
+    monkeypatch.setattr(leanmoe.hf, "patch", spy)
+    rows = run_hf_bench("olmoe", device="cpu", dtype=torch.float32, tokens=8, layers=1, save_percent=37.5,
+                        config_overrides={"tiny": True})
+    assert all(r["ok"] for r in rows)
+    assert seen and set(seen[1:]) == {37.5}  # the first patch only asks which backend auto takes
+
+
 def test_real_shapes_are_the_published_ones():
     """No weights are built: the configs alone carry the flagship checkpoints' layer shapes."""
     olmoe = model_config("olmoe", layers=2)

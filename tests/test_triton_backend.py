@@ -263,25 +263,24 @@ def test_backend_selection(monkeypatch):
         moe_experts(*problem.args(), **problem.kwargs(), backend="triton")
 
 
-def test_auto_prefers_grouped_mm_for_few_large_experts(monkeypatch):
-    # The rule is about CUDA calls; describe one without needing a GPU.
+@pytest.mark.parametrize("tokens,experts,top_k,requires_grad", [
+    (16384, 8, 2, False), (16384, 8, 2, True),  # mixtral: 4096 rows per expert
+    (16384, 128, 8, False), (16384, 128, 8, True),  # qwen3: 1024 rows per expert
+])
+def test_auto_takes_triton_for_every_cuda_call_it_runs(monkeypatch, tokens, experts, top_k, requires_grad):
+    # Described as a CUDA call without needing a GPU; on the CPU auto never takes the interpreter.
     import dataclasses
 
-    from leanmoe.experts.grouped_mm import GroupedMMBackend
     from leanmoe.experts.triton import TritonBackend
 
     monkeypatch.setattr(TritonBackend, "unsupported_reason", lambda self, call: None)
-    monkeypatch.setattr(GroupedMMBackend, "unsupported_reason", lambda self, call: None)
     p = make_problem(8, 16, 8, 4, 2, requires_grad=False)
-    call = dataclasses.replace(describe_call(*p.args(), **p.kwargs()), device=torch.device("cuda"))
-    mixtral = dataclasses.replace(call, num_tokens=16384, num_experts=8, top_k=2)  # 4096 rows per expert
-    qwen3 = dataclasses.replace(call, num_tokens=16384, num_experts=128, top_k=8)  # 1024 rows per expert
+    call = dataclasses.replace(describe_call(*p.args(), **p.kwargs()), num_tokens=tokens, num_experts=experts,
+                               top_k=top_k, requires_grad=requires_grad)
     backend = TritonBackend()
-    assert not mixtral.requires_grad
-    assert "grouped_mm is faster for few, large experts" in backend.auto_unsupported_reason(mixtral)
-    assert backend.auto_unsupported_reason(qwen3) is None
-    # Training keeps triton: grouped_mm's small speed lead there costs 8x the activation memory.
-    assert backend.auto_unsupported_reason(dataclasses.replace(mixtral, requires_grad=True)) is None
+    assert backend.auto_unsupported_reason(dataclasses.replace(call, device=torch.device("cuda"))) is None
+    assert "never picks the Triton interpreter" in backend.auto_unsupported_reason(call)
+    assert select_backend("auto", dataclasses.replace(call, device=torch.device("cuda")))[0].name == "triton"
 
 
 def test_autotuning_results_are_cached_on_disk_where_triton_can(monkeypatch):

@@ -221,7 +221,8 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list
     if run_hf_bench is not None:
         print(f"benchmarking Hugging Face model type {args.hf!r} ...", file=sys.stderr, flush=True)
         hf_rows = run_hf_bench(args.hf, device=plan.device, dtype=plan.dtype,
-                               tokens=args.tokens or HF_DEFAULT_TOKENS[plan.device.type], layers=args.hf_layers)
+                               tokens=args.tokens or HF_DEFAULT_TOKENS[plan.device.type], layers=args.hf_layers,
+                               save_percent=args.save_percent)
 
     return _report(args, rows, env, hf_rows, title="leanmoe verify" if check_only else "leanmoe bench",
                    check_only=check_only)

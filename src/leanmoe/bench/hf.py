@@ -206,8 +206,8 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def run_hf_bench(model_type: str, *, device, dtype, tokens: int, layers: int, json_path=None,
-                 config_overrides: dict | None = None) -> list[dict]:
+def run_hf_bench(model_type: str, *, device, dtype, tokens: int, layers: int, save_percent: float = 0,
+                 json_path=None, config_overrides: dict | None = None) -> list[dict]:
     """Benchmarks one transformers MoE family on its own experts implementations and on leanmoe.
 
     Args:
@@ -216,6 +216,7 @@ def run_hf_bench(model_type: str, *, device, dtype, tokens: int, layers: int, js
             may be given by name (``"bfloat16"``).
         tokens: tokens per step (one sequence of this length).
         layers: decoder layers (all MoE).
+        save_percent: the leanmoe backends' ``save_percent`` (transformers' implementations keep what autograd keeps).
         json_path: if given, writes ``{"env": ..., "rows": [...]}`` there.
         config_overrides: extra config fields (tests pass tiny shapes; ``tiny=True`` is ``TINY_SHAPES``).
 
@@ -281,7 +282,7 @@ def run_hf_bench(model_type: str, *, device, dtype, tokens: int, layers: int, js
         else:
             if _supports_hf_experts_implementation(model):
                 model.set_experts_implementation("eager")
-            leanmoe.hf.patch(model, backend=backend)
+            leanmoe.hf.patch(model, backend=backend, save_percent=save_percent)
             if backend == "auto":
                 note = f"auto -> {auto}"
         with torch.no_grad():
@@ -305,6 +306,7 @@ def run_hf_bench(model_type: str, *, device, dtype, tokens: int, layers: int, js
     if json_path is not None:
         with open(json_path, "w") as f:
             json.dump({"env": environment(device), "config": {"model_type": model_type, "tokens": tokens,
-                                                              "layers": layers, "dtype": str(dtype)},
+                                                              "layers": layers, "dtype": str(dtype),
+                                                              "save_percent": save_percent},
                        "rows": rows}, f, indent=2)
     return rows

@@ -239,25 +239,13 @@ class TritonBackend(ExpertsBackend):
             return None
         return f"device {call.device.type} is not supported (needs a CUDA GPU)"
 
-    #: Average routed rows per expert from which ``auto`` prefers ``grouped_mm`` for calls that need no gradient
-    #: (when it supports the call): with few, large experts its cuBLAS-class GEMMs beat these kernels. Measured on
-    #: an H100, 2026-11-23 (docs/BENCHMARKS.md): mixtral-8x7b, 4096 rows/expert, triton at 0.70x grouped_mm in
-    #: forward; gpt-oss-20b, 2048 rows/expert, triton at 0.96-1.58x. Training calls stay on triton: on mixtral
-    #: grouped_mm's fwd+bwd is 7% faster but holds 8x the activation memory (19.2 GB against 2.3 GB).
-    AUTO_MAX_ROWS_PER_EXPERT = 4096
-
     def auto_unsupported_reason(self, call: ExpertsCall) -> str | None:
+        # On CUDA, auto takes triton for every call it runs: in the H100 all-preset run of 2026-11-23
+        # (docs/BENCHMARKS.md) it was as fast as or faster than grouped_mm in every row, forward (1.02-1.58x) and
+        # fwd+bwd (1.11-1.89x), with 2-8x less activation memory.
         reason = self.unsupported_reason(call)
         if reason is None and call.device.type != "cuda":
             reason = "auto never picks the Triton interpreter (CPU tensors); name backend='triton' to use it"
-        if reason is None:
-            rows_per_expert = call.num_tokens * call.top_k / call.num_experts
-            from leanmoe.experts.grouped_mm import GroupedMMBackend
-
-            if (not call.requires_grad and rows_per_expert >= self.AUTO_MAX_ROWS_PER_EXPERT
-                    and GroupedMMBackend().unsupported_reason(call) is None):
-                reason = (f"{rows_per_expert:.0f} rows per expert >= {self.AUTO_MAX_ROWS_PER_EXPERT} without "
-                          "gradients: grouped_mm is faster for few, large experts (measured on H100)")
         return reason
 
     def __call__(self, x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias, *,
