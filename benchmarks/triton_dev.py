@@ -176,10 +176,19 @@ def main() -> None:
     p.add_argument("--backends", default="triton:0,triton:100,grouped_mm:0")
     p.add_argument("--skewed", default="qwen3-30b-a3b")
     p.add_argument("--profile", default="", help="presets to profile kernel by kernel (triton, save 0)")
+    p.add_argument("--group-m", default="auto",
+                   help="row tiles per band of the tile order: 'auto' (leanmoe's rule) or a number for every kernel "
+                        "(1 = row-major), for A/B runs")
     args = p.parse_args()
+    if args.group_m != "auto":
+        from leanmoe.kernels import moe_bwd, moe_fwd
+        fixed = int(args.group_m)
+        for module in (moe_fwd, moe_bwd):
+            module.group_m = lambda device, streamed_bytes: fixed
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     log(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
-        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | commit {commit} (+ working tree)")
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | commit {commit} (+ working tree) | "
+        f"GROUP_M {args.group_m}")
     peak = dense_rate()
     log(f"dense bf16 8192^3: {peak:.0f} TFLOP/s")
     t0 = time.time()

@@ -45,8 +45,8 @@ _AUTOTUNE_CACHE_KWARGS = {"cache_results": True} if "cache_results" in inspect.s
 
 
 def autotune_enabled() -> bool:
-    """``LEANMOE_AUTOTUNE=0`` turns tuning off: each kernel then runs the first (default) of its configs, which
-    starts fast and is a few percent slower. Read once, when the kernels are defined."""
+    """``LEANMOE_AUTOTUNE=0`` turns tuning off: each kernel then runs the first (default) of its configs, with no
+    tuning time and possibly a slower kernel than the tuned one. Read once, when the kernels are defined."""
     value = os.environ.get("LEANMOE_AUTOTUNE", "1")
     if value not in ("0", "1"):
         raise ValueError(f"LEANMOE_AUTOTUNE must be '0' or '1', got {value!r}")
