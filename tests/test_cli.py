@@ -104,10 +104,10 @@ def test_bench_end_to_end_writes_json_markdown_and_plot(tmp_path, capsys):
     assert set(rows[1]["errors"]) == {"out", "grad_x", "grad_topk_weights", "grad_gate_up_proj", "grad_down_proj"}
     env = payload["env"]
     assert env["command"] == "leanmoe " + " ".join(argv[0:])
-    assert {"device", "torch", "triton", "leanmoe", "git_commit", "date"} <= set(env)
-
+    assert {"device", "torch", "triton", "leanmoe", "git_commit", "source_sha256", "date"} <= set(env)
     printed = capsys.readouterr().out
     assert "leanmoe bench" in printed and "command: leanmoe bench" in printed and "grouped_mm" in printed
+    assert f"source {env['source_sha256']}" in printed  # the printed environment names the code that ran
     markdown = out_md.read_text()
     assert markdown.startswith("## leanmoe bench") and env["command"] in markdown and "| preset |" in markdown
     if "--plot" in argv:
@@ -257,6 +257,25 @@ def test_hf_bench_runs_alone_and_its_failures_set_the_exit_code(tmp_path, monkey
     assert payload["rows"] == [] and len(payload["hf_rows"]) == 2
     assert "leanmoe:auto" in capsys.readouterr().out
     assert main(["bench", "--device", "cpu", "--hf", "bad"]) == 1
+
+
+def test_source_digest_names_the_code(tmp_path):
+    from leanmoe.bench.env import source_digest
+
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "a.py").write_text("x = 1\n")
+    (pkg / "sub" / "b.py").write_text("y = 2\n")
+    (pkg / "notes.txt").write_text("not source")
+    first = source_digest(pkg)
+    assert len(first) == 12 and first == source_digest(pkg)
+    (pkg / "notes.txt").write_text("changed, but not source")
+    assert source_digest(pkg) == first
+    (pkg / "sub" / "b.py").write_text("y = 3\n")
+    assert source_digest(pkg) != first
+    (pkg / "sub" / "b.py").rename(pkg / "b2.py")  # the same bytes under another name are other code
+    assert source_digest(pkg) != first
+    assert len(source_digest()) == 12  # leanmoe itself
 
 
 def test_plot_draws_memory_when_there_is_some(tmp_path):

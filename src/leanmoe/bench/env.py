@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import importlib.metadata
 import os
 import platform
@@ -54,6 +55,19 @@ def git_commit() -> str | None:
     return head.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
 
 
+def source_digest(root: Path | None = None) -> str:
+    """First 12 hex digits of a SHA-256 over leanmoe's own source files (relative paths and bytes, in path order).
+
+    It names the code that ran even where git cannot: an installed wheel, a copied tree, or a checkout whose git
+    metadata is older than its files (then the commit alone would name the wrong code).
+    """
+    root = Path(leanmoe.__file__).resolve().parent if root is None else Path(root)
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
 def collect_env(device: torch.device, argv: list[str]) -> dict:
     """What produced a table. ``argv`` is the command's arguments after ``leanmoe``."""
     return {
@@ -63,6 +77,7 @@ def collect_env(device: torch.device, argv: list[str]) -> dict:
         "triton": _package_version("triton"),
         "leanmoe": leanmoe.__version__,
         "git_commit": git_commit(),
+        "source_sha256": source_digest(),
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": shlex.join(["leanmoe", *argv]),

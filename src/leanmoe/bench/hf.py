@@ -25,10 +25,8 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
-import os
 import platform
 import statistics
-import subprocess
 import time
 
 import torch
@@ -200,9 +198,10 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     env["triton"] = importlib.metadata.version("triton") if importlib.util.find_spec("triton") else None
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(__file__), capture_output=True,
-                         text=True, check=False)
-    env["commit"] = git.stdout.strip() if git.returncode == 0 else None
+    from leanmoe.bench.env import git_commit, source_digest
+
+    env["commit"] = git_commit()
+    env["source_sha256"] = source_digest()
     return env
 
 

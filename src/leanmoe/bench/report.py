@@ -84,11 +84,18 @@ def tabulate(rows: list[dict], columns=BENCH_COLUMNS) -> tuple[list[str], list[l
     return [header for header, _, _ in shown], cells, [f"({i}) {note}" for i, note in enumerate(notes, 1)]
 
 
+def _code_id(env: dict) -> str:
+    parts = [f"commit {env['git_commit']}" if env.get("git_commit") else None,
+             f"source {env['source_sha256']}" if env.get("source_sha256") else None]
+    parts = [p for p in parts if p]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def env_lines(env: dict) -> list[str]:
     """The environment as short lines: device and versions, then the command, then the run's own rates."""
     versions = [env["device"], f"torch {env['torch']}" + (f" (CUDA {env['cuda']})" if env.get("cuda") else ""),
                 f"triton {env['triton'] or 'not installed'}",
-                f"leanmoe {env['leanmoe']}" + (f" (commit {env['git_commit']})" if env.get("git_commit") else ""),
+                f"leanmoe {env['leanmoe']}" + _code_id(env),
                 env["date"]]
     lines = [" · ".join(versions), f"command: {env['command']}"]
     run = []
