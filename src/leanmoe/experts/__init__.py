@@ -1,19 +1,19 @@
 """Expert compute: the backend registry, the reference loop, ``torch._grouped_mm`` and the fused Triton kernels."""
 
+# The built-in backends register themselves when imported: here, with the package, so that every registry lookup
+# (a first call under torch.compile too) finds them without importing anything. The Triton backend module imports
+# triton only when it runs, so it registers even without triton.
+from leanmoe.experts import grouped_mm, reference, triton  # noqa: F401
 from leanmoe.experts.functional import describe_call, moe_experts
 from leanmoe.experts.registry import (
     ExpertsBackend,
     ExpertsCall,
-    _load_builtin_backends,
     available_backends,
     explain_backend,
     get_backend,
     register_backend,
     select_backend,
 )
-
-# Registered at import, so a first call under torch.compile finds them without tracing an import.
-_load_builtin_backends()
 
 __all__ = [
     "ExpertsBackend",

@@ -25,7 +25,7 @@ import torch
 
 from leanmoe.activations import Activation, activation_backward, apply_activation
 from leanmoe.experts.plan import ExpertPlan, plan_experts
-from leanmoe.experts.registry import ExpertsBackend, ExpertsCall, register_backend
+from leanmoe.experts.registry import ExpertsBackend, ExpertsCall, cuda_capability, register_backend
 
 
 def _gate_up(x_RD, gate_up_proj, gate_up_bias, plan: ExpertPlan) -> torch.Tensor:
@@ -142,12 +142,6 @@ def grouped_mm_moe_experts(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, dow
                                    down_bias, activation, gate_up_layout, save_percent > 0)
 
 
-@torch.compiler.assume_constant_result
-def _cuda_major(device_index: int | None) -> int:
-    # A constant to torch.compile, so the support check adds no guard or graph break. None: the current device.
-    return torch.cuda.get_device_capability(device_index)[0]
-
-
 class GroupedMMBackend(ExpertsBackend):
     """``torch._grouped_mm`` on CPU (float32, float16, bfloat16; bfloat16 only under ``torch.compile``) and on CUDA
     (bfloat16, compute capability 9.0+). Rows must be 16-byte aligned: D and I multiples of 16 / itemsize."""
@@ -170,7 +164,7 @@ class GroupedMMBackend(ExpertsBackend):
         if call.device.type == "cuda":
             if call.dtype != torch.bfloat16:
                 return f"on CUDA torch._grouped_mm needs bfloat16, got {call.dtype}"
-            major = _cuda_major(call.device.index)
+            major, _ = cuda_capability(call.device.index)
             if major < 9:
                 return f"on CUDA torch._grouped_mm needs compute capability >= 9.0, got {major}.x"
         elif call.device.type != "cpu":

@@ -37,6 +37,13 @@ class ExpertsCall:
 
 
 @torch.compiler.assume_constant_result
+def cuda_capability(device_index: int | None) -> tuple[int, int]:
+    """``(major, minor)`` of a CUDA device (None: the current one), for the backends' support checks. A constant to
+    torch.compile, so a check adds no guard or graph break."""
+    return torch.cuda.get_device_capability(device_index)
+
+
+@torch.compiler.assume_constant_result
 def _importable(module: str) -> bool:
     # A constant to torch.compile, which cannot trace importlib's finders: the check adds no graph break.
     return importlib.util.find_spec(module) is not None
@@ -94,12 +101,10 @@ def register_backend(backend: ExpertsBackend) -> ExpertsBackend:
 
 def available_backends() -> list[str]:
     """Registered backend names, best first."""
-    _load_builtin_backends()
     return [b.name for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority)]
 
 
 def get_backend(name: str) -> ExpertsBackend:
-    _load_builtin_backends()
     if name not in _BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {available_backends()}")
     return _BACKENDS[name]
@@ -141,16 +146,3 @@ def explain_backend(call: ExpertsCall, name: str = "auto") -> str:
     """Says which backend ``name`` resolves to for ``call`` and why."""
     return select_backend(name, call)[1]
 
-
-_LOADED = False
-
-
-def _load_builtin_backends() -> None:
-    # Called when `leanmoe.experts` is imported (and on first use, for code that imports the registry alone); not
-    # at the top of this module, which the backends import to register themselves.
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True
-    # The Triton backend module imports triton itself only when it runs, so it registers even without triton.
-    from leanmoe.experts import grouped_mm, reference, triton  # noqa: F401

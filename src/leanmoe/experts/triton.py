@@ -45,7 +45,7 @@ import torch
 
 from leanmoe.activations import Activation
 from leanmoe.experts.plan import plan_experts
-from leanmoe.experts.registry import ExpertsBackend, ExpertsCall, register_backend
+from leanmoe.experts.registry import ExpertsBackend, ExpertsCall, cuda_capability, register_backend
 
 Tensor = torch.Tensor
 
@@ -226,7 +226,7 @@ class TritonBackend(ExpertsBackend):
         if call.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return f"dtype {call.dtype} (needs bfloat16, float16 or float32)"
         if call.device.type == "cuda":
-            major, minor = torch.cuda.get_device_capability(call.device)
+            major, minor = cuda_capability(call.device.index)
             if major < 8:
                 return f"needs a CUDA GPU of compute capability >= 8.0, got {major}.{minor}"
             return None
