@@ -27,7 +27,9 @@ from leanmoe.kernels.moe_common import (
     configs,
     dot_precision,
     e_p2,
+    expert_row_range,
     expert_tile,
+    gate_up_preact,
     gate_up_rows,
     group_m,
     launch_grouped,
@@ -91,26 +93,9 @@ def gate_up_bwd_kernel(
             u = g
     else:
         # Recompute the pre-activations exactly as the forward did (rounded to the I/O dtype).
-        wg_base = wgu_ptr + e64 * stride_wge
-        x_rows = x_ptr + tokens[:, None] * stride_xt
-        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, D, BK):
-            ks = k0 + tl.arange(0, BK)
-            k_mask = ks < D
-            a = tl.load(x_rows + ks[None, :] * stride_xd, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            w_mask = k_mask[:, None] & col_mask[None, :]
-            wg = tl.load(wg_base + ks[:, None] * stride_wgd + g_rows[None, :] * stride_wgn, mask=w_mask, other=0.0)
-            acc_g = tl.dot(a, wg, acc_g, input_precision=DOT_PREC)
-            if GATED:
-                wu = tl.load(wg_base + ks[:, None] * stride_wgd + u_rows[None, :] * stride_wgn, mask=w_mask,
-                             other=0.0)
-                acc_u = tl.dot(a, wu, acc_u, input_precision=DOT_PREC)
-        if HAS_BIAS:
-            b_base = bgu_ptr + e64 * stride_bge
-            acc_g += tl.load(b_base + g_rows * stride_bgn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-            if GATED:
-                acc_u += tl.load(b_base + u_rows * stride_bgn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        acc_g, acc_u = gate_up_preact(x_ptr + tokens[:, None] * stride_xt, row_mask, wgu_ptr + e64 * stride_wge,
+                                      bgu_ptr + e64 * stride_bge, g_rows, u_rows, col_mask, D, stride_xd,
+                                      stride_wgd, stride_wgn, stride_bgn, GATED, HAS_BIAS, DOT_PREC, BM, BN, BK)
         g = acc_g.to(io_dtype).to(tl.float32)
         u = acc_u.to(io_dtype).to(tl.float32)
 
@@ -147,8 +132,7 @@ def expert_weight_grad_kernel(
 ):
     pid_m, pid_n = tile_coords(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
     expert = tl.program_id(1)
-    start = tl.load(offsets_E_ptr + expert - 1, mask=expert > 0, other=0)
-    end = tl.load(offsets_E_ptr + expert)
+    start, end = expert_row_range(offsets_E_ptr, expert)
     ms = pid_m * BM + tl.arange(0, BM)
     m_mask = ms < M
     ns = pid_n * BN + tl.arange(0, BN)
@@ -184,8 +168,7 @@ def expert_bias_grad_kernel(
     Kept out of the weight-gradient loop: summing the A tile in registers there slows its matrix pipeline.
     """
     expert = tl.program_id(1)
-    start = tl.load(offsets_E_ptr + expert - 1, mask=expert > 0, other=0)
-    end = tl.load(offsets_E_ptr + expert)
+    start, end = expert_row_range(offsets_E_ptr, expert)
     ms = tl.program_id(0) * BM + tl.arange(0, BM)
     m_mask = ms < M
     acc = tl.zeros((BR, BM), dtype=tl.float32)

@@ -160,6 +160,40 @@ def gate_up_rows(cols, I, GATED: tl.constexpr, INTERLEAVED: tl.constexpr):
 
 
 @triton.jit
+def gate_up_preact(x_rows, row_mask, w_base, b_base, g_rows, u_rows, col_mask, D, stride_xd, stride_wd, stride_wn,
+                   stride_bn, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """fp32 gate and up pre-activations of one tile: ``x_rows`` (row pointers, gathered) times the expert's weight
+    rows ``g_rows`` / ``u_rows`` (base ``w_base``), plus its bias (base ``b_base``); up stays zero when not
+    ``GATED``. The forward and the recomputing backward share it, so both round the same sums."""
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        ks = k0 + tl.arange(0, BK)
+        k_mask = ks < D
+        a = tl.load(x_rows + ks[None, :] * stride_xd, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w_mask = k_mask[:, None] & col_mask[None, :]
+        wg = tl.load(w_base + ks[:, None] * stride_wd + g_rows[None, :] * stride_wn, mask=w_mask, other=0.0)
+        acc_g = tl.dot(a, wg, acc_g, input_precision=DOT_PREC)
+        if GATED:
+            wu = tl.load(w_base + ks[:, None] * stride_wd + u_rows[None, :] * stride_wn, mask=w_mask, other=0.0)
+            acc_u = tl.dot(a, wu, acc_u, input_precision=DOT_PREC)
+    if HAS_BIAS:
+        acc_g += tl.load(b_base + g_rows * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_u += tl.load(b_base + u_rows * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return acc_g, acc_u
+
+
+@triton.jit
+def expert_row_range(offsets_E_ptr, expert):
+    """Sorted rows ``[start, end)`` of ``expert`` (``offsets_E`` holds each expert's end)."""
+    start = tl.load(offsets_E_ptr + expert - 1, mask=expert > 0, other=0)
+    end = tl.load(offsets_E_ptr + expert)
+    return start, end
+
+
+@triton.jit
 def source_rows(rows_ptr, rows, r_mask, GATHER: tl.constexpr):
     """int64 rows of an operand for sorted positions ``rows``: gathered through ``rows_ptr`` (token order) or the
     positions themselves (an operand already in expert order)."""

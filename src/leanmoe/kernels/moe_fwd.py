@@ -27,6 +27,7 @@ from leanmoe.kernels.moe_common import (
     dot_precision,
     e_p2,
     expert_tile,
+    gate_up_preact,
     gate_up_rows,
     group_m,
     interpreting,
@@ -60,25 +61,10 @@ def gate_up_fwd_kernel(
     cols = pid_n * BN + tl.arange(0, BN)
     col_mask = cols < I
     g_rows, u_rows = gate_up_rows(cols, I, GATED, INTERLEAVED)
-    w_base = w_ptr + expert.to(tl.int64) * stride_we
-    x_rows = x_ptr + tokens[:, None] * stride_xt
-    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, D, BK):
-        ks = k0 + tl.arange(0, BK)
-        k_mask = ks < D
-        a = tl.load(x_rows + ks[None, :] * stride_xd, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w_mask = k_mask[:, None] & col_mask[None, :]
-        wg = tl.load(w_base + ks[:, None] * stride_wd + g_rows[None, :] * stride_wn, mask=w_mask, other=0.0)
-        acc_g = tl.dot(a, wg, acc_g, input_precision=DOT_PREC)
-        if GATED:
-            wu = tl.load(w_base + ks[:, None] * stride_wd + u_rows[None, :] * stride_wn, mask=w_mask, other=0.0)
-            acc_u = tl.dot(a, wu, acc_u, input_precision=DOT_PREC)
-    if HAS_BIAS:
-        b_base = bias_ptr + expert.to(tl.int64) * stride_be
-        acc_g += tl.load(b_base + g_rows * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            acc_u += tl.load(b_base + u_rows * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    e64 = expert.to(tl.int64)
+    acc_g, acc_u = gate_up_preact(x_ptr + tokens[:, None] * stride_xt, row_mask, w_ptr + e64 * stride_we,
+                                  bias_ptr + e64 * stride_be, g_rows, u_rows, col_mask, D, stride_xd, stride_wd,
+                                  stride_wn, stride_bn, GATED, HAS_BIAS, DOT_PREC, BM, BN, BK)
     # Round the pre-activation to the I/O dtype, as the reference does and as a saved copy would be.
     g = acc_g.to(h_ptr.dtype.element_ty)
     u = acc_u.to(h_ptr.dtype.element_ty)
