@@ -6,23 +6,44 @@ Gated activations read a gate pre-activation g and an up pre-activation u from t
 - ``concatenated`` layout: g = rows [0, I) of ``gate_up_proj``, u = rows [I, 2I);
 - ``interleaved`` layout (gpt-oss): g = even rows, u = odd rows.
 Non-gated activations read one pre-activation a (``gate_up_proj`` is ``[E, I, D]``).
+
+``gelu``/``geglu`` are the tanh approximation of GELU; ``gelu_exact``/``geglu_exact`` the exact, erf-based one
+(Hugging Face's ``hidden_act="gelu"``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-ActivationName = Literal["swiglu", "geglu", "clamped_swiglu", "relu2", "gelu", "silu"]
+ActivationName = Literal["swiglu", "geglu", "geglu_exact", "clamped_swiglu", "relu2", "gelu", "gelu_exact", "silu"]
 GateUpLayout = Literal["concatenated", "interleaved"]
 
-GATED_ACTIVATIONS = ("swiglu", "geglu", "clamped_swiglu")
-NON_GATED_ACTIVATIONS = ("relu2", "gelu", "silu")
+GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_exact", "clamped_swiglu")
+NON_GATED_ACTIVATIONS = ("relu2", "gelu", "gelu_exact", "silu")
 ACTIVATIONS = GATED_ACTIVATIONS + NON_GATED_ACTIVATIONS
 GATE_UP_LAYOUTS = ("concatenated", "interleaved")
+
+
+#: The activations that read ``alpha`` and ``limit``; the others take only the defaults.
+_PARAMETERISED = ("clamped_swiglu",)
+_DEFAULT_ALPHA, _DEFAULT_LIMIT = 1.702, 7.0
+
+
+def _finite_real(field: str, value: object) -> float:
+    # bool is an int subclass, and True would silently mean 1.0.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"Activation.{field} must be a finite real number, got {value!r} "
+                         f"({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"Activation.{field} must be a finite real number, got {value!r}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -31,17 +52,35 @@ class Activation:
 
     ``alpha`` and ``limit`` are used by ``clamped_swiglu`` only (gpt-oss defaults):
     g <- min(g, limit), u <- clamp(u, -limit, limit), h = (u + 1) * g * sigmoid(alpha * g).
+    Both must be finite real numbers (stored as float), ``limit > 0``; other activations take only the defaults.
+
+    Raises:
+        TypeError: ``name`` is not a str.
+        ValueError: ``name`` is unknown, or ``alpha``/``limit`` is not a finite real number, ``limit <= 0``, or
+            either is set for an activation that does not use it.
     """
 
     name: ActivationName = "swiglu"
-    alpha: float = 1.702
-    limit: float = 7.0
+    alpha: float = _DEFAULT_ALPHA
+    limit: float = _DEFAULT_LIMIT
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise TypeError(f"Activation.name must be a str, one of {ACTIVATIONS}, got {self.name!r} "
+                            f"({type(self.name).__name__})")
         if self.name not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.name!r}; expected one of {ACTIVATIONS}")
-        if self.name == "clamped_swiglu" and not self.limit > 0:
-            raise ValueError(f"clamped_swiglu needs limit > 0, got limit={self.limit}")
+        alpha, limit = _finite_real("alpha", self.alpha), _finite_real("limit", self.limit)
+        if not limit > 0:
+            raise ValueError(f"Activation.limit must be > 0, got limit={limit}")
+        if self.name not in _PARAMETERISED:
+            for field, value, default in (("alpha", alpha, _DEFAULT_ALPHA), ("limit", limit, _DEFAULT_LIMIT)):
+                if value != default:
+                    raise ValueError(f"Activation.{field}={value} is used by {_PARAMETERISED} only; activation "
+                                     f"{self.name!r} takes no {field} (expected the default {default})")
+        # Frozen: store the validated values as floats (an int 7 and 7.0 compare and hash alike anyway).
+        object.__setattr__(self, "alpha", alpha)
+        object.__setattr__(self, "limit", limit)
 
     @property
     def gated(self) -> bool:
@@ -78,12 +117,16 @@ def apply_activation(gate_up_RN: torch.Tensor, activation: Activation, gate_up_l
             return F.relu(gate_up_RN).square()
         if name == "gelu":
             return F.gelu(gate_up_RN, approximate="tanh")
+        if name == "gelu_exact":
+            return F.gelu(gate_up_RN, approximate="none")
         return F.silu(gate_up_RN)
     g_RI, u_RI = split_gate_up(gate_up_RN, gate_up_layout)
     if name == "swiglu":
         return F.silu(g_RI) * u_RI
     if name == "geglu":
         return F.gelu(g_RI, approximate="tanh") * u_RI
+    if name == "geglu_exact":
+        return F.gelu(g_RI, approximate="none") * u_RI
     g_RI = g_RI.clamp(max=activation.limit)
     u_RI = u_RI.clamp(min=-activation.limit, max=activation.limit)
     return (u_RI + 1) * g_RI * torch.sigmoid(activation.alpha * g_RI)
@@ -98,6 +141,16 @@ def _gelu_tanh_and_grad(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     value = 0.5 * a * (1 + t)
     grad = 0.5 * (1 + t) + 0.5 * a * (1 - t * t) * _GELU_C * (1 + 3 * _GELU_A * a * a)
     return value, grad
+
+
+_SQRT_HALF = 0.7071067811865476  # 1 / sqrt(2)
+_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
+
+
+def _gelu_erf_and_grad(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # GELU(a) = a * Phi(a); its derivative is Phi(a) + a * phi(a) (phi the standard normal density).
+    cdf = 0.5 * (1 + torch.erf(a * _SQRT_HALF))
+    return a * cdf, cdf + a * torch.exp(-0.5 * a * a) * _INV_SQRT_2PI
 
 
 def _silu_and_grad(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,6 +175,8 @@ def activation_backward(
             grad = 2 * torch.relu(a)
         elif name == "gelu":
             grad = _gelu_tanh_and_grad(a)[1]
+        elif name == "gelu_exact":
+            grad = _gelu_erf_and_grad(a)[1]
         else:
             grad = _silu_and_grad(a)[1]
         return (dh * grad).to(gate_up_RN.dtype)
@@ -132,6 +187,9 @@ def activation_backward(
         dg, du = dh * u * dact, dh * act
     elif name == "geglu":
         act, dact = _gelu_tanh_and_grad(g)
+        dg, du = dh * u * dact, dh * act
+    elif name == "geglu_exact":
+        act, dact = _gelu_erf_and_grad(g)
         dg, du = dh * u * dact, dh * act
     else:
         limit, alpha = activation.limit, activation.alpha
