@@ -3,7 +3,7 @@
 # The built-in backends register themselves when imported: here, with the package, so that every registry lookup
 # (a first call under torch.compile too) finds them without importing anything. The Triton backend module imports
 # triton only when it runs, so it registers even without triton.
-from leanmoe.experts import grouped_mm, reference, triton  # noqa: F401
+from leanmoe.experts import autoselect, decode, grouped_mm, reference, triton  # noqa: F401
 from leanmoe.experts.functional import describe_call, moe_experts
 from leanmoe.experts.registry import (
     ExpertsBackend,

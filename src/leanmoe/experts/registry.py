@@ -89,6 +89,9 @@ class ExpertsBackend(abc.ABC):
 
 
 _BACKENDS: dict[str, ExpertsBackend] = {}
+#: ``call -> (backend, why) | None``: asked first under ``auto``, outside torch.compile tracing; set by
+#: :mod:`leanmoe.experts.autoselect` (the measured choice). None: the priority order alone.
+auto_chooser = None
 
 
 def register_backend(backend: ExpertsBackend) -> ExpertsBackend:
@@ -129,6 +132,10 @@ def select_backend(name: str, call: ExpertsCall) -> tuple[ExpertsBackend, str]:
         if reason is not None:
             raise ValueError(f"backend {name!r} cannot run this call: {reason}")
         return backend, f"{name!r} was asked for"
+    if not torch.compiler.is_compiling() and auto_chooser is not None:
+        chosen = auto_chooser(call)
+        if chosen is not None:
+            return chosen
     skipped = []
     for backend_name in available_backends():
         backend = _BACKENDS[backend_name]
