@@ -107,6 +107,8 @@ def test_bench_end_to_end_writes_json_markdown_and_plot(tmp_path, capsys):
     assert {"device", "torch", "triton", "leanmoe", "git_commit", "source_sha256", "date"} <= set(env)
     printed = capsys.readouterr().out
     assert "leanmoe bench" in printed and "command: leanmoe bench" in printed and "grouped_mm" in printed
+    for path in [out_json, out_md] + ([out_png] if "--plot" in argv else []):
+        assert f"wrote {path}" in printed.splitlines()  # each file written is named on stdout
     assert f"source {env['source_sha256']}" in printed  # the printed environment names the code that ran
     markdown = out_md.read_text()
     assert markdown.startswith("## leanmoe bench") and env["command"] in markdown and "| preset |" in markdown
@@ -256,7 +258,9 @@ def test_hf_bench_runs_alone_and_its_failures_set_the_exit_code(tmp_path, monkey
     payload = json.loads(out_json.read_text())
     assert payload["rows"] == [] and len(payload["hf_rows"]) == 2
     assert "leanmoe:auto" in capsys.readouterr().out
-    assert main(["bench", "--device", "cpu", "--hf", "bad"]) == 1
+    assert main(["bench", "--device", "cpu", "--hf", "mixtral"]) == 0
+    monkeypatch.setattr(leanmoe.cli, "_load_hf_bench", lambda: lambda *a, **k: fake_run_hf_bench("bad", **k))
+    assert main(["bench", "--device", "cpu", "--hf", "mixtral"]) == 1
 
 
 def test_source_digest_names_the_code(tmp_path):
@@ -324,3 +328,128 @@ def test_bench_on_the_gpu_measures_rates_and_memory(tmp_path):
     payload = json.loads(out_json.read_text())
     (row,) = payload["rows"]
     assert payload["env"]["copy_gbps"] > 0 and row["gbps"] > 0 and row["frac_copy"] > 0
+
+
+# ------------------------------------------------------------------------------------- user mistakes, late failures
+
+
+def _usage_error(capsys, argv) -> str:
+    """Runs ``main(argv)``, expects a usage error (exit status 2) and returns its one-line message."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fails the test if a run starts measuring: errors must come before any work."""
+    import leanmoe.cli
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the run started before the arguments were checked")
+
+    monkeypatch.setattr(leanmoe.cli, "run_plan", must_not_run)
+
+
+@pytest.mark.parametrize("flag", ["--json", "--markdown", "--plot"])
+@pytest.mark.parametrize("where, message", [
+    ("dir", "is a directory"),
+    ("missing/out.x", "does not exist"),
+    ("a_file/out.x", "is not a directory"),
+], ids=["is-a-directory", "missing-parent", "parent-is-a-file"])
+def test_output_paths_are_checked_before_any_work(flag, where, message, tmp_path, capsys, no_work):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "a_file").write_text("")
+    err = _usage_error(capsys, ["bench", *TINY, flag, str(tmp_path / where)])
+    assert flag in err and message in err
+
+
+def test_an_unwritable_output_path_is_a_usage_error(capsys, no_work):
+    # /sys refuses new files even to root, for whom permission bits alone would allow anything.
+    try:
+        open("/sys/leanmoe-test.json", "a").close()
+    except OSError:
+        pass
+    else:
+        pytest.skip("/sys is writable here")
+    err = _usage_error(capsys, ["bench", *TINY, "--json", "/sys/leanmoe-test.json"])
+    assert "--json '/sys/leanmoe-test.json' cannot be written" in err
+
+
+def test_one_file_for_two_outputs_is_a_usage_error(tmp_path, capsys, no_work):
+    same = str(tmp_path / "out")
+    assert "name the same file" in _usage_error(capsys, ["bench", *TINY, "--json", same, "--markdown", same])
+
+
+def test_the_output_check_leaves_no_file_behind(tmp_path, no_work):
+    # The writability probe creates a missing file and removes it: --markdown passes, then --plot fails.
+    out_md = tmp_path / "m.md"
+    with pytest.raises(SystemExit):
+        main(["bench", *TINY, "--markdown", str(out_md), "--plot", str(tmp_path)])
+    assert not out_md.exists()
+
+
+def test_an_unknown_hf_model_type_is_a_usage_error(capsys, no_work):
+    err = _usage_error(capsys, ["bench", "--device", "cpu", "--hf", "nope"])
+    assert "--hf: unknown model type 'nope'" in err and "qwen3_moe" in err
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot be read: No such file"),
+    ("dir", "cannot be read: Is a directory"),
+    ("{not json", "is not JSON"),
+    ("[1, 2]", "is not a leanmoe bench --json file"),
+    ('{"env": {"device": "x"}, "rows": []}', "its env lacks torch"),
+    ('{"env": {"device": "d", "torch": "t", "triton": null, "leanmoe": "l", "date": "d", "command": "c"}, '
+     '"rows": [{"label": "x"}]}', "row 0 is not a bench row"),
+], ids=["missing", "directory", "not-json", "not-an-object", "env-keys", "row-keys"])
+def test_a_bad_from_json_file_is_a_usage_error(content, message, tmp_path, capsys):
+    path = tmp_path / "in.json"
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content)
+    err = _usage_error(capsys, ["bench", "--from-json", str(path)])
+    assert f"--from-json: {str(path)!r}" in err and message in err
+
+
+def test_a_value_error_from_leanmoe_is_a_usage_error(monkeypatch, capsys):
+    import leanmoe.cli
+
+    def refuse(*args, **kwargs):
+        raise ValueError("activation 'swiglu' needs gate_up_proj [E, 2I, D], got [E, I, D]")
+
+    monkeypatch.setattr(leanmoe.cli, "run_plan", refuse)
+    assert "error: activation 'swiglu' needs gate_up_proj" in _usage_error(capsys, ["bench", *TINY])
+
+
+@pytest.mark.parametrize("cause, status", [(RuntimeError("out of memory"), 1), (KeyboardInterrupt(), 130),
+                                           (ValueError("late"), 1)], ids=["error", "ctrl-c", "value-error"])
+def test_a_run_that_fails_late_keeps_what_it_measured(cause, status, tmp_path, monkeypatch, capsys):
+    make_case = harness.make_case
+
+    def fail_on_the_second_case(preset, routing, *args, **kwargs):
+        if routing == "skewed":
+            raise cause
+        return make_case(preset, routing, *args, **kwargs)
+
+    monkeypatch.setattr(harness, "make_case", fail_on_the_second_case)
+    out_json, out_md = tmp_path / "b.json", tmp_path / "b.md"
+    assert main(["bench", *TINY, "--backend", "grouped_mm", "--mode", "fwd", "--routing", "uniform", "skewed",
+                 "--json", str(out_json), "--markdown", str(out_md)]) == status
+    out, err = capsys.readouterr()
+    (row,) = _rows(out_json)
+    assert row["routing"] == "uniform" and row["status"] == "ok" and row["ms"] > 0
+    assert "| uniform |" in out_md.read_text() and "incomplete run" in out_md.read_text()
+    assert f"wrote {out_json}" in out and f"wrote {out_md}" in out and "grouped_mm" in out
+    assert "after 1 row(s)" in err and "Traceback" not in err
+
+
+def test_a_usage_error_prints_no_traceback_from_the_console(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "leanmoe", "bench", "--json", str(tmp_path / "no" / "x.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "does not exist" in done.stderr and "Traceback" not in done.stderr

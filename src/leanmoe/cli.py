@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -84,14 +86,24 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="FILE", help="write every row and the environment as JSON")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (``leanmoe bench: error: ...``, exit status 2): a mistake on the command
+    line reads as one sentence, never as a traceback or a screen of usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="leanmoe", description="leanmoe: fast, memory-lean MoE layers.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,verify,info}")
+    parser = _Parser(prog="leanmoe", description="leanmoe: fast, memory-lean MoE layers.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,verify,info}",
+                                parser_class=_Parser)
 
     bench = sub.add_parser("bench", help="check, then time and measure the memory of each backend",
                            description="Check each backend against the fp32 reference, then time it and measure "
                                        "its peak extra memory (bench-protocol.md).")
     _add_run_args(bench)
+    bench.set_defaults(command_parser=bench)
     bench.add_argument("--markdown", metavar="FILE", help="write the table, environment and command as Markdown")
     bench.add_argument("--plot", metavar="PNG", help="write a chart of TFLOP/s and peak memory per backend")
     bench.add_argument("--hf", metavar="MODEL_TYPE",
@@ -105,9 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="check each backend against the fp32 reference (no timing)",
                             description="Check each backend's output and gradients against the fp32 reference.")
     _add_run_args(verify)
+    verify.set_defaults(command_parser=verify)
 
     info = sub.add_parser("info", help="versions, device, backends, and what auto picks here")
     _add_case_args(info)
+    info.set_defaults(command_parser=info)
     return parser
 
 
@@ -151,6 +165,48 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--save-percent must be in [0, 100], got {args.save_percent:g}")
     if getattr(args, "hf_layers", 1) < 1:
         parser.error(f"--hf-layers must be >= 1, got {args.hf_layers}")
+    _check_output_paths(parser, args)
+
+
+def _check_output_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every output file can be written, before any work: a typo in a path must not cost a long run."""
+    seen: dict[str, str] = {}
+    for flag in ("--json", "--markdown", "--plot"):
+        path = getattr(args, flag.removeprefix("--"), None)
+        if path is None:
+            continue
+        _check_writable(parser, flag, path)
+        same = seen.setdefault(os.path.realpath(path), flag)
+        if same != flag:
+            parser.error(f"{same} and {flag} name the same file {path!r}; give each its own")
+
+
+def _check_writable(parser: argparse.ArgumentParser, flag: str, path: str) -> None:
+    target = Path(path)
+    if target.is_dir():
+        parser.error(f"{flag} {path!r} is a directory; expected a file name")
+    parent = target.parent
+    if not parent.exists():
+        parser.error(f"{flag} {path!r}: the directory {str(parent)!r} does not exist")
+    if not parent.is_dir():
+        parser.error(f"{flag} {path!r}: {str(parent)!r} is not a directory")
+    # Opening for append is the one check that holds for every user (root included) and file system; a file that
+    # was not there before is removed again.
+    existed = target.exists()
+    try:
+        with open(target, "a"):
+            pass
+    except OSError as exc:
+        parser.error(f"{flag} {path!r} cannot be written: {exc.strerror or exc}")
+    if not existed:
+        target.unlink(missing_ok=True)
+
+
+def _check_hf_model_type(parser: argparse.ArgumentParser, model_type: str) -> None:
+    from leanmoe.bench.hf import BENCH_MODEL_TYPES  # imports torch only; transformers is needed to run, not here
+
+    if model_type not in BENCH_MODEL_TYPES:
+        parser.error(f"--hf: unknown model type {model_type!r}; expected one of: {', '.join(BENCH_MODEL_TYPES)}")
 
 
 def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace, *, check_only: bool) -> BenchPlan:
@@ -192,12 +248,26 @@ def _run_env(plan: BenchPlan, argv: list[str]) -> dict:
 # ---------------------------------------------------------------------------------------------------- commands
 
 
+class _StoppedEarly(Exception):
+    """A run that ended before its last row; carries what it measured (``rows``) and why it stopped (``cause``)."""
+
+    def __init__(self, rows: list[dict], cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.rows, self.cause = rows, cause
+
+
 def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str], *, check_only: bool) -> int:
     if not check_only and args.from_json:
-        rows, env, hf_rows = load_json(args.from_json)
+        _check_output_paths(parser, args)
+        try:
+            rows, env, hf_rows = load_json(args.from_json)
+        except ValueError as exc:
+            parser.error(f"--from-json: {exc}")
         return _report(args, rows, env, hf_rows, title="leanmoe bench", check_only=False)
     plan = _plan(parser, args, check_only=check_only)
     hf_only = not check_only and args.hf is not None and args.preset is None
+    if not check_only and args.hf is not None:
+        _check_hf_model_type(parser, args.hf)
     if plan.device.type == "cuda" and not check_only and importlib.util.find_spec("triton") is None:
         raise SystemExit("timing on CUDA uses triton.testing.do_bench: pip install 'leanmoe[triton]'")
     if not check_only and args.plot and importlib.util.find_spec("matplotlib") is None:
@@ -212,20 +282,40 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list
             env["copy_gbps"] = copy_gbps(plan.device)
         torch.cuda.empty_cache()
 
-    def save_partial(rows_so_far: list[dict]) -> None:
-        write_json(args.json, rows_so_far, env)
+    rows_so_far: list[dict] = []
 
-    rows = [] if hf_only else run_plan(plan, make_progress(), dense_tflops=env["dense_tflops"],
-                                       copy_rate_gbps=env["copy_gbps"], on_row=save_partial if args.json else None)
+    def keep(rows_: list[dict]) -> None:
+        rows_so_far[:] = rows_
+        if args.json:
+            write_json(args.json, rows_, env)
+
+    title = "leanmoe verify" if check_only else "leanmoe bench"
     hf_rows = None
-    if run_hf_bench is not None:
-        print(f"benchmarking Hugging Face model type {args.hf!r} ...", file=sys.stderr, flush=True)
-        hf_rows = run_hf_bench(args.hf, device=plan.device, dtype=plan.dtype,
-                               tokens=args.tokens or HF_DEFAULT_TOKENS[plan.device.type], layers=args.hf_layers,
-                               save_percent=args.save_percent)
+    try:
+        rows = [] if hf_only else run_plan(plan, make_progress(), dense_tflops=env["dense_tflops"],
+                                           copy_rate_gbps=env["copy_gbps"], on_row=keep)
+        if run_hf_bench is not None:
+            print(f"benchmarking Hugging Face model type {args.hf!r} ...", file=sys.stderr, flush=True)
+            hf_rows = run_hf_bench(args.hf, device=plan.device, dtype=plan.dtype,
+                                   tokens=args.tokens or HF_DEFAULT_TOKENS[plan.device.type], layers=args.hf_layers,
+                                   save_percent=args.save_percent)
+    except (Exception, KeyboardInterrupt) as exc:
+        if isinstance(exc, ValueError | TypeError) and not rows_so_far:
+            raise  # nothing measured: a bad combination of options, which main reports as a usage error
+        # Anything later keeps what was measured: the rows so far are printed and written, and the status says so.
+        return _stopped(args, env, title, check_only, _StoppedEarly(list(rows_so_far), exc))
+    return _report(args, rows, env, hf_rows, title=title, check_only=check_only)
 
-    return _report(args, rows, env, hf_rows, title="leanmoe verify" if check_only else "leanmoe bench",
-                   check_only=check_only)
+
+def _stopped(args: argparse.Namespace, env: dict, title: str, check_only: bool, stop: _StoppedEarly) -> int:
+    """Reports and writes the rows of a run that stopped early; exit status 130 when interrupted, else 1."""
+    interrupted = isinstance(stop.cause, KeyboardInterrupt)
+    why = "interrupted" if interrupted else f"stopped by {stop}"
+    env["notes"] = [*env.get("notes", []), f"incomplete run: {why} after {len(stop.rows)} row(s)"]
+    _report(args, stop.rows, env, None, title=title, check_only=check_only)
+    print(f"{title}: {why} after {len(stop.rows)} row(s); the table and files above hold those rows",
+          file=sys.stderr)
+    return 130 if interrupted else 1
 
 
 def _report(args: argparse.Namespace, rows: list[dict], env: dict, hf_rows: list[dict] | None, *, title: str,
@@ -238,13 +328,18 @@ def _report(args: argparse.Namespace, rows: list[dict], env: dict, hf_rows: list
         print_table(hf_rows, env, columns=HF_COLUMNS, title="leanmoe bench --hf")
     if args.json:
         write_json(args.json, rows, env, hf_rows)
+        print(f"wrote {args.json}")
     if not check_only and args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(markdown(rows, env, columns=columns, title=title, hf_rows=hf_rows))
-    if not check_only and args.plot and rows:
-        from leanmoe.bench.plot import write_plot
+        Path(args.markdown).write_text(markdown(rows, env, columns=columns, title=title, hf_rows=hf_rows))
+        print(f"wrote {args.markdown}")
+    if not check_only and args.plot:
+        if rows:
+            from leanmoe.bench.plot import write_plot
 
-        write_plot(args.plot, rows, env)
+            write_plot(args.plot, rows, env)
+            print(f"wrote {args.plot}")
+        else:
+            print(f"no expert-layer rows to plot: {args.plot} not written", file=sys.stderr)
 
     failed = [r for r in rows if r["status"] == "FAILED"]
     # leanmoe.bench.hf marks skipped rows (a note starting "skipped") ok=False too; those are not failures.
@@ -300,13 +395,18 @@ def _info(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``leanmoe`` console script; returns the exit status."""
+    """The ``leanmoe`` console script; returns the exit status (2 for a usage error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "info":
-        return _info(parser, args, argv)
-    return _bench(parser, args, argv, check_only=args.command == "verify")
+    args = build_parser().parse_args(argv)
+    parser = args.command_parser
+    try:
+        if args.command == "info":
+            return _info(parser, args, argv)
+        return _bench(parser, args, argv, check_only=args.command == "verify")
+    except (ValueError, TypeError) as exc:
+        # leanmoe's own validation of an option combination (an activation, a dtype a backend refuses, ...): a
+        # usage error in one line, like argparse's.
+        parser.error(str(exc))
 
 
 if __name__ == "__main__":

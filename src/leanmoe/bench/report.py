@@ -182,14 +182,45 @@ def write_json(path: str | Path, rows: list[dict], env: dict, hf_rows: list[dict
     Path(path).write_text(json.dumps(payload, indent=2) + "\n")
 
 
+#: What a ``--json`` file must hold to be reported again (``--from-json``).
+_ENV_KEYS = ("device", "torch", "triton", "leanmoe", "date", "command")
+_ROW_KEYS = ("label", "tokens", "routing", "mode", "backend", "status")
+
+
+def _read_payload(path: str | Path) -> dict:
+    """The payload of one ``--json`` file; ``ValueError`` naming the file and what is wrong with it."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{str(path)!r} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{str(path)!r} is not JSON: {exc}") from None
+    expected = "a leanmoe bench --json file (an object with 'env' and 'rows')"
+    if not isinstance(payload, dict) or not isinstance(payload.get("env"), dict) or not isinstance(
+            payload.get("rows"), list):
+        raise ValueError(f"{str(path)!r} is not {expected}")
+    missing = [k for k in _ENV_KEYS if k not in payload["env"]]
+    if missing:
+        raise ValueError(f"{str(path)!r}: its env lacks {', '.join(missing)}; expected {expected}")
+    for i, row in enumerate(payload["rows"]):
+        if not isinstance(row, dict) or any(k not in row for k in _ROW_KEYS):
+            raise ValueError(f"{str(path)!r}: row {i} is not a bench row (expected keys {', '.join(_ROW_KEYS)})")
+    if payload.get("hf_rows") is not None and not isinstance(payload["hf_rows"], list):
+        raise ValueError(f"{str(path)!r}: hf_rows must be a list, got {type(payload['hf_rows']).__name__}")
+    return payload
+
+
 def load_json(paths: list[str]) -> tuple[list[dict], dict, list[dict] | None]:
     """Rows, environment and HF rows of one or more ``--json`` files, merged in order (the first file's
-    environment, with every file's command)."""
+    environment, with every file's command). ``ValueError`` naming the file when one cannot be read or is not
+    a ``--json`` file."""
     rows: list[dict] = []
     hf_rows: list[dict] | None = None
     envs = []
     for path in paths:
-        payload = json.loads(Path(path).read_text())
+        payload = _read_payload(path)
         envs.append(payload["env"])
         rows.extend(payload["rows"])
         if payload.get("hf_rows") is not None:
@@ -201,7 +232,6 @@ def load_json(paths: list[str]) -> tuple[list[dict], dict, list[dict] | None]:
         env["notes"] = [*env.get("notes", []), f"merged from {len(paths)} runs" +
                         (f" (also on: {', '.join(sorted(others))})" if others else "")]
     return rows, env, hf_rows
-
 
 # ---------------------------------------------------------------------------------------------------- progress
 
