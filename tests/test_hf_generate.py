@@ -1,0 +1,86 @@
+"""``generate()`` end to end: a patched transformers MoE model gives the unpatched model's greedy tokens.
+
+Tiny Qwen3-MoE and Mixtral configs (``leanmoe.bench.hf.TINY_SHAPES``), two layers, random weights, a static KV
+cache, fp32. The same model (same tensors) generates unpatched, then patched: any difference is the expert
+compute. On the GPU the patched model also generates under ``torch.compile(mode="reduce-overhead")`` (CUDA
+graphs), against the unpatched eager tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import leanmoe.hf  # noqa: E402
+from leanmoe.bench.hf import build_model, model_config  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FAMILIES = ["qwen3_moe", "mixtral"]
+GENERATE = dict(do_sample=False, pad_token_id=0, eos_token_id=None, cache_implementation="static")
+
+
+def _model(model_type, device="cpu"):
+    # initializer_range 0.1 (the tiny shapes' default): experts move the logits well beyond rounding.
+    return build_model(model_config(model_type, layers=2, tiny=True), device=device, dtype=torch.float32,
+                       seed=0).eval()
+
+
+def _prompts(batch=2, seq=5, device="cpu"):
+    return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def _generate(model, ids, new_tokens):
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=new_tokens, **GENERATE)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+@pytest.mark.parametrize("backend", ["auto", "grouped_mm"])
+def test_greedy_tokens_match_unpatched(model_type, backend):
+    model = _model(model_type)
+    ids = _prompts()
+    ref = _generate(model, ids, 8)
+    leanmoe.hf.patch(model, backend=backend)
+    out = _generate(model, ids, 8)
+    assert ref.shape == (2, 13)
+    assert torch.equal(out, ref), f"{model_type} on {backend}: greedy tokens differ"
+    # The tokens depend on the experts: zeroing them changes what is generated (the test can fail).
+    leanmoe.hf.unpatch(model)
+    for name, p in model.named_parameters():
+        if ".experts." in name:
+            p.data.zero_()
+    assert not torch.equal(_generate(model, ids, 8), ref)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", pytest.param("mixtral", marks=pytest.mark.slow)])
+def test_greedy_tokens_on_the_decode_backend(model_type):
+    # triton_decode under the Triton interpreter: the prefill (10 tokens) and every decode step (2 tokens).
+    pytest.importorskip("triton")
+    model = _model(model_type)
+    ids = _prompts()
+    ref = _generate(model, ids, 3)
+    leanmoe.hf.patch(model, backend="triton_decode")
+    assert torch.equal(_generate(model, ids, 3), ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.no_poison
+@pytest.mark.parametrize("model_type", FAMILIES)
+@pytest.mark.parametrize("backend", ["auto", "triton_decode", "triton"])
+def test_gpu_generate_compiled_reduce_overhead(model_type, backend, tmp_path, monkeypatch):
+    from leanmoe.experts import autoselect
+
+    monkeypatch.setenv(autoselect.ENV_CACHE_DIR, str(tmp_path))
+    model = _model(model_type, device="cuda")
+    ids = _prompts(batch=4, device="cuda")
+    ref = _generate(model, ids, 12)
+    leanmoe.hf.patch(model, backend=backend)
+    eager = _generate(model, ids, 12)
+    assert torch.equal(eager, ref), f"{model_type} on {backend}, eager: greedy tokens differ"
+    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    for _ in range(2):  # the first generate records the graphs, the second replays them
+        out = _generate(model, ids, 12)
+        assert torch.equal(out, ref), f"{model_type} on {backend}, reduce-overhead: greedy tokens differ"
