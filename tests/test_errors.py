@@ -159,7 +159,7 @@ def test_layer_bad_inputs():
         layer(torch.randn(3, 15))
     with pytest.raises(TypeError, match="x must be a floating-point tensor"):
         layer(torch.ones(3, 16, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"token_mask must be a bool tensor of shape \[3\]"):
+    with pytest.raises(TypeError, match=r"token_mask must be a bool tensor \(True = keep\), got dtype torch.float32"):
         layer(torch.randn(3, 16), token_mask=torch.ones(3))
     with pytest.raises(TypeError, match="config must be a leanmoe.MoEConfig, got dict"):
         leanmoe.MoE({"dim": 16})
@@ -172,3 +172,123 @@ def test_auto_passes_over_grouped_mm_for_unaligned_rows_and_says_why():
     assert "auto picked 'reference'" in why and "D and I multiples of 8 for torch.bfloat16, got D=12, I=8" in why
     with pytest.raises(ValueError, match="backend 'grouped_mm' cannot run this call: torch._grouped_mm needs 16-byte"):
         leanmoe.moe_experts(*p.args(), backend="grouped_mm", **p.kwargs())
+
+
+# --- every field of the public constructors is checked where it is given ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw,error,match",
+    [
+        ({"dim": True}, TypeError, r"dim must be an int, got bool \(True\)"),  # a bool is not a size
+        ({"hidden_dim": 8.0}, TypeError, r"hidden_dim must be an int, got float \(8.0\)"),
+        ({"num_experts": "8"}, TypeError, r"num_experts must be an int, got str \('8'\)"),
+        ({"dim": 0}, ValueError, "dim must be >= 1, got 0"),
+        ({"hidden_dim": -4}, ValueError, "hidden_dim must be >= 1, got -4"),
+        ({"n_group": 0}, ValueError, "n_group must be >= 1, got 0"),
+        ({"shared_hidden_dim": 0}, ValueError, "shared_hidden_dim must be >= 1, got 0"),
+        ({"num_shared_experts": 1.5}, TypeError, r"num_shared_experts must be an int, got float \(1.5\)"),
+        ({"route_scale": float("nan")}, ValueError, "route_scale must be a finite number, got nan"),
+        ({"route_scale": float("inf")}, ValueError, "route_scale must be a finite number, got inf"),
+        ({"route_scale": 0.0}, ValueError, r"route_scale must be > 0, got 0.0"),
+        ({"route_scale": "2.5"}, TypeError, r"route_scale must be a finite number, got str \('2.5'\)"),
+        ({"aux_loss_coef": float("nan")}, ValueError, "aux_loss_coef must be a finite number, got nan"),
+        ({"z_loss_coef": float("-inf")}, ValueError, "z_loss_coef must be a finite number, got -inf"),
+        ({"balance_bias_rate": -0.1}, ValueError, "balance_bias_rate must be >= 0, got -0.1"),
+        ({"z_loss_coef": True}, TypeError, r"z_loss_coef must be a finite number, got bool \(True\)"),
+        ({"bias": "yes"}, TypeError, r"bias must be a bool, got str \('yes'\)"),
+        ({"norm_topk_prob": 1}, TypeError, r"norm_topk_prob must be a bool, got int \(1\)"),
+        ({"balance_bias": None}, TypeError, r"balance_bias must be a bool, got NoneType \(None\)"),
+        ({"score_func": 1}, TypeError, "score_func must be a str, one of"),
+        ({"backend": "cutlass"}, ValueError, "unknown backend 'cutlass'; expected 'auto' or one of"),
+        ({"backend": None}, TypeError, "backend must be a str"),
+        ({"save_percent": float("nan")}, ValueError, r"save_percent must be in \[0, 100\], got nan"),
+        ({"save_percent": True}, TypeError, "save_percent must be a number"),
+    ],
+)
+def test_bad_config_fields(kw, error, match):
+    base = {"dim": 16, "hidden_dim": 8, "num_experts": 8, "top_k": 2}
+    base.update(kw)
+    with pytest.raises(error, match=match):
+        leanmoe.MoEConfig(**base)
+
+
+def test_config_accepts_numpy_and_tensor_integers_as_ints():
+    np = pytest.importorskip("numpy")
+    cfg = leanmoe.MoEConfig(dim=np.int64(16), hidden_dim=torch.tensor(8), num_experts=8, top_k=np.int32(2),
+                            route_scale=np.float32(2.0))
+    assert (type(cfg.dim), type(cfg.hidden_dim), type(cfg.top_k), type(cfg.route_scale)) == (int, int, int, float)
+
+
+@pytest.mark.parametrize(
+    "kw,error,match",
+    [
+        ({"num_experts": 0}, ValueError, "num_experts must be >= 1, got 0"),
+        ({"dim": 2.5}, TypeError, r"dim must be an int, got float \(2.5\)"),
+        ({"hidden_dim": "4"}, TypeError, r"hidden_dim must be an int, got str \('4'\)"),
+        ({"bias": 1}, TypeError, r"bias must be a bool, got int \(1\)"),
+        ({"backend": "nope"}, ValueError, "unknown backend 'nope'"),
+        ({"save_percent": -1}, ValueError, r"save_percent must be in \[0, 100\], got -1"),
+        ({"dtype": torch.long}, TypeError, "dtype must be a floating-point dtype, got torch.int64"),
+        ({"dtype": "float32"}, TypeError, r"dtype must be a torch.dtype or None, got str \('float32'\)"),
+        ({"activation": "swish"}, ValueError, "unknown activation 'swish'"),
+        ({"gate_up_layout": "split"}, ValueError, "unknown gate_up_layout 'split'"),
+    ],
+)
+def test_bad_grouped_experts_arguments(kw, error, match):
+    base = {"num_experts": 4, "dim": 8, "hidden_dim": 4}
+    base.update(kw)
+    with pytest.raises(error, match=match):
+        leanmoe.GroupedExperts(**base)
+
+
+def test_bad_router_and_shared_experts_arguments():
+    cfg = leanmoe.MoEConfig(dim=8, hidden_dim=4, num_experts=4, top_k=2)
+    with pytest.raises(TypeError, match="config must be a leanmoe.MoEConfig, got dict"):
+        leanmoe.TopKRouter({"dim": 8})
+    with pytest.raises(TypeError, match="dtype must be a floating-point dtype, got torch.int32"):
+        leanmoe.TopKRouter(cfg, dtype=torch.int32)
+    with pytest.raises(ValueError, match="dim must be >= 1, got 0"):
+        leanmoe.SharedExperts(dim=0, hidden_dim=4)
+    with pytest.raises(TypeError, match=r"gated_output must be a bool, got str \('no'\)"):
+        leanmoe.SharedExperts(dim=8, hidden_dim=4, gated_output="no")
+
+
+def test_router_input_shape_is_checked():
+    router = leanmoe.TopKRouter(leanmoe.MoEConfig(dim=8, hidden_dim=4, num_experts=4, top_k=2))
+    with pytest.raises(ValueError, match=r"x must be \[T, 8\] \(the router's dim\), got shape \[3, 4, 8\]"):
+        router(torch.randn(3, 4, 8))
+    with pytest.raises(ValueError, match=r"x must be \[T, 8\] \(the router's dim\), got shape \[3, 7\]"):
+        router(torch.randn(3, 7))
+    with pytest.raises(TypeError, match="x must be a floating-point tensor, got dtype torch.int64"):
+        router(torch.ones(3, 8, dtype=torch.long))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
+        router([[0.0] * 8])
+
+
+def test_cuda_only_backend_on_a_cpu_module_is_refused_at_construction(monkeypatch):
+    # Triton runs CPU tensors only in its interpreter: without it, a CPU module naming triton can never run.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"backend 'triton' cannot run on this module's device \(cpu\): on CPU "
+                                         r"tensors it runs only in the Triton interpreter"):
+        leanmoe.GroupedExperts(num_experts=4, dim=16, hidden_dim=8, backend="triton")
+    with pytest.raises(ValueError, match=r"backend 'triton' cannot run on this module's device \(cpu\)"):
+        leanmoe.MoE(leanmoe.MoEConfig(dim=16, hidden_dim=8, num_experts=4, top_k=2, backend="triton"))
+    # On meta the device is not decided yet (to_empty decides it): nothing to refuse.
+    leanmoe.MoE(leanmoe.MoEConfig(dim=16, hidden_dim=8, num_experts=4, top_k=2, backend="triton"), device="meta")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    leanmoe.GroupedExperts(num_experts=4, dim=16, hidden_dim=8, backend="triton")
+
+
+def test_backend_that_fits_no_dtype_is_refused_at_construction_one_dtype_is_left_to_the_forward():
+    # D=3: 12-byte fp32 rows, 6-byte bf16/fp16 rows: torch._grouped_mm can run this module in no dtype.
+    with pytest.raises(ValueError, match=r"backend 'grouped_mm' cannot run on this module's device \(cpu\): "
+                                         r"torch._grouped_mm needs 16-byte rows"):
+        leanmoe.GroupedExperts(num_experts=4, dim=3, hidden_dim=4, backend="grouped_mm")
+    # D=12 in bf16: 24-byte rows, but fp32 rows are aligned, so a cast could make it run: refused at the forward.
+    experts = leanmoe.GroupedExperts(num_experts=4, dim=12, hidden_dim=8, backend="grouped_mm", dtype=torch.bfloat16)
+    x = torch.randn(3, 12, dtype=torch.bfloat16)
+    ids = torch.zeros(3, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="backend 'grouped_mm' cannot run this call: torch._grouped_mm needs 16-byte"):
+        experts(x, ids, torch.ones(3, 1, dtype=torch.bfloat16))
+    assert experts.to(torch.float32)(x.float(), ids, torch.ones(3, 1)).shape == (3, 12)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import operator
 from typing import Literal
 
 from leanmoe.activations import Activation, check_layout, resolve_activation
@@ -11,18 +14,54 @@ ScoreFunc = Literal["softmax", "sigmoid"]
 SCORE_FUNCS = ("softmax", "sigmoid")
 
 
-def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+def check_int(name: str, value: object, minimum: int) -> int:
+    """``value`` as an int >= ``minimum``: any integer (Python, NumPy, a 0-d integer tensor), never a bool, a float
+    or a string."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_bool(name: str, value: object) -> None:
+    # A string such as "false" is truthy: only real bools are accepted.
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
+
+
+def check_real(name: str, value: object, *, minimum: float, strict: bool = False) -> float:
+    """``value`` as a finite float ``>= minimum`` (``> minimum`` when ``strict``); bools and strings are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite number, got {type(value).__name__} ({value!r})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    if value < minimum or (strict and value == minimum):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum:g}, got {value}")
+    return value
 
 
 def check_save_percent(save_percent: object) -> None:
-    if isinstance(save_percent, bool) or not isinstance(save_percent, (int, float)):
+    if isinstance(save_percent, bool) or not isinstance(save_percent, numbers.Real):
         raise TypeError(f"save_percent must be a number in [0, 100], got {type(save_percent).__name__}")
-    if not 0 <= save_percent <= 100:
+    if not 0 <= save_percent <= 100:  # NaN fails this too
         raise ValueError(f"save_percent must be in [0, 100], got {save_percent}")
+
+
+def check_backend_name(backend: object) -> None:
+    """``backend`` must be ``"auto"`` or a registered backend name."""
+    from leanmoe.experts.registry import available_backends  # the registry imports this module's users
+
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str ('auto' or one of {available_backends()}), got "
+                        f"{type(backend).__name__}")
+    if backend != "auto" and backend not in available_backends():
+        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {available_backends()}")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -42,6 +81,11 @@ class MoEConfig:
     Shared experts: ``num_shared_experts`` dense SwiGLU experts fused into one MLP of hidden size
     ``shared_hidden_dim`` (default ``num_shared_experts * hidden_dim``), optionally scaled per token by a sigmoid
     gate (``shared_expert_gate``, Qwen2-MoE).
+
+    Every field is checked at construction: ``TypeError`` for a wrong type (a bool, float or string where an int
+    is expected, a flag that is not a bool, a number that is a string), ``ValueError`` for a value out of range
+    (sizes < 1, ``num_shared_experts`` < 0, non-finite or negative coefficients, ``route_scale`` <= 0,
+    ``top_k > num_experts``, an unknown name), each naming the field, the bad value and what is expected.
     """
 
     dim: int
@@ -71,12 +115,17 @@ class MoEConfig:
     save_percent: float = 0
 
     def __post_init__(self) -> None:
+        # Every field is checked here, so a bad value fails at construction with its name, never deep in a forward.
         for name in ("dim", "hidden_dim", "num_experts", "top_k", "n_group", "topk_group"):
-            _positive_int(name, getattr(self, name))
+            setattr(self, name, check_int(name, getattr(self, name), 1))
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k must be <= num_experts, got top_k={self.top_k}, num_experts={self.num_experts}")
         self.activation = resolve_activation(self.activation)
         check_layout(self.gate_up_layout)
+        for name in ("bias", "norm_topk_prob", "router_bias", "balance_bias", "shared_expert_gate"):
+            check_bool(name, getattr(self, name))
+        if not isinstance(self.score_func, str):
+            raise TypeError(f"score_func must be a str, one of {SCORE_FUNCS}, got {type(self.score_func).__name__}")
         if self.score_func not in SCORE_FUNCS:
             raise ValueError(f"unknown score_func {self.score_func!r}; expected one of {SCORE_FUNCS}")
         if self.num_experts % self.n_group:
@@ -90,13 +139,13 @@ class MoEConfig:
                 f"top_k={self.top_k} exceeds the {self.topk_group * (self.num_experts // self.n_group)} experts "
                 f"left by topk_group={self.topk_group} groups of {self.num_experts // self.n_group}"
             )
-        if self.num_shared_experts < 0:
-            raise ValueError(f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
-        if self.shared_hidden_dim is not None:
-            _positive_int("shared_hidden_dim", self.shared_hidden_dim)
+        self.route_scale = check_real("route_scale", self.route_scale, minimum=0.0, strict=True)
         for name in ("aux_loss_coef", "z_loss_coef", "balance_bias_rate"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            setattr(self, name, check_real(name, getattr(self, name), minimum=0.0))
+        self.num_shared_experts = check_int("num_shared_experts", self.num_shared_experts, 0)
+        if self.shared_hidden_dim is not None:
+            self.shared_hidden_dim = check_int("shared_hidden_dim", self.shared_hidden_dim, 1)
+        check_backend_name(self.backend)
         check_save_percent(self.save_percent)
 
     @property

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from leanmoe.config import MoEConfig
+from leanmoe.experts.functional import check_token_mask
 from leanmoe.experts.module import GroupedExperts, SharedExperts
 from leanmoe.parallel.dispatcher import LocalDispatcher
 from leanmoe.routers.topk import TopKRouter
@@ -27,6 +28,10 @@ class MoE(nn.Module):
     Submodules: ``router`` (:class:`TopKRouter`), ``experts`` (:class:`GroupedExperts`), ``shared_experts``
     (:class:`SharedExperts` or None). ``dispatcher`` is a plain attribute (:class:`LocalDispatcher` until
     :func:`leanmoe.parallel.expert_parallel` replaces it).
+
+    ``config`` is a :class:`leanmoe.MoEConfig` (every field validated there, and the named backend checked against
+    ``device`` at construction); ``device``/``dtype`` as for any module, ``device="meta"`` included (then
+    ``to_empty(device=...)`` and :meth:`reset_parameters`).
     """
 
     def __init__(self, config: MoEConfig, *, device=None, dtype=None) -> None:
@@ -45,8 +50,22 @@ class MoE(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.tokens_per_expert: torch.Tensor | None = None
 
+    def reset_parameters(self) -> None:
+        """Initialises every parameter and buffer as construction does (the same random stream, in the same
+        order): after ``MoE(config, device="meta").to_empty(device=...)``, this gives a layer that runs and trains."""
+        self.router.reset_parameters()
+        self.experts.reset_parameters()
+        if self.shared_experts is not None:
+            self.shared_experts.reset_parameters()
+
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``x [..., D]``; ``token_mask [...]`` (bool, True = keep) routes masked tokens nowhere (zero output)."""
+        """``x [..., D]`` (floating point, the parameters' dtype) -> ``y`` of the same shape and dtype.
+
+        ``token_mask``: optional bool tensor of exactly ``x.shape[:-1]`` on x's device (True = keep; never
+        broadcast). A masked token takes no routed row in the experts (no compute) and is left out of the router's
+        counts and losses; its output row is exactly 0 and its gradients are exactly 0, even when its x row holds
+        NaN or inf (padding).
+        """
         D = self.config.dim
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -57,20 +76,21 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, D)
         mask_T = None
         if token_mask is not None:
-            if token_mask.dtype != torch.bool or token_mask.shape != x.shape[:-1]:
-                raise ValueError(f"token_mask must be a bool tensor of shape {list(x.shape[:-1])}, "
-                                 f"got {token_mask.dtype} {list(token_mask.shape)}")
+            check_token_mask(token_mask, tuple(x.shape[:-1]), x.device)
             mask_T = token_mask.reshape(-1)
 
         routing = self.router(x_TD, mask_T)
         self.aux_loss, self.tokens_per_expert = routing.aux_loss, routing.tokens_per_expert_E
-        x_d, ids_d, weights_d, meta = self.dispatcher.dispatch(x_TD, routing.topk_ids_TK, routing.topk_weights_TK)
-        y_d = self.experts(x_d, ids_d, weights_d, check_ids=False)
+        x_d, ids_d, weights_d, meta = self.dispatcher.dispatch(x_TD, routing.topk_ids_TK, routing.topk_weights_TK,
+                                                               token_mask_T=mask_T)
+        y_d = self.experts(x_d, ids_d, weights_d, token_mask=meta.token_mask_T, check_ids=False)
         y_TD = self.dispatcher.combine(y_d, meta)
 
         if self.shared_experts is not None:
-            shared_TD = self.shared_experts(x_TD)
-            if mask_T is not None:
-                shared_TD = shared_TD * mask_T[:, None].to(shared_TD.dtype)
-            y_TD = y_TD + shared_TD
+            if mask_T is None:
+                y_TD = y_TD + self.shared_experts(x_TD)
+            else:
+                # Zeroing the masked rows of x (not of the output: 0 * NaN is NaN) keeps a NaN there out of the
+                # output and out of every gradient; the shared MLP has no biases, so a zero row gives exactly 0.
+                y_TD = y_TD + self.shared_experts(torch.where(mask_T[:, None], x_TD, 0.0))
         return y_TD.view(x.shape)

@@ -22,10 +22,28 @@ def _require_tensor(name: str, t: object) -> torch.Tensor:
     return t
 
 
+def check_token_mask(token_mask: object, shape: tuple[int, ...], device: torch.device,
+                     name: str = "token_mask") -> torch.Tensor:
+    """Checks that ``token_mask`` is a bool tensor of exactly ``shape`` on ``device`` (no broadcasting); returns it.
+
+    Raises ``TypeError`` (not a tensor, not bool) or ``ValueError`` (shape, device); never reads tensor data.
+    """
+    expected = "[" + ", ".join(str(s) for s in shape) + "]"
+    if not isinstance(token_mask, torch.Tensor):
+        raise TypeError(f"{name} must be a bool tensor of shape {expected} or None, got {type(token_mask).__name__}")
+    if token_mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True = keep), got dtype {token_mask.dtype}")
+    if tuple(token_mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {expected} (one flag per token), got {_shape(token_mask)}")
+    if token_mask.device != device:
+        raise ValueError(f"{name} is on {token_mask.device} but x is on {device}")
+    return token_mask
+
+
 def describe_call(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias=None, down_bias=None,
                   *, activation: str | Activation = "swiglu", gate_up_layout: str = "concatenated",
-                  save_percent: float = 0) -> ExpertsCall:
-    """Validates a call's arguments and describes it for backend selection.
+                  save_percent: float = 0, token_mask: torch.Tensor | None = None) -> ExpertsCall:
+    """Validates a call's arguments (those of :func:`moe_experts`) and describes it for backend selection.
 
     Raises ``TypeError``/``ValueError`` naming the bad and the expected value; never reads tensor data.
     """
@@ -79,18 +97,21 @@ def describe_call(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, g
     for name, t in params + [("topk_ids", topk_ids_TK), ("topk_weights", topk_weights_TK)]:
         if t is not None and t.device != x_TD.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x_TD.device}")
+    if token_mask is not None:
+        check_token_mask(token_mask, (x_TD.shape[0],), x_TD.device)
     requires_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x_TD, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias,
                                                     down_bias))
     return ExpertsCall(device=x_TD.device, dtype=x_TD.dtype, num_tokens=x_TD.shape[0], dim=D, hidden_dim=I,
                        num_experts=E, top_k=K, activation=activation, gate_up_layout=gate_up_layout,
                        has_gate_up_bias=gate_up_bias is not None, has_down_bias=down_bias is not None,
-                       save_percent=save_percent, requires_grad=requires_grad)
+                       save_percent=save_percent, requires_grad=requires_grad, has_token_mask=token_mask is not None)
 
 
 def check_expert_ids(topk_ids_TK: torch.Tensor, num_experts: int) -> None:
-    """Raises ``ValueError`` if any id is outside ``[0, num_experts)``. Reads the ids: a host sync on GPUs."""
-    if topk_ids_TK.numel() == 0:
+    """Raises ``ValueError`` if any id is outside ``[0, num_experts)``. Reads the ids: a host sync on GPUs; skipped
+    for meta tensors, which hold no values."""
+    if topk_ids_TK.numel() == 0 or topk_ids_TK.is_meta:
         return
     lo, hi = int(topk_ids_TK.min()), int(topk_ids_TK.max())
     if lo < 0 or hi >= num_experts:
@@ -101,7 +122,8 @@ def moe_experts(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: 
                 gate_up_proj: torch.Tensor, down_proj: torch.Tensor, gate_up_bias: torch.Tensor | None = None,
                 down_bias: torch.Tensor | None = None, *, activation: str | Activation = "swiglu",
                 gate_up_layout: str = "concatenated", backend: str = "auto", save_percent: float = 0,
-                check_ids: bool | None = None) -> torch.Tensor:
+                check_ids: bool | None = None, token_mask: torch.Tensor | None = None,
+                lora=None) -> torch.Tensor:
     """Routed expert compute: ``y_t = sum_k w_tk * (down_proj[e] act(gate_up_proj[e] x_t + b1[e]) + b2[e])``.
 
     Args:
@@ -117,15 +139,36 @@ def moe_experts(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: 
         backend: a registered backend name or ``"auto"`` (see :func:`leanmoe.explain_backend`).
         save_percent: in ``[0, 100]``; how much of the intermediate state the backend keeps for backward.
         check_ids: read the ids to check their range. ``None`` checks on the CPU only, where it costs no sync;
-            ``True`` also checks on GPUs (a host sync); ``False`` never checks (ids from a router are valid).
+            ``True`` also checks on GPUs (a host sync); ``False`` never checks (ids from a router are valid). The
+            ids of masked tokens are checked too. Meta tensors are never checked (they hold no values).
+        token_mask: optional ``[T]`` bool on x's device, True = keep. A masked token takes no routed row in any
+            backend (no GEMM work): its output row is exactly 0, even when its x row holds NaN or inf, and its
+            gradients (its dx row, its routing-weight gradients) are exactly 0; the expert weights get no gradient
+            from it. A mask of any other shape, dtype or device raises (it is never broadcast).
+        lora: optional :class:`leanmoe.ExpertLoRA` adapting the experts (see :mod:`leanmoe.lora`); only the
+            backends in ``leanmoe.lora.compute.LORA_BACKENDS`` take it (another named backend raises).
+
+    Every tensor may be on the meta device: the output is then a meta ``[T, D]`` tensor and no data is read.
 
     Returns:
         ``[T, D]`` in x's dtype.
+
+    Raises:
+        TypeError, ValueError: for any argument outside what is listed above, naming the argument, the bad value
+            and the expected one; ``ValueError`` when the named backend cannot run the call (with its reason).
     """
     call = describe_call(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias,
-                         activation=activation, gate_up_layout=gate_up_layout, save_percent=save_percent)
+                         activation=activation, gate_up_layout=gate_up_layout, save_percent=save_percent,
+                         token_mask=token_mask)
     if check_ids or (check_ids is None and x_TD.device.type == "cpu" and not torch.compiler.is_compiling()):
         check_expert_ids(topk_ids_TK, call.num_experts)
+    if lora is not None:
+        from leanmoe.lora.compute import lora_moe_experts  # here: leanmoe.lora imports this module
+
+        return lora_moe_experts(call, backend, x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj,
+                                gate_up_bias, down_bias, lora=lora, token_mask=token_mask)
     impl, _ = select_backend(backend, call)
+    # Passed only when given, so a backend registered before masks existed still runs every unmasked call.
+    mask_kw = {} if token_mask is None else {"token_mask": token_mask}
     return impl(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias,
-                activation=call.activation, gate_up_layout=gate_up_layout, save_percent=save_percent)
+                activation=call.activation, gate_up_layout=gate_up_layout, save_percent=save_percent, **mask_kw)

@@ -34,6 +34,8 @@ class ExpertsCall:
     has_down_bias: bool
     save_percent: float
     requires_grad: bool
+    #: Whether the call carries a token mask (every backend takes one: ``__call__(..., token_mask=)``).
+    has_token_mask: bool = False
 
 
 @torch.compiler.assume_constant_result
@@ -85,7 +87,15 @@ class ExpertsBackend(abc.ABC):
         activation: Activation,
         gate_up_layout: str,
         save_percent: float,
-    ) -> torch.Tensor: ...
+        token_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Validated inputs (see :func:`leanmoe.moe_experts`); returns ``y_TD [T, D]`` in x's dtype.
+
+        ``token_mask`` (``[T]`` bool or None, True = keep; passed only when not None): masked tokens take no routed
+        rows, give exactly zero output rows and exactly zero gradients (see
+        :func:`leanmoe.experts.plan.plan_experts`). On meta tensors a backend returns a meta output without
+        reading data.
+        """
 
 
 _BACKENDS: dict[str, ExpertsBackend] = {}
@@ -147,6 +157,34 @@ def select_backend(name: str, call: ExpertsCall) -> tuple[ExpertsBackend, str]:
             return backend, why
         skipped.append(f"{backend_name!r} ({reason})")
     raise AssertionError("the reference backend supports every valid call")
+
+
+#: Dtypes a module may be cast to after construction: a backend that runs in any of them is not refused then.
+_MODULE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_backend_for_module(name: str, call: ExpertsCall) -> None:
+    """At an experts module's construction: raises ``ValueError`` when the backend ``name`` can run no call of
+    this module on its device in any float dtype (say, ``"triton"`` on CPU without the Triton interpreter, or a
+    missing package), so that the error comes at construction and not at the first forward.
+
+    ``call`` describes the module's shapes and options with a representative batch. Meta modules are not checked
+    (their device is decided by ``to_empty``); neither is ``"auto"`` (the reference backend runs everything). What
+    depends on the batch, the grad mode or the dtype (a dtype cast after construction, alignment in one dtype) is
+    left to the forward, which raises with the reason.
+    """
+    backend = get_backend(name) if name != "auto" else None
+    if backend is None or call.device.type == "meta":
+        return
+    first = _reason(backend, call)
+    if first is None:
+        return
+    for dtype in dict.fromkeys((call.dtype, *_MODULE_DTYPES)):
+        for requires_grad in (True, False):  # a forward-only backend runs under no_grad
+            if _reason(backend, dataclasses.replace(call, dtype=dtype, requires_grad=requires_grad)) is None:
+                return
+    raise ValueError(f"backend {name!r} cannot run on this module's device ({call.device}): {first}; pick "
+                     f"backend='auto', or build the module on a device the backend runs on (or on 'meta')")
 
 
 def explain_backend(call: ExpertsCall, name: str = "auto") -> str:

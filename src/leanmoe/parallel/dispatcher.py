@@ -16,17 +16,23 @@ import torch
 
 @dataclasses.dataclass(frozen=True)
 class DispatchMeta:
-    """State carried from ``dispatch`` to ``combine``. The local dispatcher needs only the token count."""
+    """State carried from ``dispatch`` to ``combine``. The local dispatcher needs only the token count.
+
+    ``token_mask_T``: the mask the experts apply to the dispatched rows (``[T]`` bool), or None when every
+    dispatched row is kept (a dispatcher that sends no rows for masked tokens leaves it None).
+    """
 
     num_tokens: int
+    token_mask_T: torch.Tensor | None = dataclasses.field(default=None, kw_only=True)
 
 
 class LocalDispatcher:
     """All experts live on this device: tokens stay where they are."""
 
-    def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor
+    def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor, *,
+                 token_mask_T: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DispatchMeta]:
-        return x_TD, topk_ids_TK, topk_weights_TK, DispatchMeta(num_tokens=x_TD.shape[0])
+        return x_TD, topk_ids_TK, topk_weights_TK, DispatchMeta(num_tokens=x_TD.shape[0], token_mask_T=token_mask_T)
 
     def combine(self, y: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
         return y

@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from leanmoe.config import MoEConfig
+from leanmoe.experts.functional import check_token_mask
+from leanmoe.experts.module import check_param_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +46,17 @@ class TopKRouter(nn.Module):
 
     Buffers: ``expert_bias [E]`` (fp32, aux-loss-free balancing, with ``balance_bias``) and ``expert_load [E]``, the
     routed-token counts accumulated by training forwards since the last :meth:`update_balance_bias`.
+
+    ``config`` must be a :class:`leanmoe.MoEConfig` (validated there); ``dtype`` None or a floating dtype (the
+    scoring is fp32 whatever it is). ``device="meta"``, then ``to_empty`` and :meth:`reset_parameters`, gives the
+    state construction gives.
     """
 
     def __init__(self, config: MoEConfig, *, device=None, dtype=None) -> None:
         super().__init__()
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config must be a leanmoe.MoEConfig, got {type(config).__name__}")
+        check_param_dtype(dtype)
         self.config = config
         E, D = config.num_experts, config.dim
         self.weight = nn.Parameter(torch.empty(E, D, device=device, dtype=dtype))
@@ -63,15 +72,37 @@ class TopKRouter(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """What construction does: ``weight ~ N(0, 1/D)``, zero ``bias``, zero balancing bias and load."""
         nn.init.normal_(self.weight, std=self.config.dim ** -0.5)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
+        if self.expert_bias is not None:
+            with torch.no_grad():
+                self.expert_bias.zero_()
+                self.expert_load.zero_()
 
     def forward(self, x_TD: torch.Tensor, token_mask_T: torch.Tensor | None = None) -> RouterOutput:
+        """``x_TD [T, D]`` (any float dtype; scored in fp32), optional ``token_mask_T [T]`` bool on x's device
+        (True = keep).
+
+        A masked token's row of x is replaced by zeros before scoring, so a NaN or inf there (padding) reaches no
+        output, loss or gradient; its weights are exactly 0, and it is left out of ``tokens_per_expert_E``, the
+        balancing load and the losses. Its ids are still valid expert ids.
+        """
         cfg = self.config
+        if not isinstance(x_TD, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x_TD).__name__}")
+        if not x_TD.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x_TD.dtype}")
+        if x_TD.dim() != 2 or x_TD.shape[1] != cfg.dim:
+            raise ValueError(f"x must be [T, {cfg.dim}] (the router's dim), got shape {list(x_TD.shape)}")
         T, E, K = x_TD.shape[0], cfg.num_experts, cfg.top_k
+        x32_TD = x_TD.float()
+        if token_mask_T is not None:
+            check_token_mask(token_mask_T, (T,), x_TD.device, name="token_mask")
+            x32_TD = torch.where(token_mask_T[:, None], x32_TD, 0.0)
         bias = self.bias.float() if self.bias is not None else None
-        logits_TE = F.linear(x_TD.float(), self.weight.float(), bias)
+        logits_TE = F.linear(x32_TD, self.weight.float(), bias)
         scores_TE = logits_TE.softmax(-1) if cfg.score_func == "softmax" else logits_TE.sigmoid()
 
         select_TE = scores_TE.detach()
@@ -86,7 +117,7 @@ class TopKRouter(nn.Module):
             weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
         weights_TK = weights_TK * cfg.route_scale
         if token_mask_T is not None:
-            weights_TK = weights_TK * token_mask_T[:, None]
+            weights_TK = torch.where(token_mask_T[:, None], weights_TK, 0.0)
 
         # Masked tokens count into an extra bucket E that is dropped: fixed shapes, no host sync.
         ids_R = topk_ids_TK.reshape(-1)
