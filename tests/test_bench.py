@@ -23,7 +23,7 @@ from leanmoe.bench import (
     reference_errors,
     router_logits,
 )
-from leanmoe.bench.harness import run_once, worst_error
+from leanmoe.bench.harness import make_token_mask, run_once, worst_error
 
 CPU = torch.device("cpu")
 
@@ -155,3 +155,32 @@ def test_reference_check_treats_nan_as_the_worst():
     outs["out"][0, 0] = float("nan")
     name, worst = worst_error(reference_errors(case, outs))
     assert name == "out" and math.isnan(worst)
+
+
+def test_token_mask_masks_the_floor_of_the_fraction_reproducibly():
+    keep_T = make_token_mask(10, 0.55, seed=2)
+    assert keep_T.dtype == torch.bool and keep_T.shape == (10,) and int((~keep_T).sum()) == 5
+    assert torch.equal(make_token_mask(10, 0.55, seed=2), keep_T)
+    assert not torch.equal(make_token_mask(10, 0.55, seed=3), keep_T)
+    assert make_token_mask(10, 0.0) is None and make_token_mask(1, 0.9) is None  # floor: nothing to mask
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"mask_fraction must be in \[0, 1\)"):
+            make_token_mask(10, bad)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+def test_reference_check_applies_the_mask(mode):
+    small = dataclasses.replace(cpu_scaled(PRESETS["qwen3-30b-a3b"]), dim=32, hidden_dim=16, num_experts=6, top_k=2)
+    case = make_case(small, "uniform", 24, dtype=torch.float32, device=CPU, seed=1, mask_fraction=0.5)
+    assert int(case.token_mask_T.sum()) == case.kept_tokens == 12
+    outs = run_once(case, "reference", mode, 0)
+    assert worst_error(reference_errors(case, outs))[1] < 1e-5
+    keep_T = case.token_mask_T
+    assert torch.equal(outs["out"][~keep_T], torch.zeros_like(outs["out"][~keep_T]))
+    # The masked tokens' outputs of an unmasked call are wrong under the mask: the check sees them.
+    unmasked = dataclasses.replace(case, token_mask_T=None)
+    outs = run_once(unmasked, "reference", mode, 0)
+    errors = reference_errors(case, outs)
+    assert errors["out"] > 0.1
+    if mode == "fwdbwd":  # and the gradients that masked tokens fed
+        assert errors["grad_x"] > 0.1 and errors["grad_topk_weights"] > 0.1 and errors["grad_down_proj"] > 0.01

@@ -58,14 +58,18 @@ class _TestBackend(ExpertsBackend):
         return self.auto_reason
 
     def __call__(self, x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias, *,
-                 activation, gate_up_layout, save_percent):
+                 activation, gate_up_layout, save_percent, token_mask=None):
+        self.token_masks = [*getattr(self, "token_masks", []), token_mask]
         if self.fault == "raises":
             raise RuntimeError("kernel exploded")
         if self.fault == "grad":
             down_proj = _DoubleGrad.apply(down_proj)
+        if self.fault == "ignores-mask":
+            token_mask = None
+        mask = {} if token_mask is None else {"token_mask": token_mask}
         y_TD = get_backend("grouped_mm")(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias,
                                          down_bias, activation=activation, gate_up_layout=gate_up_layout,
-                                         save_percent=save_percent)
+                                         save_percent=save_percent, **mask)
         return y_TD * 1.5 if self.fault == "output" else y_TD
 
 
@@ -453,3 +457,60 @@ def test_a_usage_error_prints_no_traceback_from_the_console(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "does not exist" in done.stderr and "Traceback" not in done.stderr
+
+
+# ------------------------------------------------------------------------------------------------ --mask-fraction
+
+
+def test_mask_fraction_masks_tokens_and_counts_only_the_kept_ones(tmp_path, register, capsys):
+    from leanmoe.bench.presets import flops
+
+    recorder = register(_TestBackend("none"))
+    out_json = tmp_path / "m.json"
+    assert main(["bench", "--device", "cpu", "--tokens", "4", "--mask-fraction", "0.5", "--backend", recorder,
+                 "--decode", "--json", str(out_json)]) == 0
+    (row,) = _rows(out_json)
+    assert row["status"] == "ok" and row["mask_fraction"] == 0.5 and row["tokens"] == 4 and row["kept_tokens"] == 2
+    # The timed calls got the mask: a [T] bool tensor keeping 2 of 4 tokens, the same one every call.
+    masks = get_backend(recorder).token_masks
+    assert all(m is not None and m.dtype == torch.bool and m.shape == (4,) for m in masks)
+    assert int(masks[0].sum()) == 2 and all(torch.equal(m, masks[0]) for m in masks)
+    # FLOPs and weight bytes count the kept tokens only.
+    kept_flops = row["tflops"] * 1e12 * row["ms"] * 1e-3
+    assert kept_flops == pytest.approx(flops(_scaled_default(), 2, "fwd"), rel=1e-6)
+    case = harness.make_case(_scaled_default(), "uniform", 4, dtype=torch.float32, device=torch.device("cpu"),
+                             mask_fraction=0.5)
+    assert torch.equal(case.token_mask_T, masks[0])
+    kept_experts = torch.unique(case.topk_ids_TK[case.token_mask_T]).numel()
+    assert kept_experts < torch.unique(case.topk_ids_TK).numel()  # else the byte count below could not tell
+    assert row["weight_bytes"] == kept_experts * _scaled_default().expert_bytes(4)
+    out = capsys.readouterr().out
+    assert "masked" in out and "50%" in out and "kept tokens only" in out
+
+
+def _scaled_default():
+    from leanmoe.bench import DEFAULT_PRESET, cpu_scaled
+
+    return cpu_scaled(PRESETS[DEFAULT_PRESET])
+
+
+def test_a_backend_that_ignores_the_mask_fails_the_check(tmp_path, register):
+    ignores = register(_TestBackend("ignores-mask"))
+    out_json = tmp_path / "m.json"
+    assert main(["verify", *TINY, "--mask-fraction", "0.25", "--backend", "grouped_mm", ignores, "--json",
+                 str(out_json)]) == 1
+    rows = {(r["backend"], r["mode"]): r for r in _rows(out_json)}
+    assert rows["grouped_mm", "fwd"]["status"] == rows["grouped_mm", "fwdbwd"]["status"] == "ok"
+    assert rows[ignores, "fwd"]["status"] == "FAILED" and rows[ignores, "fwd"]["reason"].startswith("out ")
+
+
+def test_no_mask_by_default(tmp_path, register, capsys):
+    recorder = register(_TestBackend("none"))
+    assert main(["verify", *TINY, "--mode", "fwd", "--backend", recorder]) == 0
+    assert get_backend(recorder).token_masks and all(m is None for m in get_backend(recorder).token_masks)
+    assert "masked" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value", ["1", "-0.1", "nan", "1.5"])
+def test_mask_fraction_outside_0_1_is_a_usage_error(value, capsys, no_work):
+    assert "--mask-fraction must be in [0, 1)" in _usage_error(capsys, ["bench", *TINY, "--mask-fraction", value])

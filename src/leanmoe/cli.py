@@ -82,6 +82,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--routing", action="extend", nargs="+", choices=ROUTINGS, help="default: uniform")
     p.add_argument("--save-percent", type=float, default=0, metavar="S",
                    help="the backends' save_percent in [0, 100] (default 0)")
+    p.add_argument("--mask-fraction", type=float, default=0.0, metavar="F",
+                   help="mask this fraction of each case's tokens (a fixed random token_mask from --seed), in "
+                        "[0, 1); FLOP and bandwidth figures count the kept tokens only (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the inputs and the routing (default 0)")
     p.add_argument("--json", metavar="FILE", help="write every row and the environment as JSON")
 
@@ -163,6 +166,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--tokens must be >= 1, got {args.tokens}")
     if not 0 <= getattr(args, "save_percent", 0) <= 100:
         parser.error(f"--save-percent must be in [0, 100], got {args.save_percent:g}")
+    mask_fraction = getattr(args, "mask_fraction", 0.0)
+    if not 0 <= mask_fraction < 1:  # NaN fails too
+        parser.error(f"--mask-fraction must be in [0, 1), got {mask_fraction:g}")
     if getattr(args, "hf_layers", 1) < 1:
         parser.error(f"--hf-layers must be >= 1, got {args.hf_layers}")
     _check_output_paths(parser, args)
@@ -226,13 +232,19 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace, *, check_on
         device=device,
         check_only=check_only,
         seed=args.seed,
+        mask_fraction=args.mask_fraction,
     )
 
 
 def _run_env(plan: BenchPlan, argv: list[str]) -> dict:
     env = bench_env.collect_env(plan.device, argv)
     env.update(dtype=str(plan.dtype).removeprefix("torch."), tolerance=TOLERANCES[plan.dtype],
-               save_percent=plan.save_percent, dense_tflops=None, copy_gbps=None, notes=[])
+               save_percent=plan.save_percent, mask_fraction=plan.mask_fraction, dense_tflops=None, copy_gbps=None,
+               notes=[])
+    if plan.mask_fraction:
+        env["notes"].append(f"token mask: {plan.mask_fraction:.0%} of each case's tokens masked (floor of the "
+                            "fraction, a fixed random mask); TFLOP/s and GB/s count the kept tokens only, and the "
+                            "reference check applies the same mask.")
     if not plan.check_only:
         env["timer"] = ("triton.testing.do_bench median" if plan.device.type == "cuda"
                         else "median of perf_counter timings")
@@ -266,6 +278,8 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list
         return _report(args, rows, env, hf_rows, title="leanmoe bench", check_only=False)
     plan = _plan(parser, args, check_only=check_only)
     hf_only = not check_only and args.hf is not None and args.preset is None
+    if hf_only and args.mask_fraction:
+        parser.error("--mask-fraction applies to the expert-layer rows (--preset), not to --hf")
     if not check_only and args.hf is not None:
         _check_hf_model_type(parser, args.hf)
     if plan.device.type == "cuda" and not check_only and importlib.util.find_spec("triton") is None:
@@ -294,7 +308,14 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list
     try:
         rows = [] if hf_only else run_plan(plan, make_progress(), dense_tflops=env["dense_tflops"],
                                            copy_rate_gbps=env["copy_gbps"], on_row=keep)
-        if run_hf_bench is not None:
+        if run_hf_bench is not None and ("decode" in (args.mode or ()) or getattr(args, "decode", False)):
+            # Greedy generate() throughput; --tokens is the batch of prompts (one decode step's T).
+            from leanmoe.bench.hf import HF_DECODE_BATCH, run_hf_decode_bench
+
+            print(f"benchmarking Hugging Face model type {args.hf!r} in decode ...", file=sys.stderr, flush=True)
+            hf_rows = run_hf_decode_bench(args.hf, device=plan.device, dtype=plan.dtype, layers=args.hf_layers,
+                                          batch=args.tokens or HF_DECODE_BATCH[plan.device.type])
+        elif run_hf_bench is not None:
             print(f"benchmarking Hugging Face model type {args.hf!r} ...", file=sys.stderr, flush=True)
             hf_rows = run_hf_bench(args.hf, device=plan.device, dtype=plan.dtype,
                                    tokens=args.tokens or HF_DEFAULT_TOKENS[plan.device.type], layers=args.hf_layers,

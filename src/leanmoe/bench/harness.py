@@ -4,7 +4,9 @@ Legend: T tokens, D model dim, I expert hidden dim, N gate/up rows (2I gated, I 
 R routed rows (T*K), r routed rows of one expert chunk.
 
 For each case (preset, routing, T):
-1. build the problem on the device (:func:`make_case`): x, the seeded routing, weights, biases and a fixed random dy;
+1. build the problem on the device (:func:`make_case`): x, the seeded routing, weights, biases, a fixed random dy
+   and, with a mask fraction, a fixed random token mask (masked tokens take no routed rows: FLOPs and bytes count
+   the kept tokens only, and the reference check applies the same mask);
 2. for each backend and mode, ask the registry whether the backend can run the call; if not the row says
    ``unsupported`` with the registry's reason (on the CPU, a backend that only runs in the Triton interpreter, or
    that ``auto`` would pass over, is ``skipped`` unless named);
@@ -71,10 +73,21 @@ class Case:
     gate_up_bias: torch.Tensor | None
     down_bias: torch.Tensor | None
     dy_TD: torch.Tensor
+    #: ``[T]`` bool, True = keep; None when no token is masked.
+    token_mask_T: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
         return self.x_TD.shape[0]
+
+    @property
+    def kept_tokens(self) -> int:
+        return self.num_tokens if self.token_mask_T is None else int(self.token_mask_T.sum())
+
+    @property
+    def mask_kwargs(self) -> dict:
+        # Passed only when there is a mask, so an unmasked run makes the call it always made.
+        return {} if self.token_mask_T is None else {"token_mask": self.token_mask_T}
 
     def params(self) -> dict[str, torch.Tensor]:
         """Expert weights and biases by name (biases only when the preset has them)."""
@@ -93,8 +106,9 @@ class Case:
         return sum(t.numel() * t.element_size() for t in self.params().values())
 
     def touched_weight_bytes(self) -> int:
-        """Bytes of the expert weights that the routing touches: each active expert's weights once."""
-        active_experts = int(torch.unique(self.topk_ids_TK).numel())
+        """Bytes of the expert weights that the kept tokens' routing touches: each active expert's weights once."""
+        ids_TK = self.topk_ids_TK if self.token_mask_T is None else self.topk_ids_TK[self.token_mask_T]
+        active_experts = int(torch.unique(ids_TK).numel())
         return active_experts * self.preset.expert_bytes(self.gate_up_proj.element_size())
 
     def call(self, backend: str, save_percent: float) -> torch.Tensor:
@@ -102,19 +116,36 @@ class Case:
         return moe_experts(self.x_TD, self.topk_ids_TK, self.topk_weights_TK, self.gate_up_proj, self.down_proj,
                            self.gate_up_bias, self.down_bias, activation=self.preset.activation,
                            gate_up_layout=self.preset.gate_up_layout, backend=backend, save_percent=save_percent,
-                           check_ids=False)
+                           check_ids=False, **self.mask_kwargs)
 
     def describe(self, mode: str, save_percent: float):
         with torch.set_grad_enabled(mode == "fwdbwd"):
             return describe_call(self.x_TD, self.topk_ids_TK, self.topk_weights_TK, self.gate_up_proj,
                                  self.down_proj, self.gate_up_bias, self.down_bias,
                                  activation=self.preset.activation, gate_up_layout=self.preset.gate_up_layout,
-                                 save_percent=save_percent)
+                                 save_percent=save_percent, **self.mask_kwargs)
+
+
+def make_token_mask(num_tokens: int, mask_fraction: float, *, seed: int = 0, device: torch.device | str = "cpu"
+                    ) -> torch.Tensor | None:
+    """``[T]`` bool (True = keep) masking ``floor(mask_fraction * T)`` tokens picked at random from ``seed`` on the CPU
+    (the same mask on every device); None when that masks nothing. ``mask_fraction`` in ``[0, 1)``, so a token is
+    always kept."""
+    if not 0 <= mask_fraction < 1:
+        raise ValueError(f"mask_fraction must be in [0, 1), got {mask_fraction}")
+    num_masked = math.floor(mask_fraction * num_tokens)
+    if num_masked == 0:
+        return None
+    gen = torch.Generator().manual_seed(seed + 1)  # not the routing's stream, so the mask is not tied to it
+    keep_T = torch.ones(num_tokens, dtype=torch.bool)
+    keep_T[torch.randperm(num_tokens, generator=gen)[:num_masked]] = False
+    return keep_T.to(device)
 
 
 def make_case(preset: Preset, routing: str, num_tokens: int, *, dtype: torch.dtype, device: torch.device,
-              seed: int = 0) -> Case:
-    """Random inputs at unit scale (weights ~ N(0, 1/fan_in), biases ~ N(0, 0.01)), reproducible from ``seed``."""
+              seed: int = 0, mask_fraction: float = 0.0) -> Case:
+    """Random inputs at unit scale (weights ~ N(0, 1/fan_in), biases ~ N(0, 0.01)), reproducible from ``seed``;
+    ``mask_fraction`` of the tokens masked (:func:`make_token_mask`)."""
     T, D, E, K = num_tokens, preset.dim, preset.num_experts, preset.top_k
     hidden = preset.hidden_dim
     N = 2 * hidden if preset.gated else hidden
@@ -138,6 +169,7 @@ def make_case(preset: Preset, routing: str, num_tokens: int, *, dtype: torch.dty
         gate_up_bias=randn(E, N, scale=0.1) if preset.bias else None,
         down_bias=randn(E, D, scale=0.1) if preset.bias else None,
         dy_TD=randn(T, D, leaf=False),
+        token_mask_T=make_token_mask(T, mask_fraction, seed=seed, device=device),
     )
 
 
@@ -237,7 +269,8 @@ def _relative(sq_err: float, sq_ref: float) -> float:
 def reference_errors(case: Case, outs: dict[str, torch.Tensor], *, chunk_bytes: int = REFERENCE_CHUNK_BYTES
                      ) -> dict[str, float]:
     """Relative error ``||out - ref|| / ||ref||`` of each tensor in ``outs`` (see :func:`run_once`) against the
-    reference backend in fp32 on the upcast inputs. Gradients are checked when ``outs`` has them."""
+    reference backend in fp32 on the upcast inputs. Gradients are checked when ``outs`` has them. Masked tokens'
+    rows are left out of the reference: their output, their x gradient and their routing-weight gradients are 0."""
     preset = case.preset
     with_grads = "grad_x" in outs
     T, K = case.topk_ids_TK.shape
@@ -251,6 +284,7 @@ def reference_errors(case: Case, outs: dict[str, torch.Tensor], *, chunk_bytes: 
             _check_shape(f"grad_{name}", outs[f"grad_{name}"], t.shape)
 
     ids_R = case.topk_ids_TK.reshape(-1)
+    keep_R = None if case.token_mask_T is None else case.token_mask_T[:, None].expand(T, K).reshape(-1)
     x_TD = case.x_TD.detach().float()
     weights_R = case.topk_weights_TK.detach().float().reshape(-1)
     dy_TD = case.dy_TD.float()
@@ -264,7 +298,8 @@ def reference_errors(case: Case, outs: dict[str, torch.Tensor], *, chunk_bytes: 
             e1 = min(E, e0 + experts_per_chunk)
             ref_params = {name: t.detach()[e0:e1].float().requires_grad_(with_grads)
                           for name, t in case.params().items()}
-            rows_r = torch.nonzero((ids_R >= e0) & (ids_R < e1)).squeeze(1)
+            in_chunk_R = (ids_R >= e0) & (ids_R < e1)
+            rows_r = torch.nonzero(in_chunk_R if keep_R is None else in_chunk_R & keep_R).squeeze(1)
             if rows_r.numel():
                 tokens_r = torch.div(rows_r, K, rounding_mode="floor")
                 x_rD = x_TD.index_select(0, tokens_r).requires_grad_(with_grads)
@@ -397,6 +432,8 @@ class BenchPlan:
     device: torch.device
     check_only: bool = False
     seed: int = 0
+    #: Fraction of each case's tokens masked (``token_mask``), in ``[0, 1)``.
+    mask_fraction: float = 0.0
 
     def num_tokens(self, preset: Preset) -> int:
         return self.tokens if self.tokens is not None else preset.tokens(self.decode)
@@ -423,7 +460,8 @@ def _base_row(plan: BenchPlan, case: Case, backend: str, mode: str) -> dict:
     return {
         "preset": p.name, "label": p.label, "dim": p.dim, "hidden_dim": p.hidden_dim, "num_experts": p.num_experts,
         "top_k": p.top_k, "activation": p.activation.name, "gate_up_layout": p.gate_up_layout, "bias": p.bias,
-        "tokens": case.num_tokens, "decode": plan.decode, "routing": case.routing, "mode": mode, "backend": backend,
+        "tokens": case.num_tokens, "mask_fraction": plan.mask_fraction, "kept_tokens": case.kept_tokens,
+        "decode": plan.decode, "routing": case.routing, "mode": mode, "backend": backend,
         "save_percent": plan.save_percent, "dtype": str(plan.dtype).removeprefix("torch."),
         "device": plan.device.type, "status": None, "reason": None, "errors": None, "max_error": None,
         "tolerance": plan.tolerance, "ms": None, "tflops": None, "frac_dense": None, "weight_bytes": None,
@@ -456,7 +494,7 @@ def _measure(plan: BenchPlan, case: Case, backend: str, mode: str, row: dict, de
     fn = step_fn(case, backend, mode, plan.save_percent)
     leaves = list(case.leaves().values())
     ms = time_ms(fn, plan.device, grad_to_none=leaves if mode == "fwdbwd" else None)
-    tflops = flops(case.preset, case.num_tokens, mode) / (ms * 1e-3) / 1e12
+    tflops = flops(case.preset, case.kept_tokens, mode) / (ms * 1e-3) / 1e12  # masked tokens cost no FLOPs
     row.update(ms=ms, tflops=tflops, frac_dense=tflops / dense_tflops if dense_tflops else None)
     if plan.decode and mode == "fwd":
         weight_bytes = case.touched_weight_bytes()
@@ -484,10 +522,11 @@ def run_plan(plan: BenchPlan, progress: Progress | None = None, *, dense_tflops:
         for preset in plan.presets:
             for routing in plan.routings:
                 case = make_case(preset, routing, plan.num_tokens(preset), dtype=plan.dtype, device=plan.device,
-                                 seed=plan.seed)
+                                 seed=plan.seed, mask_fraction=plan.mask_fraction)
                 for backend in plan.backends:
                     for mode in plan.modes:
-                        description = f"{preset.label} T={case.num_tokens} {routing} {mode} {backend}"
+                        masked = f" masked {plan.mask_fraction:.0%}" if case.token_mask_T is not None else ""
+                        description = f"{preset.label} T={case.num_tokens}{masked} {routing} {mode} {backend}"
                         progress.step(description)
                         row = _base_row(plan, case, backend, mode)
                         skip = unsupported(case, backend, mode, plan.save_percent,

@@ -35,6 +35,7 @@ def _rate(v: object) -> str:
 BENCH_COLUMNS: list[tuple[str, str, Callable[[object], str]]] = [
     ("preset", "label", str),
     ("T", "tokens", str),
+    ("masked", "mask_fraction", _pct),
     ("routing", "routing", str),
     ("mode", "mode", str),
     ("backend", "backend", str),
@@ -50,8 +51,8 @@ BENCH_COLUMNS: list[tuple[str, str, Callable[[object], str]]] = [
     ("max rel err", "max_error", _fmt(".1e")),
 ]
 
-VERIFY_COLUMNS = [c for c in BENCH_COLUMNS if c[1] in ("label", "tokens", "routing", "mode", "backend", "status",
-                                                       "max_error")]
+VERIFY_COLUMNS = [c for c in BENCH_COLUMNS if c[1] in ("label", "tokens", "mask_fraction", "routing", "mode", "backend",
+                                                       "status", "max_error")]
 
 HF_COLUMNS: list[tuple[str, str, Callable[[object], str]]] = [
     ("model_type", "model_type", str),
@@ -65,10 +66,14 @@ HF_COLUMNS: list[tuple[str, str, Callable[[object], str]]] = [
 ]
 
 
+#: Values that leave a column out when every row has one: a mask column only when something was masked.
+_EMPTY: dict[str, tuple] = {"mask_fraction": (None, 0, 0.0)}
+
+
 def tabulate(rows: list[dict], columns=BENCH_COLUMNS) -> tuple[list[str], list[list[str]], list[str]]:
     """Headers, string cells of the columns that have at least one value, and the numbered notes that the status
     cells point to (``unsupported (1)``), so that long reasons do not widen the table."""
-    shown = [c for c in columns if any(row.get(c[1]) is not None for row in rows)]
+    shown = [c for c in columns if any(row.get(c[1]) not in _EMPTY.get(c[1], (None,)) for row in rows)]
     notes: list[str] = []
     cells = []
     for row in rows:
