@@ -84,6 +84,21 @@ def test_64bit_offsets():
     compare(problem)
 
 
+def test_64bit_column_strides():
+    # x, dy and both weights are transposed views into one [D, S] bf16 buffer of 2^31+ elements (4.3 GB): their
+    # last columns lie past 2^31 elements (crashed with SIGSEGV before the column offsets were int64).
+    from tests.test_kernels_strides import wide_buffer_problem
+
+    problem, dy_TD, _ = wide_buffer_problem(4096, 256, 128, 8, 2, dtype=torch.bfloat16, device="cuda")
+    ref_y = moe_experts(*problem.args(), **problem.kwargs(), backend="reference")
+    out_y = moe_experts(*problem.args(), **problem.kwargs(), backend="triton")
+    assert_close(out_y, ref_y, tol=BF16, name="y")
+    out_grads = torch.autograd.grad(out_y, problem.inputs(), dy_TD)
+    ref_grads = torch.autograd.grad(ref_y, problem.inputs(), dy_TD)
+    for name, out_g, ref_g in zip(GRAD_NAMES, out_grads, ref_grads, strict=True):
+        assert_close(out_g, ref_g, tol=BF16, name=name)
+
+
 def test_zero_tokens():
     problem = make_problem(0, 256, 128, 8, 2, dtype=torch.bfloat16, device="cuda")
     y = moe_experts(*problem.args(), **problem.kwargs(), backend="triton")

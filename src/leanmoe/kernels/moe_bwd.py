@@ -22,8 +22,12 @@ import triton.language as tl
 
 from leanmoe.kernels.moe_common import (
     INTERPRETER_META,
+    IO_DTYPES,
     activation_bwd,
     autotuned,
+    check_act_code,
+    check_rows,
+    check_tensor,
     configs,
     dot_precision,
     e_p2,
@@ -71,24 +75,30 @@ def gate_up_bwd_kernel(
     g_rows, u_rows = gate_up_rows(cols, I, GATED, INTERLEAVED)
     e64 = expert.to(tl.int64)
 
-    # dh_unweighted = dy[tokens] @ down_proj[e][:, cols]
-    wd_base = wd_ptr + e64 * stride_wde
-    dy_rows = dy_ptr + tokens[:, None] * stride_dyt
+    # dh_unweighted = dy[tokens] @ down_proj[e][:, cols]; int64 offsets once per tile (dy may be a transposed view
+    # whose column stride times D passes 2^31), then BK-column pointer steps.
+    cols64 = cols.to(tl.int64)
+    ks = tl.arange(0, BK)
+    ks64 = ks.to(tl.int64)
+    dy_ptrs = dy_ptr + tokens[:, None] * stride_dyt + ks64[None, :] * stride_dyd
+    wd_ptrs = wd_ptr + e64 * stride_wde + ks64[:, None] * stride_wdd + cols64[None, :] * stride_wdi
+    dy_step = tl.cast(stride_dyd, tl.int64) * BK
+    wd_step = tl.cast(stride_wdd, tl.int64) * BK
     acc_dh = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, D, BK):
-        ks = k0 + tl.arange(0, BK)
-        k_mask = ks < D
-        a = tl.load(dy_rows + ks[None, :] * stride_dyd, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(wd_base + ks[:, None] * stride_wdd + cols[None, :] * stride_wdi,
-                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        k_mask = k0 + ks < D
+        a = tl.load(dy_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(wd_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         acc_dh = tl.dot(a, w, acc_dh, input_precision=DOT_PREC)
+        dy_ptrs += dy_step
+        wd_ptrs += wd_step
 
     out_mask = row_mask[:, None] & col_mask[None, :]
     if tl.minimum(row_start + BM, row_end) <= n_saved:
         s_rows = saved_ptr + rows64[:, None] * stride_sr
-        g = tl.load(s_rows + cols[None, :], mask=out_mask, other=0.0).to(tl.float32)  # saved as [gate | up]
+        g = tl.load(s_rows + cols64[None, :], mask=out_mask, other=0.0).to(tl.float32)  # saved as [gate | up]
         if GATED:
-            u = tl.load(s_rows + (cols + I)[None, :], mask=out_mask, other=0.0).to(tl.float32)
+            u = tl.load(s_rows + (cols64 + I)[None, :], mask=out_mask, other=0.0).to(tl.float32)
         else:
             u = g
     else:
@@ -110,12 +120,12 @@ def gate_up_bwd_kernel(
     p_idx = (pid_n * (BN // PART_W) + tl.arange(0, BN // PART_W)).to(tl.int64)
     tl.store(dw_part_ptr + p_idx[None, :] * stride_pp + rows[:, None], part, mask=row_mask[:, None])
     # h is stored times the routing weight: d down_proj[e] = dy^T (w h) then needs no scaling inside its loop.
-    tl.store(h_ptr + rows64[:, None] * stride_hr + cols[None, :], (h.to(tl.float32) * w_r[:, None]).to(io_dtype),
+    tl.store(h_ptr + rows64[:, None] * stride_hr + cols64[None, :], (h.to(tl.float32) * w_r[:, None]).to(io_dtype),
              mask=out_mask)
     d_rows = dgu_ptr + rows64[:, None] * stride_dgr
-    tl.store(d_rows + g_rows[None, :], dg.to(io_dtype), mask=out_mask)
+    tl.store(d_rows + g_rows.to(tl.int64)[None, :], dg.to(io_dtype), mask=out_mask)
     if GATED:
-        tl.store(d_rows + u_rows[None, :], du.to(io_dtype), mask=out_mask)
+        tl.store(d_rows + u_rows.to(tl.int64)[None, :], du.to(io_dtype), mask=out_mask)
 
 
 @triton.jit
@@ -137,18 +147,21 @@ def expert_weight_grad_kernel(
     m_mask = ms < M
     ns = pid_n * BN + tl.arange(0, BN)
     n_mask = ns < N
+    ms64 = ms.to(tl.int64)
+    ns64 = ns.to(tl.int64)
+    # Column offsets in int64 once per tile (a transposed dy has column stride T); the rows are int64 already.
+    a_cols = a_ptr + ms64[None, :] * stride_am
+    b_cols = b_ptr + ns64[None, :] * stride_bn
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for r0 in range(start, end, BK):
         rows = r0 + tl.arange(0, BK)
         r_mask = rows < end
         a_rows = source_rows(a_rows_ptr, rows, r_mask, A_GATHER)
         b_rows = source_rows(b_rows_ptr, rows, r_mask, B_GATHER)
-        a = tl.load(a_ptr + a_rows[:, None] * stride_ar + ms[None, :] * stride_am,
-                    mask=r_mask[:, None] & m_mask[None, :], other=0.0)
-        b = tl.load(b_ptr + b_rows[:, None] * stride_br + ns[None, :] * stride_bn,
-                    mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        a = tl.load(a_cols + a_rows[:, None] * stride_ar, mask=r_mask[:, None] & m_mask[None, :], other=0.0)
+        b = tl.load(b_cols + b_rows[:, None] * stride_br, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=DOT_PREC)
-    tl.store(c_ptr + expert.to(tl.int64) * stride_ce + ms[:, None] * stride_cm + ns[None, :] * stride_cn,
+    tl.store(c_ptr + expert.to(tl.int64) * stride_ce + ms64[:, None] * stride_cm + ns64[None, :] * stride_cn,
              acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -171,18 +184,21 @@ def expert_bias_grad_kernel(
     start, end = expert_row_range(offsets_E_ptr, expert)
     ms = tl.program_id(0) * BM + tl.arange(0, BM)
     m_mask = ms < M
+    ms64 = ms.to(tl.int64)
+    a_cols = a_ptr + ms64[None, :] * stride_am
     acc = tl.zeros((BR, BM), dtype=tl.float32)
     for r0 in range(start, end, BR):
         rows = r0 + tl.arange(0, BR)
         r_mask = rows < end
         a_rows = source_rows(a_rows_ptr, rows, r_mask, A_GATHER)
-        a = tl.load(a_ptr + a_rows[:, None] * stride_ar + ms[None, :] * stride_am,
-                    mask=r_mask[:, None] & m_mask[None, :], other=0.0).to(tl.float32)
+        a = tl.load(a_cols + a_rows[:, None] * stride_ar, mask=r_mask[:, None] & m_mask[None, :],
+                    other=0.0).to(tl.float32)
         if SCALE:
             a = a * tl.load(scale_ptr + rows, mask=r_mask, other=0.0)[:, None]
         acc += a
     db = tl.sum(acc, axis=0)
-    tl.store(db_ptr + expert.to(tl.int64) * stride_dbe + ms * stride_dbm, db.to(db_ptr.dtype.element_ty), mask=m_mask)
+    tl.store(db_ptr + expert.to(tl.int64) * stride_dbe + ms64 * stride_dbm, db.to(db_ptr.dtype.element_ty),
+             mask=m_mask)
 
 
 _GATE_UP_BWD_CONFIGS = configs([(128, 64, 64, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 8, 3), (64, 128, 64, 4, 3),
@@ -203,11 +219,28 @@ def gate_up_bwd(x_TD: torch.Tensor, dy_TD: torch.Tensor, sorted_tokens_R: torch.
     ``saved_SN`` holds the pre-activations of the first ``S`` sorted rows (``S`` may be 0); ``scale_R`` is the fp32
     routing weight of each sorted row.
     """
-    E, N, D = gate_up_proj.shape
-    I = down_proj.shape[2]
-    R = sorted_tokens_R.numel()
-    n_saved = saved_SN.shape[0]
+    check_tensor("x_TD", x_TD, shape=(None, None), dtypes=IO_DTYPES)
     dev, dtype = x_TD.device, x_TD.dtype
+    T, D = x_TD.shape
+    check_tensor("dy_TD", dy_TD, shape=(T, D), dtypes=(dtype,), device=dev)
+    check_tensor("gate_up_proj", gate_up_proj, shape=(None, None, D), dtypes=(dtype,), device=dev)
+    E, N, _ = gate_up_proj.shape
+    I = N // 2 if gated else N
+    if gated and N % 2:
+        raise ValueError(f"gate_up_proj: a gated activation needs an even number of gate/up rows, got N={N}")
+    check_tensor("down_proj", down_proj, shape=(E, D, I), dtypes=(dtype,), device=dev)
+    if gate_up_bias is not None:
+        check_tensor("gate_up_bias", gate_up_bias, shape=(E, N), dtypes=(dtype,), device=dev)
+    check_tensor("sorted_tokens_R", sorted_tokens_R, shape=(None,), dtypes=(torch.int64, torch.int32), device=dev)
+    R = sorted_tokens_R.numel()
+    check_rows("sorted_tokens_R", R)
+    check_tensor("offsets_E", offsets_E, shape=(E,), dtypes=(torch.int32,), device=dev)
+    check_tensor("scale_R", scale_R, shape=(R,), dtypes=(torch.float32,), device=dev)
+    check_tensor("saved_SN", saved_SN, shape=(None, N), dtypes=(dtype,), device=dev)
+    n_saved = saved_SN.shape[0]
+    if n_saved > R:
+        raise ValueError(f"saved_SN: expected at most R={R} saved rows, got {n_saved}")
+    check_act_code(act_code)
     dgate_up_RN = torch.empty(R, N, device=dev, dtype=dtype)
     h_RI = torch.empty(R, I, device=dev, dtype=dtype)
     # Rows for the widest column coverage of any config; rows past I stay zero.
@@ -242,7 +275,20 @@ def expert_weight_grad(a: torch.Tensor, b: torch.Tensor, offsets_E: torch.Tensor
     ``a`` is ``[*, M]``, ``b`` ``[*, N]``, both may be strided; every element of ``out_EMN`` (and ``dbias_EM``) is
     written, zeros for experts with no rows.
     """
+    check_tensor("out_EMN", out_EMN, shape=(None, None, None), dtypes=IO_DTYPES)
+    dev = out_EMN.device
     E, M, N = out_EMN.shape
+    check_tensor("a", a, shape=(None, M), dtypes=IO_DTYPES, device=dev)
+    check_tensor("b", b, shape=(None, N), dtypes=(a.dtype,), device=dev)
+    check_tensor("offsets_E", offsets_E, shape=(E,), dtypes=(torch.int32,), device=dev)
+    for name, rows_R in (("a_rows_R", a_rows_R), ("b_rows_R", b_rows_R)):
+        if rows_R is not None:
+            check_tensor(name, rows_R, shape=(None,), dtypes=(torch.int64, torch.int32), device=dev)
+            check_rows(name, rows_R.numel())
+    if dbias_EM is not None:
+        check_tensor("dbias_EM", dbias_EM, shape=(E, M), dtypes=IO_DTYPES, device=dev)
+    if bias_scale_R is not None:
+        check_tensor("bias_scale_R", bias_scale_R, shape=(None,), dtypes=(torch.float32,), device=dev)
     a_rows = a_rows_R if a_rows_R is not None else offsets_E  # never read when A_GATHER is False
     args = (a, a_rows, b, b_rows_R if b_rows_R is not None else offsets_E, offsets_E, out_EMN, M, N, E,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), *out_EMN.stride())

@@ -24,6 +24,41 @@ _GELU_C = 0.7978845608028654  # sqrt(2 / pi)
 _GELU_A = 0.044715
 
 
+#: Row indices and expert offsets are int32 in the kernels (``offsets_E`` is ``torch._grouped_mm``'s int32 ``offs``).
+MAX_ROWS = 2**31 - 1
+#: Floating dtypes the kernels take (the interpreter has no bfloat16; the backend says so before it launches).
+IO_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_tensor(name: str, t: object, *, shape: tuple | None = None, dtypes: tuple | None = None,
+                 device: torch.device | None = None) -> None:
+    """A launcher's input check: ``ValueError`` naming the field, the bad value and the expected one.
+
+    ``shape`` gives each dimension's size, ``None`` for any size (the number of dimensions is always checked).
+    """
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if shape is not None and (t.dim() != len(shape) or any(
+            want is not None and want != got for want, got in zip(shape, t.shape, strict=True))):
+        want = ", ".join("*" if d is None else str(d) for d in shape)
+        raise ValueError(f"{name}: expected shape [{want}], got {list(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{name}: expected dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {t.device}")
+
+
+def check_act_code(act_code: int) -> None:
+    if act_code not in ACTIVATION_CODES.values():
+        raise ValueError(f"act_code: expected one of {sorted(ACTIVATION_CODES.values())} (ACTIVATION_CODES), "
+                         f"got {act_code!r}")
+
+
+def check_rows(name: str, num_rows: int) -> None:
+    if num_rows > MAX_ROWS:
+        raise ValueError(f"{name}: {num_rows} routed rows; the kernels index rows in int32 (at most {MAX_ROWS})")
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -165,23 +200,38 @@ def gate_up_preact(x_rows, row_mask, w_base, b_base, g_rows, u_rows, col_mask, D
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """fp32 gate and up pre-activations of one tile: ``x_rows`` (row pointers, gathered) times the expert's weight
     rows ``g_rows`` / ``u_rows`` (base ``w_base``), plus its bias (base ``b_base``); up stays zero when not
-    ``GATED``. The forward and the recomputing backward share it, so both round the same sums."""
+    ``GATED``. The forward and the recomputing backward share it, so both round the same sums.
+
+    Offsets are int64 (a transposed x has column stride T, so ``d * stride_xd`` passes 2^31 at large T): computed
+    once per tile, then the pointers step by ``BK`` columns, so the loop does no 64-bit multiplies.
+    """
+    ks = tl.arange(0, BK)
+    ks64 = ks.to(tl.int64)
+    g64 = g_rows.to(tl.int64)
+    u64 = u_rows.to(tl.int64)
+    a_ptrs = x_rows + ks64[None, :] * stride_xd
+    wg_ptrs = w_base + ks64[:, None] * stride_wd + g64[None, :] * stride_wn
+    wu_ptrs = w_base + ks64[:, None] * stride_wd + u64[None, :] * stride_wn
+    a_step = tl.cast(stride_xd, tl.int64) * BK
+    w_step = tl.cast(stride_wd, tl.int64) * BK
     acc_g = tl.zeros((BM, BN), dtype=tl.float32)
     acc_u = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, D, BK):
-        ks = k0 + tl.arange(0, BK)
-        k_mask = ks < D
-        a = tl.load(x_rows + ks[None, :] * stride_xd, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        k_mask = k0 + ks < D
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w_mask = k_mask[:, None] & col_mask[None, :]
-        wg = tl.load(w_base + ks[:, None] * stride_wd + g_rows[None, :] * stride_wn, mask=w_mask, other=0.0)
+        wg = tl.load(wg_ptrs, mask=w_mask, other=0.0)
         acc_g = tl.dot(a, wg, acc_g, input_precision=DOT_PREC)
         if GATED:
-            wu = tl.load(w_base + ks[:, None] * stride_wd + u_rows[None, :] * stride_wn, mask=w_mask, other=0.0)
+            wu = tl.load(wu_ptrs, mask=w_mask, other=0.0)
             acc_u = tl.dot(a, wu, acc_u, input_precision=DOT_PREC)
+            wu_ptrs += w_step
+        a_ptrs += a_step
+        wg_ptrs += w_step
     if HAS_BIAS:
-        acc_g += tl.load(b_base + g_rows * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        acc_g += tl.load(b_base + g64 * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         if GATED:
-            acc_u += tl.load(b_base + u_rows * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            acc_u += tl.load(b_base + u64 * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     return acc_g, acc_u
 
 

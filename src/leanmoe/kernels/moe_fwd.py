@@ -21,8 +21,12 @@ import triton
 import triton.language as tl
 
 from leanmoe.kernels.moe_common import (
+    IO_DTYPES,
     activation_fwd,
     autotuned,
+    check_act_code,
+    check_rows,
+    check_tensor,
     configs,
     dot_precision,
     e_p2,
@@ -70,15 +74,16 @@ def gate_up_fwd_kernel(
     u = acc_u.to(h_ptr.dtype.element_ty)
     h = activation_fwd(g.to(tl.float32), u.to(tl.float32), alpha, limit, ACT)
     rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
     out_mask = row_mask[:, None] & col_mask[None, :]
-    tl.store(h_ptr + rows64[:, None] * stride_hr + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(h_ptr + rows64[:, None] * stride_hr + cols64[None, :], h.to(h_ptr.dtype.element_ty), mask=out_mask)
     if SAVE:
         # The saved copy is private: gate then up (concatenated) whatever the weight layout, so stores coalesce.
         save_mask = out_mask & (rows < n_saved)[:, None]
         s_rows = saved_ptr + rows64[:, None] * stride_sr
-        tl.store(s_rows + cols[None, :], g, mask=save_mask)
+        tl.store(s_rows + cols64[None, :], g, mask=save_mask)
         if GATED:
-            tl.store(s_rows + (cols + I)[None, :], u, mask=save_mask)
+            tl.store(s_rows + (cols64 + I)[None, :], u, mask=save_mask)
 
 
 @triton.jit(do_not_specialize=["R"])
@@ -102,24 +107,31 @@ def grouped_gemm_kernel(
     rows64 = rows.to(tl.int64)
     cols = pid_n * BN + tl.arange(0, BN)
     col_mask = cols < N
-    b_base = b_ptr + expert.to(tl.int64) * stride_be
+    cols64 = cols.to(tl.int64)
+    e64 = expert.to(tl.int64)
+    # int64 offsets once per tile (a column stride times a column index can pass 2^31), then BK-column steps.
+    ks = tl.arange(0, BK)
+    ks64 = ks.to(tl.int64)
+    a_ptrs = a_ptr + rows64[:, None] * stride_ar + ks64[None, :] * stride_ak
+    b_ptrs = b_ptr + e64 * stride_be + ks64[:, None] * stride_bk + cols64[None, :] * stride_bn
+    a_step = tl.cast(stride_ak, tl.int64) * BK
+    b_step = tl.cast(stride_bk, tl.int64) * BK
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, KD, BK):
-        ks = k0 + tl.arange(0, BK)
-        k_mask = ks < KD
-        a = tl.load(a_ptr + rows64[:, None] * stride_ar + ks[None, :] * stride_ak,
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_base + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
-                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        k_mask = k0 + ks < KD
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+        a_ptrs += a_step
+        b_ptrs += b_step
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + expert.to(tl.int64) * stride_biase + cols * stride_biasn, mask=col_mask, other=0.0)
+        bias = tl.load(bias_ptr + e64 * stride_biase + cols64 * stride_biasn, mask=col_mask, other=0.0)
         acc += bias.to(tl.float32)[None, :]
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + rows, mask=row_mask, other=0.0)[:, None]
     out_rows = tl.load(out_rows_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    tl.store(out_ptr + out_rows[:, None] * stride_or + cols[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & col_mask[None, :])
+    tl.store(out_ptr + out_rows[:, None] * stride_or + cols64[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -138,10 +150,13 @@ def combine_kernel(
     cs = tl.program_id(1) * BC + tl.arange(0, BC)
     mask = (tokens < T)[:, None] & (cs < C)[None, :]
     t64 = tokens.to(tl.int64)
+    cs64 = cs.to(tl.int64)
     acc = tl.zeros((BT, BC), dtype=tl.float32)
     for k in range(0, K):
-        acc += tl.load(out_ptr + (t64 * K + k)[:, None] * stride_or + cs[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + t64[:, None] * stride_yt + cs[None, :] * stride_yc, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        acc += tl.load(out_ptr + (t64 * K + k)[:, None] * stride_or + cs64[None, :], mask=mask,
+                       other=0.0).to(tl.float32)
+    tl.store(y_ptr + t64[:, None] * stride_yt + cs64[None, :] * stride_yc, acc.to(y_ptr.dtype.element_ty),
+             mask=mask)
 
 
 # Hopper-sized tiles, autotuned per (dims, power-of-two bucket of R) on GPUs.
@@ -160,10 +175,23 @@ def gate_up_fwd(x_TD: torch.Tensor, sorted_tokens_R: torch.Tensor, offsets_E: to
 
     ``x_TD`` may be strided; ``gate_up_proj`` is ``[E, N, D]`` with any strides; ``offsets_E`` int32 inclusive.
     """
-    E, N, D = gate_up_proj.shape
+    check_tensor("x_TD", x_TD, shape=(None, None), dtypes=IO_DTYPES)
+    dev, dtype = x_TD.device, x_TD.dtype
+    D = x_TD.shape[1]
+    check_tensor("gate_up_proj", gate_up_proj, shape=(None, None, D), dtypes=(dtype,), device=dev)
+    E, N, _ = gate_up_proj.shape
+    if gated and N % 2:
+        raise ValueError(f"gate_up_proj: a gated activation needs an even number of gate/up rows, got N={N}")
     I = N // 2 if gated else N
+    check_tensor("sorted_tokens_R", sorted_tokens_R, shape=(None,), dtypes=(torch.int64, torch.int32), device=dev)
     R = sorted_tokens_R.numel()
-    assert offsets_E.dtype == torch.int32 and offsets_E.numel() == E
+    check_rows("sorted_tokens_R", R)
+    check_tensor("offsets_E", offsets_E, shape=(E,), dtypes=(torch.int32,), device=dev)
+    if gate_up_bias is not None:
+        check_tensor("gate_up_bias", gate_up_bias, shape=(E, N), dtypes=(dtype,), device=dev)
+    check_act_code(act_code)
+    if not 0 <= n_saved <= R:
+        raise ValueError(f"n_saved: expected a row count in [0, R={R}], got {n_saved}")
     h_RI = torch.empty(R, I, device=x_TD.device, dtype=x_TD.dtype)
     saved_SN = torch.empty(n_saved, N, device=x_TD.device, dtype=x_TD.dtype)
     if R == 0:
@@ -188,8 +216,19 @@ def grouped_gemm(a_RK: torch.Tensor, b_ENK: torch.Tensor, offsets_E: torch.Tenso
     ``a_RK`` in expert-sorted order; ``b_ENK`` and ``out`` ([*, N]) may be strided views (a column slice of a
     weight, say); ``scale_R`` fp32; ``out_rows_R`` a permutation (int64). Fills every row of ``out`` listed.
     """
-    E, N, KD = b_ENK.shape
-    R = a_RK.shape[0]
+    check_tensor("a_RK", a_RK, shape=(None, None), dtypes=IO_DTYPES)
+    dev, dtype = a_RK.device, a_RK.dtype
+    R, KD = a_RK.shape
+    check_rows("a_RK", R)
+    check_tensor("b_ENK", b_ENK, shape=(None, None, KD), dtypes=(dtype,), device=dev)
+    E, N, _ = b_ENK.shape
+    check_tensor("offsets_E", offsets_E, shape=(E,), dtypes=(torch.int32,), device=dev)
+    check_tensor("out_rows_R", out_rows_R, shape=(R,), dtypes=(torch.int64, torch.int32), device=dev)
+    check_tensor("out", out, shape=(None, N), dtypes=IO_DTYPES, device=dev)
+    if bias_EN is not None:
+        check_tensor("bias_EN", bias_EN, shape=(E, N), dtypes=(dtype,), device=dev)
+    if scale_R is not None:
+        check_tensor("scale_R", scale_R, shape=(R,), dtypes=(torch.float32,), device=dev)
     if R == 0:
         return out
     bias = bias_EN if bias_EN is not None else b_ENK
@@ -206,8 +245,11 @@ def grouped_gemm(a_RK: torch.Tensor, b_ENK: torch.Tensor, offsets_E: torch.Tenso
 
 def combine(out_RC: torch.Tensor, y_TC: torch.Tensor, K: int) -> torch.Tensor:
     """``y_TC[t] = sum_k out_RC[t*K + k]`` (fp32 sum in slot order) written into ``y_TC`` (may be a column slice)."""
+    check_tensor("y_TC", y_TC, shape=(None, None), dtypes=IO_DTYPES)
     T, C = y_TC.shape
-    assert out_RC.shape == (T * K, C) and out_RC.stride(1) == 1
+    check_tensor("out_RC", out_RC, shape=(T * K, C), dtypes=IO_DTYPES, device=y_TC.device)
+    if out_RC.stride(1) != 1 and C > 1:
+        raise ValueError(f"out_RC: expected unit column stride, got strides {out_RC.stride()}")
     if T == 0:
         return y_TC
     BT, BC = (32, 64) if interpreting() else (16, 256)
