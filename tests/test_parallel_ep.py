@@ -31,6 +31,7 @@ import os
 import socket
 import sys
 import tempfile
+import time
 import traceback
 
 import pytest
@@ -60,6 +61,7 @@ class Case:
     dtype: torch.dtype = torch.float32
     ep_size: int | None = None  # None: the whole world; else a (dp, ep) device mesh
     balance_bias: bool = False
+    activation: str = "swiglu"
 
 
 # Cases per world size. Each id names what it exercises.
@@ -131,7 +133,7 @@ def make_layer(case: Case, seed: int, device) -> leanmoe.MoE:
                             score_func=case.score_func, router_bias=case.routing != "uniform",
                             num_shared_experts=1 if case.shared else 0, shared_expert_gate=case.shared,
                             aux_loss_coef=0.01, z_loss_coef=0.001, backend=case.backend,
-                            balance_bias=case.balance_bias)
+                            balance_bias=case.balance_bias, activation=case.activation)
     torch.manual_seed(seed)
     layer = leanmoe.MoE(cfg).to(device=device, dtype=case.dtype)
     with torch.no_grad():
@@ -193,11 +195,30 @@ def check_case(case: Case, device) -> None:
     assert isinstance(layer.dispatcher, ExpertParallelDispatcher)
     shard = layer.experts.expert_shard
     assert layer.experts.gate_up_proj.shape[0] == case.E // shard.ep_size
-    x, y, loss = forward_backward(layer, *make_inputs(case, rank, device))
+    x, mask, dy = make_inputs(case, rank, device)
+    if mask is not None:
+        # Padding often holds NaN: a masked row must reach no output, gradient or other rank. The reference ran on
+        # finite rows, so any NaN that leaks fails the comparisons below.
+        x = x.masked_fill(~mask[..., None], float("nan"))
+    metas, dispatch = [], layer.dispatcher.dispatch
+
+    def recording_dispatch(*args, **kwargs):
+        out = dispatch(*args, **kwargs)
+        metas.append(out[3])
+        return out
+
+    layer.dispatcher.dispatch = recording_dispatch
+    x, y, loss = forward_backward(layer, x, mask, dy)
     loss.backward()
 
     # Every collective first, every comparison after: a failing rank must not leave the others in a collective.
     pairs = [(f"rank {rank} y", y, ref_ys[rank], tol), (f"rank {rank} dx", x.grad, ref_xs[rank].grad, tol)]
+    if mask is not None:
+        # Masked tokens send no rows: the split sizes count K rows per kept token, and nothing else.
+        assert sum(metas[0].input_splits) == case.K * int(mask.sum()), (metas[0].input_splits, mask.sum())
+        assert metas[0].token_mask_T is None  # the experts see only kept rows
+        assert torch.equal(y[~mask], torch.zeros_like(y[~mask])), f"rank {rank}: masked output rows are not 0"
+        assert torch.equal(x.grad[~mask], torch.zeros_like(x.grad[~mask])), f"rank {rank}: masked dx rows are not 0"
     lo, hi = shard.first_expert, shard.first_expert + shard.num_local_experts
     for name, param in layer.experts.named_parameters():
         grad = param.grad.detach().to(torch.float32, copy=True)
@@ -376,6 +397,72 @@ def check_errors(device) -> None:
             expert_parallel(make_layer(case, seed=0, device=device), mesh)
 
 
+def check_disagreement(device) -> None:
+    """Ranks built differently: every rank raises the same ValueError naming what differs and on which ranks; no
+    hang, no abort, the layer left unsharded. Then the allowed differences: per-rank backend, and meta layers."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    base = Case(tokens=(1,) * world, E=default_num_experts(world))
+    # The last rank builds the base case with these changes (or perturbs its router weights); each key is what the
+    # error must name.
+    disagreements = {
+        "num_experts": {"E": 2 * base.E},
+        "dim": {"D": 8},
+        "config.top_k": {"K": 3},
+        "dtype": {"dtype": torch.bfloat16},
+        "activation": {"activation": "geglu"},  # gated like swiglu: same shapes, only the activation differs
+        "expert biases": {"bias": True},
+        "values of router.weight": {},
+    }
+    others, odd = list(range(world - 1)), [world - 1]
+    messages = {}
+    for what, changes in disagreements.items():
+        case = dataclasses.replace(base, **changes) if rank == world - 1 else base
+        layer = make_layer(case, seed=0, device=device)
+        if what == "values of router.weight" and rank == world - 1:
+            with torch.no_grad():
+                layer.router.weight[0, 0] += 1e-3
+        with pytest.raises(ValueError, match="the same full layer on every rank") as err:
+            expert_parallel(layer, None, timeout=60)
+        message = str(err.value)
+        assert f"{what}: " in message and f"on ranks {others}" in message and f"on ranks {odd}" in message, message
+        assert layer.experts.gate_up_proj.shape[0] == case.E, f"{what}: the layer was sharded"
+        assert getattr(layer.experts, "expert_shard", None) is None, what
+        messages[what] = message
+    gathered = [None] * world
+    dist.all_gather_object(gathered, messages)
+    assert all(g == messages for g in gathered), "the ranks raised different messages"
+    assert "build the layer from the same seed" in messages["values of router.weight"]
+    assert "build the layer from the same seed" not in messages["num_experts"]
+
+    # Per-rank backends agree (a rank's compute choice); a different seed passes with check_weights=False, and a
+    # meta-device layer has no values to compare.
+    layer = make_layer(dataclasses.replace(base, backend="reference" if rank % 2 else "auto"), seed=rank,
+                       device=device)
+    expert_parallel(layer, None, check_weights=False)
+    meta = leanmoe.MoE(make_layer(base, seed=0, device=device).config, device="meta")
+    expert_parallel(meta, None)
+    assert meta.experts.gate_up_proj.is_meta
+
+
+def check_agreement_timeout(device) -> None:
+    """A rank that joins the agreement check late makes the others fail within their timeout, not hang."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    case = Case(tokens=(1,) * world, E=2 * world)
+    layer = make_layer(case, seed=0, device=device)
+    if rank == 0:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"joined the agreement check within 0\.5 s"):
+            expert_parallel(layer, None, timeout=0.5)
+        assert time.monotonic() - start < 3, "the timeout did not bound the wait"
+        assert getattr(layer.experts, "expert_shard", None) is None
+    else:
+        time.sleep(4)
+        expert_parallel(layer, None)  # completes rank 0's pending all-gather; rank 0's fingerprint agrees
+    dist.barrier()
+    with pytest.raises(ValueError, match="timeout must be a positive finite number"):
+        expert_parallel(make_layer(case, seed=0, device=device), None, timeout=0)
+
+
 def all_checks(world: int, tmp: str, device="cpu", dtypes=None, backend=None) -> dict:
     """Name -> zero-argument check, for a world of ``world`` ranks. ``dtypes`` overrides each case's dtype,
     ``backend`` each case's experts backend."""
@@ -390,6 +477,8 @@ def all_checks(world: int, tmp: str, device="cpu", dtypes=None, backend=None) ->
     checks["state_dict"] = lambda: check_state_dict(device, tmp, backend or "auto")
     checks["meta_init"] = lambda: check_meta_init(device, backend or "auto")
     checks["errors"] = lambda: check_errors(device)
+    checks["disagreement"] = lambda: check_disagreement(device)
+    checks["agreement_timeout"] = lambda: check_agreement_timeout(device)
     if world == 2:
         checks["fsdp2"] = lambda: check_fsdp2(device, backend or "auto")
     return checks

@@ -66,3 +66,23 @@ def test_plan_and_received_ids_round_trip_without_communication():
     plan = plan_dispatch(topk_ids_TK, num_experts=6, ep_size=1)
     ids_S = received_expert_ids(plan.send_counts_PL, topk_ids_TK.numel())
     assert ids_S.tolist() == topk_ids_TK.reshape(-1)[plan.sorted_rows_R].tolist()
+
+
+def test_plan_sends_no_rows_for_masked_tokens():
+    # T=4, K=2, E=4 over P=2 (L=2); token 1 is masked. Rows r = t*K + k hold experts [3, 0, 1, 2, 0, 1, 2, 3];
+    # rows 2 and 3 (token 1) sort last, in row order, and are in no count.
+    topk_ids_TK = torch.tensor([[3, 0], [1, 2], [0, 1], [2, 3]])
+    mask_T = torch.tensor([True, False, True, True])
+    plan = plan_dispatch(topk_ids_TK, num_experts=4, ep_size=2, token_mask_T=mask_T)
+    # expert 0: rows 1, 4; expert 1: row 5; expert 2: row 6; expert 3: rows 0, 7; then masked rows 2, 3.
+    assert plan.sorted_rows_R.tolist() == [1, 4, 5, 6, 0, 7, 2, 3]
+    assert plan.send_counts_PL.tolist() == [[2, 1], [1, 2]]  # 6 rows sent: K for each of the 3 kept tokens
+    assert plan.inverse_R().tolist() == [4, 0, 6, 7, 1, 2, 3, 5]
+
+
+def test_plan_with_every_token_masked():
+    # Nothing is sent, but the rank still takes part with all-zero counts; every row sorts past the (empty) kept part.
+    plan = plan_dispatch(torch.tensor([[1, 0], [3, 2]]), num_experts=4, ep_size=2,
+                         token_mask_T=torch.zeros(2, dtype=torch.bool))
+    assert plan.send_counts_PL.tolist() == [[0, 0], [0, 0]]
+    assert sorted(plan.sorted_rows_R.tolist()) == [0, 1, 2, 3]

@@ -5,6 +5,7 @@ from leanmoe.parallel.expert_parallel import (
     ExpertParallelDispatcher,
     ExpertParallelMeta,
     ExpertShard,
+    check_ranks_agree,
     expert_parallel,
     expert_parameters,
 )
@@ -15,6 +16,7 @@ __all__ = [
     "ExpertParallelMeta",
     "ExpertShard",
     "LocalDispatcher",
+    "check_ranks_agree",
     "expert_parallel",
     "expert_parameters",
 ]
