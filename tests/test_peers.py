@@ -1,0 +1,223 @@
+"""benchmarks/peers.py: the torchtitan-style path against the reference, the rows it writes, and the notes of the
+peers it cannot run. CPU tests run tiny fp32 shapes (the peers from PyPI need CUDA: skipped here, with a note); the
+GPU test runs every implementation at small shapes.
+
+Legend: T tokens, D model dim, I expert hidden dim, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from leanmoe.bench import harness
+from leanmoe.bench.harness import make_case, reference_errors, worst_error
+from leanmoe.bench.presets import PRESETS, cpu_scaled
+
+CPU = torch.device("cpu")
+PEERS_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "peers.py"
+
+
+def _load_peers():
+    spec = importlib.util.spec_from_file_location("leanmoe_benchmarks_peers", PEERS_PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+peers = _load_peers()
+
+
+def _fast_cpu_timer(mp: pytest.MonkeyPatch) -> None:
+    # The CPU timer's budget is for real runs; a test only needs the row filled.
+    mp.setattr(harness, "CPU_WARMUP_RUNS", 1)
+    mp.setattr(harness, "CPU_MIN_RUNS", 2)
+    mp.setattr(harness, "CPU_TIME_BUDGET_S", 0.0)
+
+
+@pytest.fixture
+def fast_cpu_timer(monkeypatch):
+    _fast_cpu_timer(monkeypatch)
+
+
+def _small_case(preset_name: str, T: int, *, D=32, I=16, E=6, K=2, seed=0):
+    preset = dataclasses.replace(cpu_scaled(PRESETS[preset_name]), dim=D, hidden_dim=I, num_experts=E, top_k=K)
+    return make_case(preset, "uniform", T, dtype=torch.float32, device=CPU, seed=seed)
+
+
+def _torchtitan(case):
+    return peers.IMPLS["torchtitan-style"].build(case)
+
+
+# ----------------------------------------------------------------------------------- torchtitan-style path
+
+EDGE_CASES = [
+    # (id, preset, T, E, K, ids override)
+    ("T40-E6-K2", "qwen3-30b-a3b", 40, 6, 2, None),
+    ("T1-below-a-tile", "qwen3-30b-a3b", 1, 6, 2, None),
+    ("T0", "qwen3-30b-a3b", 0, 6, 2, None),
+    ("K1", "olmoe-1b-7b", 17, 6, 1, None),
+    ("K=E", "mixtral-8x7b", 9, 4, 4, None),
+    ("prime-E7", "deepseek-v3", 23, 7, 3, None),
+    ("empty-experts", "qwen3-30b-a3b", 3, 16, 2, None),  # 6 routed rows over 16 experts: most get none
+    ("all-on-one-expert", "qwen3-30b-a3b", 12, 6, 1, "all-on-2"),
+    ("gpt-oss-native-bias-interleaved-clamped", "gpt-oss-20b-native", 29, 5, 2, None),
+    ("non-gated-relu2", "qwen3-30b-a3b", 21, 6, 2, "relu2"),
+]
+
+
+@pytest.mark.parametrize(("preset_name", "T", "E", "K", "variant"), [c[1:] for c in EDGE_CASES],
+                         ids=[c[0] for c in EDGE_CASES])
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+def test_torchtitan_style_matches_the_reference(preset_name, T, E, K, variant, mode):
+    preset = dataclasses.replace(cpu_scaled(PRESETS[preset_name]), dim=32, hidden_dim=16, num_experts=E, top_k=K)
+    if variant == "relu2":
+        preset = dataclasses.replace(preset, activation=dataclasses.replace(preset.activation, name="relu2"))
+    case = make_case(preset, "uniform", T, dtype=torch.float32, device=CPU, seed=3)
+    if variant == "all-on-2":
+        case.topk_ids_TK = torch.full_like(case.topk_ids_TK, 2)
+    outs = peers.run_once(case, _torchtitan(case), mode)
+    errors = reference_errors(case, outs)
+    if mode == "fwdbwd":
+        assert {"grad_x", "grad_topk_weights", "grad_gate_up_proj", "grad_down_proj"} <= set(errors)
+        assert ("grad_gate_up_bias" in errors) == preset.bias
+    name, worst = worst_error(errors)
+    assert worst <= 1e-5, f"{name}: {errors}"
+
+
+def test_a_wrong_peer_is_failed_and_not_timed(fast_cpu_timer):
+    case = _small_case("qwen3-30b-a3b", 24)
+    right = _torchtitan(case)
+    # Every output (and so every gradient) 10% off: the check must stop it before it is timed.
+    broken = dataclasses.replace(peers.IMPLS["torchtitan-style"], build=lambda c: lambda: right() * 0.9)
+    for mode in ("fwd", "fwdbwd"):
+        row = peers.base_row(case, broken, mode, None)
+        peers.measure(case, broken, mode, row)
+        assert row["status"] == "FAILED" and row["check_ok"] is False, row
+        assert row["ms"] is None and "relative error" in row["reason"]
+
+
+# ----------------------------------------------------------------------------------------- skip notes
+
+
+def test_a_peer_that_is_not_installed_or_needs_cuda_gets_a_row_with_the_reason():
+    case = _small_case("qwen3-30b-a3b", 8)
+    missing = peers.Impl(name="nope", package="no-such-moe-package", module="no_such_moe_package_xyz",
+                         build=_torchtitan)
+    assert peers.why_not(missing, case, "fwd", named=False) == ("not installed", "pip install no-such-moe-package")
+    cuda_only = peers.Impl(name="cuda-only", module="torch", needs_cuda=True, build=_torchtitan)
+    status, reason = peers.why_not(cuda_only, case, "fwdbwd", named=False)
+    assert status == "skipped" and "needs CUDA" in reason
+
+
+def test_liger_names_the_forms_it_does_not_compute():
+    native = _small_case("gpt-oss-20b-native", 8)
+    status, reason = peers._liger_reason(native, "fwd")
+    assert status == "unsupported"
+    assert "clamped_swiglu" in reason and "interleaved" in reason and "biases" in reason
+    assert peers._liger_reason(_small_case("qwen3-30b-a3b", 8), "fwd") is None
+
+
+def test_moe_ops_needs_a_power_of_two_expert_count():
+    status, reason = peers._moe_ops_reason(_small_case("qwen3-30b-a3b", 8, E=6), "fwd")
+    assert status == "unsupported" and "E=6" in reason
+    assert peers._moe_ops_reason(_small_case("qwen3-30b-a3b", 8, E=8), "fwd") is None
+
+
+# ---------------------------------------------------------------------------------------- the whole run
+
+ROW_KEYS = {"preset", "mode", "impl", "ms", "tflops", "dense_tflops", "activation_mb", "check_ok", "status",
+            "reason", "first_call_s", "version"}
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    """One tiny CPU run shared by the tests below: ``(exit status, JSON payload, Markdown, stdout, folder)``."""
+    tmp_path = tmp_path_factory.mktemp("peers")
+    json_path, md_path = tmp_path / "peers.json", tmp_path / "peers.md"
+    argv = ["--small", "--device", "cpu", "--preset", "qwen3-30b-a3b", "--tokens", "16", "--impl",
+            "leanmoe-grouped_mm", "torchtitan-style", "moe-ops", "liger-kernel", "--json", str(json_path),
+            "--markdown", str(md_path)]
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
+        _fast_cpu_timer(mp)
+        status = peers.main(argv)
+    return status, json.loads(json_path.read_text()), md_path.read_text(), stdout.getvalue(), tmp_path
+
+
+def test_cpu_run_writes_one_row_per_impl_and_mode(cpu_run):
+    status, payload, md, stdout, _ = cpu_run
+    assert status == 0
+    rows = payload["rows"]
+    assert [(r["mode"], r["impl"]) for r in rows] == [
+        (mode, impl) for mode in ("fwd", "fwdbwd")
+        for impl in ("leanmoe-grouped_mm", "torchtitan-style", "moe-ops", "liger-kernel")]
+    for row in rows:
+        assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
+        assert row["preset"] == "qwen3-30b-a3b" and row["dense_tflops"] is None  # no dense rate on the CPU
+        if row["impl"] in ("moe-ops", "liger-kernel"):
+            assert row["status"] in ("not installed", "skipped") and row["reason"], row
+            assert row["check_ok"] is None and row["ms"] is None
+        else:
+            assert row["status"] == "ok" and row["check_ok"] is True, row
+            assert row["ms"] > 0 and row["tflops"] > 0 and row["first_call_s"] > 0
+            assert row["max_error"] <= 1e-4
+            assert row["activation_mb"] is None  # memory is measured on CUDA only
+    env = payload["env"]
+    assert env["command"].startswith("python benchmarks/peers.py --small") and env["date"] and env["torch"]
+    assert set(env["peers"]) == {"moe-ops", "liger-kernel"}
+    # The report carries the environment, the command, every row and the skip reasons.
+    assert md in stdout
+    assert "python benchmarks/peers.py --small" in md and "torchtitan-style" in md
+    assert "pip install moe-ops" in md or "needs CUDA" in md
+
+
+def test_from_json_merges_runs_and_recomputes_the_ratios(cpu_run, tmp_path, capsys):
+    payload = cpu_run[1]
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    lean = dict(payload["rows"][0], impl=peers.LEANMOE_BASELINE, ms=2.0, frac_dense=0.5)
+    peer = dict(payload["rows"][1], ms=1.0, frac_dense=1.0)
+    a.write_text(json.dumps({"env": payload["env"], "rows": [lean]}))
+    b.write_text(json.dumps({"env": payload["env"], "rows": [peer]}))
+    merged = tmp_path / "merged.json"
+    assert peers.main(["--from-json", str(a), str(b), "--json", str(merged)]) == 0
+    rows = json.loads(merged.read_text())["rows"]
+    assert [r["impl"] for r in rows] == [peers.LEANMOE_BASELINE, "torchtitan-style"]
+    assert rows[1]["vs_leanmoe"] == pytest.approx(2.0)
+    (best,) = [s for s in peers.summary(rows) if s["mode"] == "fwd"]
+    assert best["peer"] == "torchtitan-style" and best["ratio"] == pytest.approx(0.5)  # the peer wins: < 1
+    assert "merged from 2 runs" in capsys.readouterr().out
+
+
+def test_plot_is_written(cpu_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "peers.png"
+    assert peers.main(["--from-json", str(cpu_run[4] / "peers.json"), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_every_impl_passes_its_check_on_the_gpu(tmp_path):
+    json_path = tmp_path / "peers.json"
+    assert peers.main(["--small", "--check-only", "--preset", "qwen3-30b-a3b", "gpt-oss-20b-native", "--json",
+                       str(json_path)]) == 0
+    rows = json.loads(json_path.read_text())["rows"]
+    assert len(rows) == 2 * 2 * len(peers.IMPLS)
+    for row in rows:
+        if row["status"] in ("not installed", "unsupported"):
+            assert row["impl"] in ("moe-ops", "liger-kernel"), row
+            continue
+        assert row["status"] == "ok" and row["check_ok"], row
