@@ -84,3 +84,19 @@ def test_gpu_generate_compiled_reduce_overhead(model_type, backend, tmp_path, mo
     for _ in range(2):  # the first generate records the graphs, the second replays them
         out = _generate(model, ids, 12)
         assert torch.equal(out, ref), f"{model_type} on {backend}, reduce-overhead: greedy tokens differ"
+
+
+def test_hf_decode_bench_rows():
+    from leanmoe.bench.hf import run_hf_decode_bench
+
+    rows = run_hf_decode_bench("qwen3_moe", device="cpu", dtype=torch.float32, batch=2, layers=1, prompt_len=4,
+                               new_tokens=3, config_overrides={"tiny": True})
+    impls = [r["implementation"] for r in rows]
+    assert impls[:3] == ["eager", "grouped_mm", "batched_mm"] and "leanmoe:auto" in impls
+    for row in rows:
+        assert row["ok"], row
+        assert row["mode"] == "decode" and row["batch"] == 2 and row["rel_err"] < 1e-4
+        assert row["ms"] is not None and row["tokens_per_s"] == pytest.approx(2e3 / row["ms"])
+    with pytest.raises(ValueError, match="new_tokens must be >= 2"):
+        run_hf_decode_bench("qwen3_moe", device="cpu", dtype=torch.float32, batch=2, layers=1, new_tokens=1,
+                            config_overrides={"tiny": True})

@@ -309,3 +309,127 @@ def run_hf_bench(model_type: str, *, device, dtype, tokens: int, layers: int, sa
                                                               "save_percent": save_percent},
                        "rows": rows}, f, indent=2)
     return rows
+
+
+#: Prompts per decode run (the decode step's T) by device, and tokens per prompt and generated per run.
+HF_DECODE_BATCH = {"cuda": 8, "cpu": 2}
+HF_DECODE_PROMPT_LEN = 32
+HF_DECODE_NEW_TOKENS = 32
+
+
+def _generate_ms(model, input_ids: torch.Tensor, new_tokens: int, device: torch.device, *, compiled: bool,
+                 runs: int | None = None) -> float:
+    """Median wall time (ms) of greedy ``generate`` of exactly ``new_tokens`` tokens with a static cache."""
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                  eos_token_id=None, cache_implementation="static", disable_compile=not compiled)
+
+    def run():
+        with torch.no_grad():
+            model.generate(input_ids, **kwargs)
+
+    run()  # warm-up: autotuning, auto's measurement, compilation and graph capture happen here
+    times = []
+    for _ in range(runs or (3 if device.type == "cuda" else 1)):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def run_hf_decode_bench(model_type: str, *, device, dtype, batch: int, layers: int,
+                        prompt_len: int = HF_DECODE_PROMPT_LEN, new_tokens: int = HF_DECODE_NEW_TOKENS,
+                        compiled: bool = False, json_path=None, config_overrides: dict | None = None) -> list[dict]:
+    """Greedy decode throughput of one transformers MoE family on its own experts implementations and on leanmoe.
+
+    ``batch`` prompts of ``prompt_len`` random tokens generate ``new_tokens`` tokens each with a static KV cache,
+    under ``torch.no_grad()`` (``compiled``: transformers' own ``torch.compile`` of the forward, CUDA graphs
+    included; else eager). A decode step's time is ``(t(new_tokens) - t(1)) / (new_tokens - 1)``, with ``t(n)``
+    the median wall time of a ``generate`` of n tokens, so the prefill cancels out.
+    Throughput is ``batch / step`` tokens per second.
+
+    Each implementation is first checked: the logits of a prefill (``batch x prompt_len`` tokens) and of a
+    decode-sized forward (``batch x 1``) against the model run in fp32 with eager experts, with the tolerance of
+    :func:`run_hf_bench`. Rows that fail are not timed. Implementations: transformers' ``eager``,
+    ``grouped_mm`` and ``batched_mm`` (where the family has them), ``leanmoe:auto``, and every other leanmoe
+    backend that runs the no-grad decode call (the reference loop excepted).
+
+    Returns:
+        One row per implementation: ``model_type, implementation, mode ("decode"), ms`` (one decode step),
+        ``tokens_per_s, batch, prompt_len, new_tokens, peak_mem_mb`` (None), ``ok, rel_err, note``.
+    """
+    import leanmoe.hf
+
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens must be >= 2 (a decode step is timed between 1 and new_tokens), got {new_tokens}")
+    device = torch.device(device)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."))
+    overrides = dict(config_overrides or {})
+    tiny = bool(overrides.pop("tiny", False))
+    config = model_config(model_type, layers=layers, tiny=tiny, **overrides)
+    if config.max_position_embeddings < prompt_len + new_tokens:
+        config.max_position_embeddings = prompt_len + new_tokens
+    model = build_model(config, device=device, dtype=dtype).eval()
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    prompts = torch.randint(0, config.vocab_size, (batch, prompt_len), generator=generator).to(device)
+    checks = [prompts, prompts[:, -1:]]
+    refs = [_fp32_logits(model, ids) for ids in checks]
+
+    def rel_err() -> float:
+        with torch.no_grad():
+            return max(_rel_rms(model(ids).logits.float(), ref) for ids, ref in zip(checks, refs, strict=True))
+
+    tol = _LOGITS_TOL[dtype] if dtype == torch.float32 else max(_LOGITS_TOL.get(dtype, 4e-2), 2 * rel_err())
+
+    hf_impls = ["eager", "grouped_mm", "batched_mm"] if _supports_hf_experts_implementation(model) else ["eager"]
+    leanmoe.hf.patch(model)
+    with torch.no_grad():
+        auto, others = _leanmoe_backends(model, batch, device, dtype)
+    leanmoe.hf.unpatch(model)
+    from leanmoe.experts.registry import available_backends
+
+    # Every backend that runs the decode call, auto's own choice included (it also runs under its own name).
+    others = [b for b in dict.fromkeys([auto, *others]) if b in available_backends() and b != "reference"]
+    impls = [(name, None) for name in hf_impls] + [("leanmoe:auto", "auto")] + [(f"leanmoe:{b}", b) for b in others]
+
+    rows = []
+    for impl, backend in impls:
+        note = ""
+        leanmoe.hf.unpatch(model)
+        if backend is None:
+            if _supports_hf_experts_implementation(model):
+                model.set_experts_implementation(impl)
+        else:
+            if _supports_hf_experts_implementation(model):
+                model.set_experts_implementation("eager")
+            leanmoe.hf.patch(model, backend=backend)
+        err = rel_err()
+        ok = err <= tol
+        ms = tokens_per_s = None
+        if ok:
+            t_1 = _generate_ms(model, prompts, 1, device, compiled=compiled)
+            t_n = _generate_ms(model, prompts, new_tokens, device, compiled=compiled)
+            ms = max(t_n - t_1, 0.0) / (new_tokens - 1)
+            tokens_per_s = batch * 1e3 / ms if ms > 0 else None
+            note = f"{tokens_per_s:.0f} tokens/s" if tokens_per_s else "step time below the timer's resolution"
+        else:
+            note = f"logits off the fp32 model by {err:.2e} > {tol:.1e}: not timed"
+        if backend == "auto":
+            with torch.no_grad():  # after the runs: on CUDA this is the measured choice for T=batch
+                note += f"; auto -> {_leanmoe_backends(model, batch, device, dtype)[0]} at T={batch}"
+        rows.append(dict(model_type=model_type, implementation=impl, mode="decode", ms=ms, tokens_per_s=tokens_per_s,
+                         batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, peak_mem_mb=None, ok=ok,
+                         rel_err=err, note=note))
+    leanmoe.hf.unpatch(model)
+    if json_path is not None:
+        with open(json_path, "w") as f:
+            json.dump({"env": environment(device), "config": {"model_type": model_type, "batch": batch,
+                                                              "prompt_len": prompt_len, "new_tokens": new_tokens,
+                                                              "layers": layers, "dtype": str(dtype),
+                                                              "compiled": compiled},
+                       "rows": rows}, f, indent=2)
+    return rows
