@@ -43,7 +43,7 @@ from typing import Optional
 
 import torch
 
-from leanmoe.activations import Activation
+from leanmoe.activations import GATED_ACTIVATIONS, Activation
 from leanmoe.experts.plan import plan_experts
 from leanmoe.experts.registry import ExpertsBackend, ExpertsCall, cuda_capability, register_backend
 
@@ -51,9 +51,6 @@ Tensor = torch.Tensor
 
 #: Bound on the transient ``[R, D_chunk]`` buffer of the combine (forward output and dx).
 COMBINE_CHUNK_BYTES = 256 * 2**20
-
-_ACTIVATION_CODES = {"swiglu": 0, "geglu": 1, "clamped_swiglu": 2, "relu2": 3, "gelu": 4, "silu": 5}
-_GATED = ("swiglu", "geglu", "clamped_swiglu")
 
 
 def saved_rows(num_rows: int, save_percent: float) -> int:
@@ -91,6 +88,7 @@ def triton_experts_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(y_TD, sorted_rows_R, sorted_tokens_R, offsets_E, scale_R, saved_SN)``; all but ``y_TD`` are kept
     for backward."""
+    from leanmoe.kernels.moe_common import ACTIVATION_CODES
     from leanmoe.kernels.moe_fwd import gate_up_fwd
 
     T, D = x_TD.shape
@@ -101,7 +99,7 @@ def triton_experts_fwd(
     scale_R = topk_weights_TK.reshape(-1).index_select(0, plan.sorted_rows_R).float()
     h_RI, saved_SN = gate_up_fwd(
         x_TD, plan.sorted_tokens_R, plan.offsets_E, gate_up_proj, gate_up_bias,
-        act_code=_ACTIVATION_CODES[activation], gated=activation in _GATED,
+        act_code=ACTIVATION_CODES[activation], gated=activation in GATED_ACTIVATIONS,
         interleaved=gate_up_layout == "interleaved", alpha=alpha, limit=limit, n_saved=saved_rows(R, save_percent))
     y_TD = torch.empty(T, D, device=x_TD.device, dtype=x_TD.dtype)
     if R:
@@ -132,6 +130,7 @@ def triton_experts_bwd(
     """Returns ``(dx, dweights, dgate_up_proj, ddown_proj, dgate_up_bias, ddown_bias)``; a missing bias's gradient
     is an empty tensor."""
     from leanmoe.kernels.moe_bwd import expert_weight_grad, gate_up_bwd
+    from leanmoe.kernels.moe_common import ACTIVATION_CODES
 
     T, D = x_TD.shape
     K = topk_ids_TK.shape[1]
@@ -139,7 +138,7 @@ def triton_experts_bwd(
     R = T * K
     dgate_up_RN, hw_RI, dweights_R = gate_up_bwd(
         x_TD, dy_TD, sorted_tokens_R, offsets_E, scale_R, gate_up_proj, gate_up_bias, down_proj, saved_SN,
-        act_code=_ACTIVATION_CODES[activation], gated=activation in _GATED,
+        act_code=ACTIVATION_CODES[activation], gated=activation in GATED_ACTIVATIONS,
         interleaved=gate_up_layout == "interleaved", alpha=alpha, limit=limit)
     if down_bias is not None and R:
         # <dy_t, b_down[e]> for every (token, expert) is a small [T, E] GEMM; pick each routed row's entry.

@@ -18,10 +18,24 @@ import torch
 import triton
 import triton.language as tl
 
-# Activation codes (constexpr ACT); the names match leanmoe.activations.
-ACTIVATION_CODES = {"swiglu": 0, "geglu": 1, "clamped_swiglu": 2, "relu2": 3, "gelu": 4, "silu": 5}
-_GELU_C = 0.7978845608028654  # sqrt(2 / pi)
-_GELU_A = 0.044715
+# Activation codes: the constexpr ACT of every kernel. The names are leanmoe.activations' names.
+ACT_SWIGLU = tl.constexpr(0)
+ACT_GEGLU = tl.constexpr(1)  # tanh-approximated GELU, gated
+ACT_CLAMPED_SWIGLU = tl.constexpr(2)
+ACT_RELU2 = tl.constexpr(3)
+ACT_GELU = tl.constexpr(4)  # tanh-approximated GELU
+ACT_SILU = tl.constexpr(5)
+ACT_GELU_EXACT = tl.constexpr(6)  # erf GELU
+ACT_GEGLU_EXACT = tl.constexpr(7)  # erf GELU, gated
+#: Activation name -> the ``act_code`` the launchers take.
+ACTIVATION_CODES = {name: code.value for name, code in (
+    ("swiglu", ACT_SWIGLU), ("geglu", ACT_GEGLU), ("clamped_swiglu", ACT_CLAMPED_SWIGLU), ("relu2", ACT_RELU2),
+    ("gelu", ACT_GELU), ("silu", ACT_SILU), ("gelu_exact", ACT_GELU_EXACT), ("geglu_exact", ACT_GEGLU_EXACT))}
+
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_GELU_A = tl.constexpr(0.044715)  # the cubic coefficient of the tanh approximation
+_SQRT_HALF = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
 
 
 #: Row indices and expert offsets are int32 in the kernels (``offsets_E`` is ``torch._grouped_mm``'s int32 ``offs``).
@@ -259,11 +273,18 @@ def _sigmoid(x):
 
 @triton.jit
 def _gelu_tanh_and_grad(a):
-    z = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+    z = _SQRT_2_OVER_PI * (a + _GELU_A * a * a * a)
     t = 2.0 * _sigmoid(2.0 * z) - 1.0  # tanh(z), in a form every Triton version has
     value = 0.5 * a * (1.0 + t)
-    grad = 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * a * a)
+    grad = 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_A * a * a)
     return value, grad
+
+
+@triton.jit
+def _gelu_erf_and_grad(a):
+    """``gelu(a) = 0.5 a (1 + erf(a / sqrt 2))``; its derivative ``0.5 (1 + erf(a / sqrt 2)) + a phi(a)``."""
+    cdf = 0.5 * (1.0 + tl.math.erf(a * _SQRT_HALF))
+    return a * cdf, cdf + a * _INV_SQRT_2PI * tl.exp(-0.5 * a * a)
 
 
 @triton.jit
@@ -275,20 +296,25 @@ def _silu_and_grad(a):
 @triton.jit
 def activation_fwd(g, u, alpha, limit, ACT: tl.constexpr):
     """fp32 pre-activations -> fp32 hidden state. Gated: ``g`` gate, ``u`` up; non-gated: ``g`` only."""
-    if ACT == 0:
+    if ACT == ACT_SWIGLU:
         h = _silu_and_grad(g)[0] * u
-    elif ACT == 1:
+    elif ACT == ACT_GEGLU:
         h = _gelu_tanh_and_grad(g)[0] * u
-    elif ACT == 2:
+    elif ACT == ACT_GEGLU_EXACT:
+        h = _gelu_erf_and_grad(g)[0] * u
+    elif ACT == ACT_CLAMPED_SWIGLU:
         g_c = tl.minimum(g, limit)
         u_c = tl.minimum(tl.maximum(u, -limit), limit)
         h = (u_c + 1.0) * g_c * _sigmoid(alpha * g_c)
-    elif ACT == 3:
+    elif ACT == ACT_RELU2:
         r = tl.maximum(g, 0.0)
         h = r * r
-    elif ACT == 4:
+    elif ACT == ACT_GELU:
         h = _gelu_tanh_and_grad(g)[0]
+    elif ACT == ACT_GELU_EXACT:
+        h = _gelu_erf_and_grad(g)[0]
     else:
+        tl.static_assert(ACT == ACT_SILU, "unknown activation code")
         h = _silu_and_grad(g)[0]
     return h
 
@@ -299,26 +325,33 @@ def activation_bwd(g, u, dh, alpha, limit, ACT: tl.constexpr):
 
     The clamp masks match ``torch.clamp``: the gradient passes where the value lies in the closed interval.
     """
-    if ACT == 0:
+    if ACT == ACT_SWIGLU:
         act, dact = _silu_and_grad(g)
         h, dg, du = act * u, dh * u * dact, dh * act
-    elif ACT == 1:
+    elif ACT == ACT_GEGLU:
         act, dact = _gelu_tanh_and_grad(g)
         h, dg, du = act * u, dh * u * dact, dh * act
-    elif ACT == 2:
+    elif ACT == ACT_GEGLU_EXACT:
+        act, dact = _gelu_erf_and_grad(g)
+        h, dg, du = act * u, dh * u * dact, dh * act
+    elif ACT == ACT_CLAMPED_SWIGLU:
         g_c = tl.minimum(g, limit)
         u_c = tl.minimum(tl.maximum(u, -limit), limit)
         s = _sigmoid(alpha * g_c)
         h = (u_c + 1.0) * g_c * s
         dg = tl.where(g <= limit, dh * (u_c + 1.0) * (s + alpha * g_c * s * (1.0 - s)), 0.0)
         du = tl.where((u >= -limit) & (u <= limit), dh * g_c * s, 0.0)
-    elif ACT == 3:
+    elif ACT == ACT_RELU2:
         r = tl.maximum(g, 0.0)
         h, dg, du = r * r, dh * 2.0 * r, 0.0 * dh
-    elif ACT == 4:
+    elif ACT == ACT_GELU:
         act, dact = _gelu_tanh_and_grad(g)
         h, dg, du = act, dh * dact, 0.0 * dh
+    elif ACT == ACT_GELU_EXACT:
+        act, dact = _gelu_erf_and_grad(g)
+        h, dg, du = act, dh * dact, 0.0 * dh
     else:
+        tl.static_assert(ACT == ACT_SILU, "unknown activation code")
         act, dact = _silu_and_grad(g)
         h, dg, du = act, dh * dact, 0.0 * dh
     return h, dg, du
