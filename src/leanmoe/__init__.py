@@ -13,6 +13,7 @@ from leanmoe.experts import (
 )
 from leanmoe.experts.module import ExpertWeights, GroupedExperts, SharedExperts
 from leanmoe.layer import MoE
+from leanmoe.lora import ExpertLoRA
 from leanmoe.parallel.dispatcher import LocalDispatcher
 from leanmoe.routers import RouterOutput, TopKRouter, stable_topk, update_balance_biases
 
@@ -22,6 +23,7 @@ __all__ = [
     "Activation",
     "ExpertsBackend",
     "ExpertsCall",
+    "ExpertLoRA",
     "ExpertWeights",
     "GroupedExperts",
     "LocalDispatcher",

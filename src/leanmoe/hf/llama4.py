@@ -37,7 +37,7 @@ def _experts_forward(self: nn.Module, x_TD: torch.Tensor, topk_ids_TK: torch.Ten
                      topk_weights_TK: torch.Tensor) -> torch.Tensor:
     record = patch_record(self)
     return run_experts(_expert_weights(self), x_TD, topk_ids_TK, topk_weights_TK, backend=record.backend,
-                       save_percent=record.save_percent)
+                       save_percent=record.save_percent, lora=self._modules.get("lora"))
 
 
 def _moe_forward(self: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,182 @@
+"""The routed expert compute with LoRA adapters: a plain reference loop and a ``torch._grouped_mm`` fast path.
+
+Legend: T tokens, D model dim, I expert hidden dim, N gate/up rows (2I gated, I otherwise), E experts, K top-k,
+R routed rows (T*K), r LoRA rank (P: the rank padded to a multiple of 8).
+
+With ``s = alpha / rank`` (see :class:`leanmoe.ExpertLoRA`), expert e computes
+``gate_up = x W_gu[e]^T + s (x A_gu[e]^T) B_gu[e]^T (+ b1[e])``, ``h = act(gate_up)``,
+``out = h W_d[e]^T + s (h A_d[e]^T) B_d[e]^T (+ b2[e])``, and ``y_t = sum_k w_tk out_{t,k}``.
+
+The fast path (``grouped_mm``), on the grouped_mm backend's routing plan:
+1. plan: routed rows sorted by expert (:func:`leanmoe.experts.plan.plan_experts`, masked rows last), no host sync;
+2. gather ``x_RD`` in expert order; base GEMM ``x_RD W_gu^T`` and the two low-rank GEMMs ``(x_RD A^T) s B^T`` as
+   ``torch._grouped_mm`` calls (weights as transposed views, never copied), bias, activation to ``h_RI``;
+3. the same for the down projection;
+4. combine: rows back to ``[T, K, D]`` order by a gather, ``y_T = w_T1K @ out_TKD`` (a batched GEMM: deterministic,
+   no atomics).
+Autograd differentiates it (``torch._grouped_mm`` is differentiable): an input that does not require grad gets no
+gradient computed, so with frozen base weights no base-weight GEMM runs in backward, and under ``no_grad`` nothing
+is kept. The rank is zero-padded to a multiple of 8 inside the call, because ``torch._grouped_mm`` needs 16-byte
+aligned rows; the padding contributes exact zeros and its gradient is dropped.
+
+Rows of masked tokens (contract: past ``offsets_E[-1]``) are never written by a grouped GEMM, so every stage's
+output and the gathered ``x_RD`` go through ``where(valid_R, ., 0)``: masked rows are exactly zero forward, and their
+gradients are exactly zero backward (no stale memory reaches a bias gradient or dx).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from leanmoe.activations import Activation, apply_activation
+from leanmoe.experts.plan import plan_experts
+from leanmoe.experts.registry import ExpertsCall, get_backend, select_backend
+from leanmoe.lora.module import ExpertLoRA
+
+#: Backends that take LoRA adapters, best first (``backend="auto"`` takes the first that supports the call).
+LORA_BACKENDS = ("grouped_mm", "reference")
+_RANK_ALIGN = 8
+
+
+def check_lora(lora: object, call: ExpertsCall) -> ExpertLoRA:
+    """Raises ``TypeError``/``ValueError`` when ``lora`` does not fit the experts of ``call``; reads no data."""
+    if not isinstance(lora, ExpertLoRA):
+        raise TypeError(f"lora must be a leanmoe.ExpertLoRA or None, got {type(lora).__name__}")
+    gated = call.activation.gated
+    got = (lora.num_experts, lora.dim, lora.hidden_dim, lora.gated)
+    want = (call.num_experts, call.dim, call.hidden_dim, gated)
+    if got != want:
+        raise ValueError(f"lora (num_experts, dim, hidden_dim, gated) = {got} does not fit the experts: expected "
+                         f"{want} (activation {call.activation.name!r})")
+    for name, p in lora.named_parameters(recurse=False):
+        if not p.is_floating_point():
+            raise TypeError(f"lora.{name} must be floating point, got dtype {p.dtype}")
+        if p.device != call.device:
+            raise ValueError(f"lora.{name} is on {p.device} but x is on {call.device}")
+    return lora
+
+
+def select_lora_backend(name: str, call: ExpertsCall) -> str:
+    """The LoRA-capable backend that ``name`` resolves to for ``call``. A named backend that takes no adapters, or
+    cannot run the call, raises ``ValueError`` with the reason: there is no silent fallback."""
+    if name == "auto":
+        return next(n for n in LORA_BACKENDS if get_backend(n).auto_unsupported_reason(call) is None)
+    get_backend(name)  # an unknown name raises, listing the registered ones
+    if name not in LORA_BACKENDS:
+        raise ValueError(f"backend {name!r} cannot run a call with lora: it takes no LoRA adapters yet; backends "
+                         f"that do: {list(LORA_BACKENDS)} (or 'auto'); see docs/LORA.md")
+    select_backend(name, call)  # raises with the reason when the backend cannot run the call
+    return name
+
+
+def lora_moe_experts(call: ExpertsCall, backend: str, x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj,
+                     gate_up_bias, down_bias, *, lora, token_mask=None) -> torch.Tensor:
+    """:func:`leanmoe.moe_experts` with ``lora=``: validated by ``describe_call`` (``call``) and :func:`check_lora`.
+
+    A merged adapter (``lora.merged``) is already in the base weights: the call runs without it, on ``backend``.
+    """
+    lora = check_lora(lora, call)
+    if lora.merged:
+        impl, _ = select_backend(backend, call)
+        mask_kw = {} if token_mask is None else {"token_mask": token_mask}
+        return impl(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias,
+                    activation=call.activation, gate_up_layout=call.gate_up_layout, save_percent=call.save_percent,
+                    **mask_kw)
+    fn = grouped_mm_lora_experts if select_lora_backend(backend, call) == "grouped_mm" else reference_lora_experts
+    return fn(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias,
+              activation=call.activation, gate_up_layout=call.gate_up_layout, lora=lora, token_mask=token_mask)
+
+
+def _adapter_input(a: torch.Tensor, lora: ExpertLoRA) -> torch.Tensor:
+    # LoRA dropout acts on the adapter's input only (the base GEMM sees the undropped rows), in training only.
+    if lora.training and lora.dropout > 0:
+        return F.dropout(a, p=lora.dropout, training=True)
+    return a
+
+
+# --- the reference: a plain loop over experts --------------------------------------------------------------------
+
+
+def reference_lora_experts(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias, *,
+                           activation: Activation, gate_up_layout: str, lora: ExpertLoRA,
+                           token_mask=None) -> torch.Tensor:
+    """The ground truth: for each expert, its tokens through base + adapter, ``index_add`` into an fp32 output."""
+    T, D = x_TD.shape
+    acc_dtype = torch.promote_types(x_TD.dtype, torch.float32)
+    y_TD = x_TD.new_zeros(T, D, dtype=acc_dtype)
+    s = lora.scale
+    gate_up, down = lora.factors("gate_up"), lora.factors("down")
+    for e in range(gate_up_proj.shape[0]):
+        routed_TK = topk_ids_TK == e
+        if token_mask is not None:
+            routed_TK = routed_TK & token_mask[:, None]  # masked tokens take no rows
+        token_idx, slot_idx = torch.where(routed_TK)
+        x_eD = x_TD.index_select(0, token_idx)
+        gate_up_eN = x_eD @ gate_up_proj[e].t()
+        if gate_up is not None:
+            A, B = (t[e].to(x_TD.dtype) for t in gate_up)
+            gate_up_eN = gate_up_eN + s * ((_adapter_input(x_eD, lora) @ A.t()) @ B.t())
+        if gate_up_bias is not None:
+            gate_up_eN = gate_up_eN + gate_up_bias[e]
+        h_eI = apply_activation(gate_up_eN, activation, gate_up_layout)
+        out_eD = h_eI @ down_proj[e].t()
+        if down is not None:
+            A, B = (t[e].to(x_TD.dtype) for t in down)
+            out_eD = out_eD + s * ((_adapter_input(h_eI, lora) @ A.t()) @ B.t())
+        if down_bias is not None:
+            out_eD = out_eD + down_bias[e]
+        weight_e = topk_weights_TK[token_idx, slot_idx].to(acc_dtype)
+        y_TD = y_TD.index_add(0, token_idx, out_eD.to(acc_dtype) * weight_e[:, None])
+    return y_TD.to(x_TD.dtype)
+
+
+# --- the fast path: torch._grouped_mm on the sorted routing plan ---------------------------------------------------
+
+
+def _padded_factors(factors, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A [E, P, in]``, ``B [E, out, P]`` in ``dtype``, the rank zero-padded to a multiple of 8 (16-byte rows)."""
+    A, B = factors[0].to(dtype), factors[1].to(dtype)
+    pad = -A.shape[1] % _RANK_ALIGN
+    if pad:
+        A, B = F.pad(A, (0, 0, 0, pad)), F.pad(B, (0, pad))
+    return A, B
+
+
+def _expert_linear(a_RX, weight_EYX, bias_EY, factors, plan, valid_R1, lora: ExpertLoRA) -> torch.Tensor:
+    """``a W[e]^T + s (a A[e]^T) B[e]^T + b[e]`` for each sorted row, ``[R, Y]``; masked rows exactly 0."""
+    offs = plan.offsets_E
+    y_RY = torch._grouped_mm(a_RX, weight_EYX.transpose(-2, -1), offs=offs)
+    if factors is not None:
+        A_EPX, B_EYP = _padded_factors(factors, a_RX.dtype)
+        low_RP = torch._grouped_mm(_adapter_input(a_RX, lora), A_EPX.transpose(-2, -1), offs=offs) * lora.scale
+        y_RY = y_RY + torch._grouped_mm(low_RP, B_EYP.transpose(-2, -1), offs=offs)
+    if bias_EY is not None:
+        y_RY = y_RY + bias_EY.index_select(0, plan.sorted_experts_R)
+    if valid_R1 is not None:
+        y_RY = torch.where(valid_R1, y_RY, 0)
+    return y_RY
+
+
+def grouped_mm_lora_experts(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias,
+                            *, activation: Activation, gate_up_layout: str, lora: ExpertLoRA,
+                            token_mask=None) -> torch.Tensor:
+    """The LoRA expert compute on ``torch._grouped_mm`` (the module docstring gives the steps). ``[T, D]``."""
+    T, K = topk_ids_TK.shape
+    D = x_TD.shape[1]
+    if T == 0:
+        # Nothing routed: an empty output that still connects every input to autograd (zero gradients).
+        tensors = [gate_up_proj, down_proj, topk_weights_TK, gate_up_bias, down_bias, *lora.parameters()]
+        zero = sum(t.sum() * 0 for t in tensors if t is not None)
+        return x_TD * zero.to(x_TD.dtype)
+    plan = plan_experts(topk_ids_TK, gate_up_proj.shape[0], token_mask)
+    valid_R1 = None if token_mask is None else plan.valid_R()[:, None]
+    x_RD = x_TD.index_select(0, plan.sorted_tokens_R)
+    if valid_R1 is not None:
+        x_RD = torch.where(valid_R1, x_RD, 0)  # a masked token's x may hold NaN/inf; its rows take part in nothing
+    gate_up_RN = _expert_linear(x_RD, gate_up_proj, gate_up_bias, lora.factors("gate_up"), plan, valid_R1, lora)
+    h_RI = apply_activation(gate_up_RN, activation, gate_up_layout)
+    out_RD = _expert_linear(h_RI, down_proj, down_bias, lora.factors("down"), plan, valid_R1, lora)
+    out_TKD = out_RD.index_select(0, plan.inverse_R()).view(T, K, D)
+    weights_T1K = topk_weights_TK.to(x_TD.dtype).unsqueeze(1)
+    return torch.bmm(weights_T1K, out_TKD).squeeze(1)
