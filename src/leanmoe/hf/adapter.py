@@ -163,12 +163,13 @@ def expert_weights(module: nn.Module) -> ExpertWeights:
 
 
 def run_experts(weights: ExpertWeights, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor,
-                topk_weights_TK: torch.Tensor, *, backend: str, save_percent: float) -> torch.Tensor:
+                topk_weights_TK: torch.Tensor, *, backend: str, save_percent: float, lora=None) -> torch.Tensor:
     # The ids come from the family's own router, valid by construction: no range check (a host read).
+    # ``lora``: the experts module's ``lora`` submodule (leanmoe.lora.add_expert_lora), or None.
     return moe_experts(x_TD, topk_ids_TK, topk_weights_TK, weights.gate_up_proj, weights.down_proj,
                        weights.gate_up_bias, weights.down_bias, activation=weights.activation,
                        gate_up_layout=weights.gate_up_layout, backend=backend, save_percent=save_percent,
-                       check_ids=False)
+                       check_ids=False, lora=lora)
 
 
 def check_backend(backend: str) -> None:
@@ -265,7 +266,7 @@ def patched_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_
     """``forward(x_TD, topk_ids_TK, topk_weights_TK) -> y_TD`` of a patched transformers experts module."""
     record = patch_record(self)
     return run_experts(expert_weights(self), hidden_states, top_k_index, top_k_weights,
-                       backend=record.backend, save_percent=record.save_percent)
+                       backend=record.backend, save_percent=record.save_percent, lora=self._modules.get("lora"))
 
 
 STANDARD_METHODS: dict[str, Callable] = {"forward": patched_experts_forward,
