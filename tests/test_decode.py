@@ -177,3 +177,49 @@ def test_choose_split():
     assert moe_decode.choose_split(8, 128, 64, 512, 132) == 2
     assert moe_decode.row_tiles_bound(8, 128, 16) == 8
     assert moe_decode.row_tiles_bound(512, 128, 16) == 160
+
+
+def _fp32_reference(p, token_mask=None):
+    q = make_problem(1, 8, 8, 2, 1, device=p.x_TD.device, requires_grad=False)
+    for field in ("x_TD", "topk_weights_TK", "gate_up_proj", "down_proj", "gate_up_bias", "down_bias"):
+        t = getattr(p, field)
+        setattr(q, field, None if t is None else t.float())
+    q.topk_ids_TK, q.activation, q.gate_up_layout = p.topk_ids_TK, p.activation, p.gate_up_layout
+    return _reference(q, token_mask)
+
+
+# Real expert shapes at decode sizes: qwen3-30b-a3b, gpt-oss-20b (biases, interleaved clamped SwiGLU) and
+# deepseek-v3's D and I with 16 of its 256 experts (its weights would not fit otherwise).
+GPU_SHAPES = {"qwen3": (2048, 768, 128, 8, "swiglu", "concatenated", False),
+              "gpt-oss": (2880, 2880, 32, 4, "clamped_swiglu", "interleaved", True),
+              "deepseek16": (7168, 2048, 16, 8, "swiglu", "concatenated", False)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 4, 16, 64, 256])
+@pytest.mark.parametrize("shape", list(GPU_SHAPES))
+def test_gpu_bf16_matches_fp32_reference(shape, T):
+    D, I, E, K, act, layout, bias = GPU_SHAPES[shape]
+    p = make_problem(T, D, I, E, K, activation=act, layout=layout, bias=bias, dtype=torch.bfloat16, device="cuda",
+                     seed=T, requires_grad=False)
+    mask = torch.arange(T, device="cuda") % 5 != 3
+    with torch.no_grad():
+        for token_mask in (None, mask):
+            ref = _fp32_reference(p, token_mask)
+            out = _decode(p, token_mask=token_mask)
+            assert_close(out.float(), ref, tol=2e-2, name=f"{shape} T={T} bf16")
+            assert torch.equal(out, _decode(p, token_mask=token_mask)), "two runs differ"
+
+
+@pytest.mark.gpu
+def test_gpu_no_host_sync():
+    p = make_problem(64, 2048, 768, 128, 8, dtype=torch.bfloat16, device="cuda", seed=0, requires_grad=False)
+    mask = torch.ones(64, dtype=torch.bool, device="cuda")
+    with torch.no_grad():
+        _decode(p, check_ids=False, token_mask=mask)  # warm-up: autotuning syncs
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            _decode(p, check_ids=False, token_mask=mask)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

@@ -19,6 +19,7 @@ cached choice where there is one, else the priority order), on CPU tensors (prio
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import json
 import os
@@ -86,8 +87,13 @@ def _version(package: str) -> str:
 
 def environment_key(device: torch.device) -> str:
     """GPU name and the versions whose kernels were timed: a measurement holds only where all of them match."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    major, minor = registry.cuda_capability(index)
+    return _environment_key(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _environment_key(index: int) -> str:
+    # Cached: it is asked on every auto call on CUDA, and reading package versions takes a file system walk.
+    major, minor = torch.cuda.get_device_capability(index)
     return (f"{torch.cuda.get_device_name(index)} sm{major}{minor} | torch {torch.__version__} | "
             f"triton {_version('triton')} | leanmoe {_version('leanmoe')}")
 
