@@ -104,15 +104,58 @@ def test_patch_overrides_the_configured_experts_implementation():
     assert "forward" not in experts.__dict__ and model.config._experts_implementation == "grouped_mm"
 
 
-def test_patch_twice_replaces_options():
+def test_patch_twice_with_the_same_options_is_a_no_op():
+    model = tiny("olmoe")
+    leanmoe.hf.patch(model, backend="reference", save_percent=50)
+    forwards = [m.__dict__["forward"] for _, m in leanmoe.hf.experts_modules(model)]
+    assert leanmoe.hf.patch(model, backend="reference", save_percent=50) is model
+    assert [m.__dict__["forward"] for _, m in leanmoe.hf.experts_modules(model)] == forwards  # nothing re-installed
+    leanmoe.hf.unpatch(model)  # one unpatch undoes it all
+    assert not leanmoe.hf.is_patched(model) and not any("forward" in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("options", [dict(backend="grouped_mm"), dict(backend="reference", save_percent=100)],
+                         ids=["backend", "save_percent"])
+def test_patch_twice_with_other_options_raises_and_changes_nothing(options):
+    """Never a silent change of backend: the error names both option sets; unpatch first, then patch again."""
     model = tiny("olmoe")
     leanmoe.hf.patch(model, backend="reference")
-    leanmoe.hf.patch(model, backend="grouped_mm", save_percent=100)
+    wanted = f"backend={options['backend']!r}, save_percent={options.get('save_percent', 0)!r}"
+    with pytest.raises(ValueError, match=rf"model type 'olmoe' is already patched \(.*backend='reference', "
+                                         rf"save_percent=0\); patching it again with {wanted} would change its "
+                                         rf"backend: call leanmoe.hf.unpatch\(model\) first"):
+        leanmoe.hf.patch(model, **options)
     records = [adapter.patch_record(m) for _, m in leanmoe.hf.experts_modules(model)]
-    assert len(records) == 2 and all(r.backend == "grouped_mm" and r.save_percent == 100 for r in records)
+    assert len(records) == 2 and all(r.backend == "reference" and r.save_percent == 0 for r in records)
     leanmoe.hf.unpatch(model)
-    leanmoe.hf.unpatch(model)  # a no-op on an unpatched model
-    assert not leanmoe.hf.is_patched(model)
+    leanmoe.hf.patch(model, **options)
+    assert all(adapter.patch_record(m).backend == options["backend"] for _, m in leanmoe.hf.experts_modules(model))
+
+
+def test_patching_the_whole_model_after_its_inner_model_with_the_same_options():
+    model = tiny("qwen3_moe")
+    ref = logits(model)
+    leanmoe.hf.patch(model.model, backend="reference")
+    leanmoe.hf.patch(model, backend="reference")
+    assert len(leanmoe.hf.experts_modules(model)) == 2
+    assert_close(logits(model), ref, tol=1e-5, name="patched twice")
+    with pytest.raises(ValueError, match="already patched"):
+        leanmoe.hf.patch(model, backend="grouped_mm")
+
+
+def test_unpatch_of_an_unpatched_model_is_a_no_op():
+    model = tiny("olmoe")
+    ref = logits(model)
+    assert leanmoe.hf.unpatch(model) is model
+    assert not leanmoe.hf.is_patched(model) and not any("forward" in m.__dict__ for m in model.modules())
+    assert torch.equal(logits(model), ref)
+
+
+@pytest.mark.parametrize("fn", ["patch", "unpatch", "is_patched", "experts_modules"])
+@pytest.mark.parametrize("value", [None, "model", 3], ids=["None", "str", "int"])
+def test_entry_points_refuse_what_is_not_a_module(fn, value):
+    with pytest.raises(TypeError, match=rf"model must be a torch.nn.Module .*got {type(value).__name__}"):
+        getattr(leanmoe.hf, fn)(value)
 
 
 def test_patch_runs_on_the_inner_model_and_on_deep_copies():
@@ -146,17 +189,68 @@ def test_unsupported_model_type_is_named():
 
 
 def test_unsupported_activation_is_refused_before_patching():
-    """Exact-erf GELU has no leanmoe equivalent: refused (naming model type and activation), nothing patched."""
-    model = tiny("mixtral", hidden_act="gelu")
-    with pytest.raises(ValueError, match=r"model type 'mixtral'.*GELUActivation"):
+    """QuickGELU (x * sigmoid(1.702 x)) has no leanmoe equivalent: refused (naming model type and activation)."""
+    model = tiny("mixtral", hidden_act="quick_gelu")
+    with pytest.raises(ValueError, match=r"model type 'mixtral'.*QuickGELUActivation"):
         leanmoe.hf.patch(model)
     assert not leanmoe.hf.is_patched(model)
 
 
 def test_interface_route_refuses_unsupported_experts():
-    model = tiny("mixtral", hidden_act="gelu", experts_implementation="leanmoe")
+    model = tiny("mixtral", hidden_act="quick_gelu", experts_implementation="leanmoe")
     with pytest.raises(ValueError, match="experts_implementation='leanmoe_experts_forward' cannot run MixtralExperts"):
         logits(model)
+
+
+# hidden_act -> leanmoe activation of a gated expert: "gelu" and "gelu_python" are the exact erf GELU, the rest the
+# tanh approximation (transformers' ACT2CLS).
+GELU_ACTS = [("gelu", "geglu_exact"), ("gelu_python", "geglu_exact"), ("gelu_pytorch_tanh", "geglu"),
+             ("gelu_new", "geglu"), ("gelu_fast", "geglu"), ("gelu_accurate", "geglu")]
+
+
+@pytest.mark.parametrize("hidden_act,expected", GELU_ACTS)
+@pytest.mark.parametrize("backend", ["reference", "grouped_mm"])
+def test_gelu_experts_match_the_unpatched_model(hidden_act, expected, backend):
+    model = tiny("mixtral", hidden_act=hidden_act)
+    ids = tokens()
+    model(ids, labels=ids).loss.backward()
+    ref_logits = logits(model, ids)
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    leanmoe.hf.patch(model, backend=backend)
+    experts = leanmoe.hf.experts_modules(model)
+    assert len(experts) == 2 and all(m.expert_weights().activation.name == expected for _, m in experts)
+    assert_close(logits(model, ids), ref_logits, tol=1e-5, name=f"{hidden_act} logits, backend {backend}")
+    model(ids, labels=ids).loss.backward()
+    for name, p in model.named_parameters():
+        if name in ref_grads:
+            assert_close(p.grad, ref_grads[name], tol=1e-4, name=f"{hidden_act} d{name}, backend {backend}")
+
+
+def test_exact_gelu_through_the_experts_interface():
+    ref = logits(tiny("qwen3_moe", hidden_act="gelu"))
+    model = tiny("qwen3_moe", hidden_act="gelu", experts_implementation="leanmoe")
+    assert_close(logits(model), ref, tol=1e-5, name="experts_implementation='leanmoe', hidden_act='gelu'")
+
+
+@pytest.mark.parametrize("act,expected", [("gelu", "gelu_exact"), ("gelu_pytorch_tanh", "gelu"),
+                                          ("relu2", "relu2")])
+def test_non_gated_experts_activations(act, expected):
+    """Non-gated standard-layout experts (NemotronH: ``up_proj``, ``act(up) -> down``), exact GELU included."""
+    from transformers import NemotronHConfig
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
+
+    torch.manual_seed(0)
+    experts = NemotronHExperts(NemotronHConfig(n_routed_experts=4, hidden_size=32, moe_intermediate_size=16,
+                                               mlp_hidden_act=act))
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.3)
+    x_TD, ids_TK, w_TK = torch.randn(11, 32), torch.randint(0, 4, (11, 2)), torch.rand(11, 2)
+    ref = experts(x_TD, ids_TK, w_TK)
+    leanmoe.hf.patch(experts, backend="reference")
+    assert "forward" in experts.__dict__ and experts.expert_weights().activation.name == expected
+    assert_close(experts(x_TD, ids_TK, w_TK), ref, tol=1e-5, name=f"NemotronH experts, {act}")
 
 
 def test_expert_parallel_experts_are_refused():

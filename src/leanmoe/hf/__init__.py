@@ -4,7 +4,8 @@
 import leanmoe.hf
 model = AutoModelForCausalLM.from_pretrained(...)  # or from_config(...)
 leanmoe.hf.patch(model, backend="auto")             # its MoE experts now run on leanmoe; returns the model
-leanmoe.hf.unpatch(model)                           # exactly the original behaviour again
+leanmoe.hf.patch(model, backend="auto")             # again, same options: a no-op (other options: ValueError)
+leanmoe.hf.unpatch(model)                           # exactly the original behaviour again (unpatched: a no-op)
 leanmoe.hf.supported_models()                       # the model types with a family file (tested)
 # or, without patching (standard-layout experts only, see leanmoe.hf.interface):
 model = AutoModelForCausalLM.from_pretrained(..., experts_implementation="leanmoe")
@@ -88,19 +89,33 @@ def _model_type(model: nn.Module) -> str:
     return getattr(config, "model_type", None) or type(model).__name__
 
 
+def _check_model(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a transformers model or a module containing one), got "
+                        f"{type(model).__name__}")
+
+
+def _options(backend: str, save_percent: float) -> str:
+    return f"backend={backend!r}, save_percent={save_percent!r}"
+
+
 def patch(model: nn.Module, backend: str = "auto", *, save_percent: float = 0) -> nn.Module:
     """Runs the model's MoE experts on leanmoe's ``backend``; returns ``model`` (patched in place).
 
     Args:
-        model: a transformers model (any head), or any module containing transformers MoE blocks.
+        model: a transformers model (any head), or any module containing transformers MoE blocks (an
+            ``nn.Module``; anything else raises ``TypeError``).
         backend: ``"auto"`` (the fastest backend that supports each call) or a name from
             :func:`leanmoe.available_backends`; a named backend that cannot run a call raises when called.
         save_percent: passed to :func:`leanmoe.moe_experts` (memory kept for backward, in ``[0, 100]``).
 
-    Patching again replaces the previous options. Parameters stay the same tensors: ``state_dict()`` and
+    Patching a patched model again with the same options is a no-op (it returns the model unchanged); with other
+    options it raises ``ValueError`` naming both, and changes nothing: ``unpatch`` first to change the backend, so
+    that a backend never changes silently. Parameters stay the same tensors: ``state_dict()`` and
     ``save_pretrained`` are unchanged. Raises ``ValueError`` naming the model type when the model has no MoE
     experts that leanmoe can compute exactly.
     """
+    _check_model(model)
     _check_transformers()
     adapter.check_backend(backend)
     check_save_percent(save_percent)
@@ -132,26 +147,42 @@ def patch(model: nn.Module, backend: str = "auto", *, save_percent: float = 0) -
         raise ValueError(f"leanmoe.hf does not support model type {model_type!r}: it has no MoE experts module in "
                          f"transformers' standard layout (@use_experts_implementation) nor a block of a known family "
                          f"(supported model types: {', '.join(supported_models())})")
-    unpatch(model)  # only now: a refused patch leaves a patched model as it was
+    # Checked before anything changes: a refused patch leaves the model as it was.
+    for name, module in model.named_modules():
+        record = adapter.patch_record(module)
+        if record is not None and (record.backend, record.save_percent) != (backend, save_percent):
+            raise ValueError(f"model type {model_type!r} is already patched ({name or 'the model'}: "
+                             f"{_options(record.backend, record.save_percent)}); patching it again with "
+                             f"{_options(backend, save_percent)} would change its "
+                             f"backend: call leanmoe.hf.unpatch(model) first")
     for module, methods in plan:
-        adapter.install(module, methods, backend=backend, save_percent=save_percent)
+        if adapter.patch_record(module) is None:  # a module patched with these options already stays as it is
+            adapter.install(module, methods, backend=backend, save_percent=save_percent)
     return model
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Restores every module :func:`patch` changed (a no-op on an unpatched model); returns ``model``."""
+    """Restores every module :func:`patch` changed; returns ``model``.
+
+    On a model that is not patched (or no longer is) it is a documented no-op: nothing changes and nothing is
+    raised, so ``unpatch`` can be called to make sure. A non-module raises ``TypeError``.
+    """
+    _check_model(model)
     for module in model.modules():
         adapter.uninstall(module)
     return model
 
 
 def is_patched(model: nn.Module) -> bool:
+    """Whether any module of ``model`` is patched by :func:`patch`."""
+    _check_model(model)
     return any(adapter.patch_record(m) is not None for m in model.modules())
 
 
 def experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(qualified name, module)`` of every patched experts module: each has ``forward(x_TD, topk_ids_TK,
     topk_weights_TK) -> y_TD`` and ``expert_weights()`` (the experts-module protocol)."""
+    _check_model(model)
     return [(name, m) for name, m in model.named_modules()
             if adapter.patch_record(m) is not None and "expert_weights" in m.__dict__]
 

@@ -65,11 +65,18 @@ def _act_fn_name(act_fn: nn.Module) -> str | None:
 
     if isinstance(act_fn, (hf_act.SiLUActivation, nn.SiLU)):
         return "silu"
-    # All three compute the tanh approximation of GELU (leanmoe's gelu/geglu); exact-erf GELU has no match.
-    if isinstance(act_fn, (hf_act.GELUTanh, hf_act.NewGELUActivation, hf_act.FastGELUActivation)):
+    # hidden_act "gelu_pytorch_tanh"/"gelu_python_tanh", "gelu_new", "gelu_fast", "gelu_accurate": each computes
+    # the tanh approximation of GELU (leanmoe's gelu/geglu), in one arrangement or another of the same formula.
+    tanh_gelus = (hf_act.GELUTanh, hf_act.NewGELUActivation, hf_act.FastGELUActivation,
+                  getattr(hf_act, "AccurateGELUActivation", hf_act.GELUTanh))
+    if isinstance(act_fn, tanh_gelus):
         return "gelu"
-    if isinstance(act_fn, nn.GELU) and act_fn.approximate == "tanh":
-        return "gelu"
+    # hidden_act "gelu" and "gelu_python": the exact, erf-based GELU (leanmoe's gelu_exact/geglu_exact). Checked
+    # after the tanh classes and by exact type, so that no subclass with another formula (ClippedGELU) matches.
+    if type(act_fn) is hf_act.GELUActivation:
+        return "gelu_exact"
+    if isinstance(act_fn, nn.GELU):
+        return "gelu" if act_fn.approximate == "tanh" else "gelu_exact"
     if isinstance(act_fn, hf_act.ReLUSquaredActivation):
         return "relu2"
     return None
@@ -82,9 +89,9 @@ def default_activation(module: nn.Module) -> Activation:
     name = _act_fn_name(act_fn) if isinstance(act_fn, nn.Module) else None
     if name is None:
         raise ValueError(f"{type(module).__name__}.act_fn is {type(act_fn).__name__}, which leanmoe has no exact "
-                         f"equivalent for (supported: SiLU, tanh-approximated GELU, ReLU squared)")
+                         f"equivalent for (supported: SiLU, exact and tanh-approximated GELU, ReLU squared)")
     if is_gated(module):
-        gated = {"silu": "swiglu", "gelu": "geglu"}.get(name)
+        gated = {"silu": "swiglu", "gelu": "geglu", "gelu_exact": "geglu_exact"}.get(name)
         if gated is None:
             raise ValueError(f"{type(module).__name__}: a gated {name} expert has no leanmoe activation")
         return Activation(name=gated)  # type: ignore[arg-type]

@@ -9,7 +9,8 @@ Legend: T tokens, D model dim, E experts, K top-k, G expert groups.
    ``topk_group`` groups, mask the rest;
 5. top-K by a stable descending sort, so ties go to the lower expert index;
 6. weights = the chosen *unbiased* scores, renormalised (``norm_topk_prob``) and scaled by ``route_scale``;
-7. a token mask zeroes masked tokens' weights and leaves them out of the counts and losses.
+7. a token mask zeroes the masked rows of x before step 1 (so NaN/inf padding reaches nothing), zeroes their
+   weights and leaves them out of the counts, the balancing load and the losses.
 No step reads tensor values on the host.
 """
 
