@@ -120,19 +120,60 @@ def test_bench_end_to_end_writes_json_markdown_and_plot(tmp_path, capsys):
         assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_default_backends_pass_over_what_auto_would_not_pick_on_the_cpu(tmp_path, register):
+def test_the_cpu_default_leaves_out_what_does_not_run_here_and_says_why(tmp_path, register, capsys):
     passed_over = register(_TestBackend("none", auto_reason="test: auto passes over it"))
     out_json = tmp_path / "b.json"
     assert main(["verify", *TINY, "--mode", "fwd", "--json", str(out_json)]) == 0
-    rows = {r["backend"]: r for r in _rows(out_json)}
+    payload = json.loads(out_json.read_text())
+    rows = {r["backend"]: r for r in payload["rows"]}
     assert "reference" not in rows, "the reference is timed only when named"
     assert rows["grouped_mm"]["status"] == "ok"
-    assert rows[passed_over]["status"] == "skipped" and "test: auto passes over it" in rows[passed_over]["reason"]
-    if "triton" in rows:  # it needs triton: never run in the interpreter unless named
-        assert rows["triton"]["status"] in ("skipped", "unsupported")
-    # Named, it runs.
+    # Every row ran: nothing that only runs in the Triton interpreter or that auto passes over is listed.
+    assert all(r["status"] == "ok" for r in rows.values()) and passed_over not in rows
+    triton_backends = [b for b in available_backends() if "triton" in get_backend(b).requires]
+    assert triton_backends and not set(triton_backends) & set(rows)
+    (note,) = [n for n in payload["env"]["notes"] if n.startswith("left out of the CPU default")]
+    assert f"{passed_over}: test: auto passes over it" in note
+    assert all(name in note for name in triton_backends) and "Triton kernels run only in its interpreter" in note
+    assert note in capsys.readouterr().out.splitlines()  # one line, printed with the table
+    # Named, they run.
     assert main(["verify", *TINY, "--mode", "fwd", "--backend", passed_over, "--json", str(out_json)]) == 0
     assert _rows(out_json)[0]["status"] == "ok"
+    assert not any(n.startswith("left out") for n in json.loads(out_json.read_text())["env"]["notes"])
+
+
+def test_the_cpu_table_reads_at_a_glance(tmp_path, register, capsys):
+    other = register(_TestBackend("none"))
+    assert main(["bench", *TINY, "--mode", "fwd", "--backend", "grouped_mm", other]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    summary = next(line for line in lines if line.startswith("measured: "))
+    assert "qwen3-30b-a3b (D=256, I=128, E=16, K=4, CPU-scaled) at T=16" in summary
+    assert f"backends grouped_mm, {other}" in summary and "float32 on the CPU" in summary
+    header = next(i for i, line in enumerate(lines) if line.startswith("preset "))
+    assert "GFLOP/s" in lines[header] and "TFLOP/s" not in lines[header]  # a CPU reaches thousandths of a TFLOP/s
+    table = lines[header:header + 4]
+    # Numbers right-aligned: each number column ends where its header ends, in every row.
+    for name in ("ms", "GFLOP/s", "x grouped_mm", "max rel err"):
+        end = table[0].index(name) + len(name)
+        for line in table[2:]:
+            assert line[end - 1] != " " and (len(line) == end or line[end] == " "), (name, line)
+    # A speedup column only because another backend ran beside grouped_mm.
+    assert main(["bench", *TINY, "--mode", "fwd", "--backend", "grouped_mm"]) == 0
+    assert "x grouped_mm" not in capsys.readouterr().out
+
+
+def _png_height(path) -> int:
+    return int.from_bytes(path.read_bytes()[20:24], "big")  # the IHDR chunk: width, then height
+
+
+def test_the_cpu_plot_has_no_empty_memory_panel(tmp_path):
+    pytest.importorskip("matplotlib")
+    out_png, out_json = tmp_path / "cpu.png", tmp_path / "cpu.json"
+    assert main(["bench", *TINY, "--mode", "fwd", "--backend", "grouped_mm", "--plot", str(out_png), "--json",
+                 str(out_json)]) == 0
+    assert _png_height(out_png) == 6 * 120  # the speed panel alone; a two-panel chart is 10 in high at 120 dpi
+    assert main(["bench", "--from-json", str(out_json), "--plot", str(out_png)]) == 0
+    assert _png_height(out_png) == 6 * 120
 
 
 def test_a_wrong_backend_is_failed_not_timed_and_the_exit_code_says_so(tmp_path, register, capsys):
@@ -300,6 +341,7 @@ def test_plot_draws_memory_when_there_is_some(tmp_path):
            "git_commit": "abc", "date": "today", "command": "leanmoe bench", "dense_tflops": 700.0}
     write_plot(tmp_path / "p.png", rows, env)
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert _png_height(tmp_path / "p.png") == 10 * 120  # the GPU chart keeps its memory panel
 
 
 def test_from_json_merges_earlier_runs(tmp_path, capsys):

@@ -26,6 +26,7 @@ from leanmoe.bench.harness import (
     TOLERANCES,
     BenchPlan,
     copy_gbps,
+    cpu_default_backends,
     default_backends,
     dense_matmul_tflops,
     describe_preset,
@@ -48,13 +49,14 @@ from leanmoe.bench.report import (
     BENCH_COLUMNS,
     HF_COLUMNS,
     VERIFY_COLUMNS,
+    cpu_columns,
     load_json,
     make_progress,
     markdown,
     print_table,
     write_json,
 )
-from leanmoe.experts import available_backends, explain_backend, get_backend
+from leanmoe.experts import ExpertsCall, available_backends, explain_backend, get_backend
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HF_DEFAULT_TOKENS = {"cuda": 4096, "cpu": 64}
@@ -150,15 +152,24 @@ def _resolve_presets(parser: argparse.ArgumentParser, args: argparse.Namespace, 
     return presets
 
 
-def _resolve_backends(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+def _resolve_backends(parser: argparse.ArgumentParser, args: argparse.Namespace, calls: list[ExpertsCall]
+                      ) -> tuple[list[str], dict[str, str]]:
+    """The backends to run, and those left out of a CPU run's default (with why)."""
     if args.backend is None:
-        return default_backends()
+        if not calls or calls[0].device.type != "cpu":
+            return default_backends(), {}
+        backends, left_out = cpu_default_backends(default_backends(), calls)
+        if not backends:
+            parser.error("no registered backend runs these cases on the CPU by default: "
+                         + "; ".join(f"{name}: {why}" for name, why in left_out.items())
+                         + "; name one with --backend to run it anyway")
+        return backends, left_out
     names = list(dict.fromkeys(args.backend))
     known = available_backends()
     unknown = [n for n in names if n not in known]
     if unknown:
         parser.error(f"unknown backend(s) {', '.join(map(repr, unknown))}; registered: {', '.join(known)}")
-    return names
+    return names, {}
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -215,15 +226,23 @@ def _check_hf_model_type(parser: argparse.ArgumentParser, model_type: str) -> No
         parser.error(f"--hf: unknown model type {model_type!r}; expected one of: {', '.join(BENCH_MODEL_TYPES)}")
 
 
-def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace, *, check_only: bool) -> BenchPlan:
+def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace, *, check_only: bool
+          ) -> tuple[BenchPlan, dict[str, str]]:
+    """The run's plan, and the backends left out of a CPU run's default with why."""
     _check_args(parser, args)
     device = _resolve_device(parser, args)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    return BenchPlan(
-        presets=_resolve_presets(parser, args, device),
-        backends=_resolve_backends(parser, args),
+    presets = _resolve_presets(parser, args, device)
+    modes = list(dict.fromkeys(args.mode or (["fwd"] if args.decode else list(MODES))))
+    calls = [describe_preset(p, args.tokens or p.tokens(args.decode), dtype=dtype, device=device,
+                             requires_grad=mode == "fwdbwd", save_percent=args.save_percent)
+             for p in presets for mode in modes]
+    backends, left_out = _resolve_backends(parser, args, calls)
+    plan = BenchPlan(
+        presets=presets,
+        backends=backends,
         named_backends=frozenset(args.backend or ()),
-        modes=list(dict.fromkeys(args.mode or (["fwd"] if args.decode else list(MODES)))),
+        modes=modes,
         routings=list(dict.fromkeys(args.routing or ["uniform"])),
         tokens=args.tokens,
         decode=args.decode,
@@ -234,9 +253,10 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace, *, check_on
         seed=args.seed,
         mask_fraction=args.mask_fraction,
     )
+    return plan, left_out
 
 
-def _run_env(plan: BenchPlan, argv: list[str]) -> dict:
+def _run_env(plan: BenchPlan, argv: list[str], left_out: dict[str, str]) -> dict:
     env = bench_env.collect_env(plan.device, argv)
     env.update(dtype=str(plan.dtype).removeprefix("torch."), tolerance=TOLERANCES[plan.dtype],
                save_percent=plan.save_percent, mask_fraction=plan.mask_fraction, dense_tflops=None, copy_gbps=None,
@@ -249,12 +269,36 @@ def _run_env(plan: BenchPlan, argv: list[str]) -> dict:
         env["timer"] = ("triton.testing.do_bench median" if plan.device.type == "cuda"
                         else "median of perf_counter timings")
     if plan.device.type == "cpu":
+        env["summary"] = _summary(plan)
+        if left_out:
+            by_reason: dict[str, list[str]] = {}
+            for name, why in left_out.items():
+                by_reason.setdefault(why, []).append(name)
+            env["notes"].append("left out of the CPU default (name one with --backend to run it): "
+                                + "; ".join(f"{', '.join(names)}: {why}" for why, names in by_reason.items()))
         if any(p.label != p.name for p in plan.presets):
             env["notes"].append(f"CPU run: presets scaled down (D ≤ {CPU_MAX_DIM}, I ≤ {CPU_MAX_HIDDEN_DIM}, "
                                 f"E ≤ {CPU_MAX_EXPERTS}, K ≤ {CPU_MAX_TOP_K}); memory is measured on CUDA only.")
         else:
             env["notes"].append("CPU run: memory is measured on CUDA only.")
     return env
+
+
+def _summary(plan: BenchPlan) -> str:
+    """One line saying what the run measured and where, above the table of a CPU run."""
+    if len(plan.presets) == 1:
+        p = plan.presets[0]
+        what = f"{p.name} (D={p.dim}, I={p.hidden_dim}, E={p.num_experts}, K={p.top_k}"
+        what += ", CPU-scaled)" if p.label != p.name else ")"
+    else:
+        what = f"{len(plan.presets)} presets" + (" (CPU-scaled)" if any(p.label != p.name for p in plan.presets)
+                                                 else "")
+    tokens = sorted({plan.num_tokens(p) for p in plan.presets})
+    masked = f", {plan.mask_fraction:.0%} of tokens masked" if plan.mask_fraction else ""
+    how = "checked against the fp32 reference" + ("" if plan.check_only else ", then timed")
+    return (f"measured: {what} at T={'/'.join(map(str, tokens))}{masked}, {' and '.join(plan.routings)} routing, "
+            f"{' and '.join(plan.modes)}, backend{'s' if len(plan.backends) > 1 else ''} {', '.join(plan.backends)}"
+            f"; {str(plan.dtype).removeprefix('torch.')} on the CPU; each row {how}")
 
 
 # ---------------------------------------------------------------------------------------------------- commands
@@ -276,7 +320,7 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list
         except ValueError as exc:
             parser.error(f"--from-json: {exc}")
         return _report(args, rows, env, hf_rows, title="leanmoe bench", check_only=False)
-    plan = _plan(parser, args, check_only=check_only)
+    plan, left_out = _plan(parser, args, check_only=check_only)
     hf_only = not check_only and args.hf is not None and args.preset is None
     if hf_only and args.mask_fraction:
         parser.error("--mask-fraction applies to the expert-layer rows (--preset), not to --hf")
@@ -288,7 +332,7 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list
         raise SystemExit("--plot needs matplotlib: pip install 'leanmoe[bench]'")
     run_hf_bench = _load_hf_bench() if not check_only and args.hf is not None else None
 
-    env = _run_env(plan, argv)
+    env = _run_env(plan, argv, left_out)
     if plan.device.type == "cuda" and not check_only and not hf_only:
         print("measuring the dense bf16 matmul and device copy rates ...", file=sys.stderr, flush=True)
         env["dense_tflops"] = dense_matmul_tflops(plan.device)
@@ -343,6 +387,8 @@ def _report(args: argparse.Namespace, rows: list[dict], env: dict, hf_rows: list
             check_only: bool) -> int:
     """Prints the tables, writes the requested files, and returns the exit status (1 when a check FAILED)."""
     columns = VERIFY_COLUMNS if check_only else BENCH_COLUMNS
+    if rows and all(row.get("device") == "cpu" for row in rows):
+        columns = cpu_columns(columns)
     if rows:
         print_table(rows, env, columns=columns, title=title)
     if hf_rows is not None:

@@ -183,19 +183,47 @@ def unsupported(case: Case, backend: str, mode: str, save_percent: float, *, nam
     ``unsupported``: the registry says the backend cannot run the call. ``skipped``: on the CPU, a backend not named
     on the command line that ``auto`` would pass over, or that needs triton (it would run in the interpreter).
     """
-    call = case.describe(mode, save_percent)
+    return call_unsupported(case.describe(mode, save_percent), backend, named=named)
+
+
+def call_unsupported(call: ExpertsCall, backend: str, *, named: bool) -> tuple[str, str] | None:
+    """:func:`unsupported` for a described call (no tensors needed)."""
     reason = unsupported_reason(backend, call)
     if reason is not None:
         return "unsupported", reason
     if named or call.device.type != "cpu":
         return None
+    reason = _cpu_pass_over_reason(backend, call)
+    if reason is not None:
+        return "skipped", f"{reason} (not run on the CPU unless named: --backend {backend})"
+    return None
+
+
+def _cpu_pass_over_reason(backend: str, call: ExpertsCall) -> str | None:
     impl = get_backend(backend)
     reason = impl.auto_unsupported_reason(call)
     if reason is None and "triton" in impl.requires:
         reason = "it would run in the Triton interpreter"
-    if reason is not None:
-        return "skipped", f"{reason} (not run on the CPU unless named: --backend {backend})"
-    return None
+    return reason
+
+
+def cpu_default_backends(backends: list[str], calls: list[ExpertsCall]) -> tuple[list[str], dict[str, str]]:
+    """Splits the default ``backends`` of a CPU run into those that run some of ``calls`` and those left out, with
+    the reason for each one left out (the first call's). A backend that needs triton is left out: on the CPU it runs
+    only in the Triton interpreter, a correctness tool far too slow to time."""
+    kept, left_out = [], {}
+    for backend in backends:
+        reasons = [call_unsupported(call, backend, named=False) for call in calls]
+        if calls and all(r is not None for r in reasons):
+            status, reason = reasons[0]
+            if "triton" in get_backend(backend).requires:
+                reason = "needs a CUDA GPU (on the CPU, Triton kernels run only in its interpreter, too slow to time)"
+            elif status == "skipped":
+                reason = _cpu_pass_over_reason(backend, calls[0])
+            left_out[backend] = reason
+        else:
+            kept.append(backend)
+    return kept, left_out
 
 
 def unsupported_reason(backend: str, call: ExpertsCall) -> str | None:
@@ -554,14 +582,17 @@ def run_plan(plan: BenchPlan, progress: Progress | None = None, *, dense_tflops:
 
 
 def add_speedups(rows: list[dict]) -> None:
-    """Sets ``speedup_vs_grouped_mm`` (grouped_mm's time over the row's) where grouped_mm timed the same case."""
-    baseline = {}
+    """Sets ``speedup_vs_grouped_mm`` (grouped_mm's time over the row's) where grouped_mm and another backend timed
+    the same case (grouped_mm alone would only say 1.00)."""
+    baseline, others = {}, set()
     for row in rows:
         if row["backend"] == "grouped_mm" and row["ms"]:
             baseline[_case_key(row)] = row["ms"]
+        elif row["ms"]:
+            others.add(_case_key(row))
     for row in rows:
         base = baseline.get(_case_key(row))
-        if base and row["ms"]:
+        if base and row["ms"] and _case_key(row) in others:
             row["speedup_vs_grouped_mm"] = base / row["ms"]
 
 

@@ -1,5 +1,8 @@
 """A PNG of a benchmark run: TFLOP/s (top) and peak extra memory (bottom) per case, one bar per backend.
 
+Without memory figures (a CPU run: memory is measured on CUDA only) the chart has the speed panel alone, which says
+so; rates measured on the CPU are drawn in GFLOP/s.
+
 matplotlib is imported here only, through its object API with the Agg canvas (no pyplot global state, no display).
 """
 
@@ -21,7 +24,7 @@ def _short(v: float) -> str:
 
 
 def write_plot(path: str | Path, rows: list[dict], env: dict) -> None:
-    """Writes the two-panel chart of ``rows`` (from :func:`leanmoe.bench.harness.run_plan`) to ``path``."""
+    """Writes the chart of ``rows`` (from :func:`leanmoe.bench.harness.run_plan`) to ``path``."""
     if importlib.util.find_spec("matplotlib") is None:
         raise SystemExit("--plot needs matplotlib: pip install 'leanmoe[bench]'")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -32,10 +35,16 @@ def write_plot(path: str | Path, rows: list[dict], env: dict) -> None:
     by_key = {(_case_label(r), r["backend"]): r for r in rows}
     width = 0.8 / max(1, len(backends))
 
-    fig = Figure(figsize=(max(10.0, 0.45 * len(cases) * len(backends) + 3), 10), layout="constrained")
+    has_memory = any(r.get("peak_mem_mb") is not None for r in rows)
+    on_cpu = all(r.get("device") == "cpu" for r in rows)
+    scale, unit = (1e3, "GFLOP/s") if on_cpu else (1.0, "TFLOP/s")
+    fig = Figure(figsize=(max(10.0, 0.45 * len(cases) * len(backends) + 3), 10 if has_memory else 6),
+                 layout="constrained")
     FigureCanvasAgg(fig)
-    speed_ax, mem_ax = fig.subplots(2, 1, sharex=True)
-    has_memory = any(r["peak_mem_mb"] is not None for r in rows)
+    if has_memory:
+        speed_ax, mem_ax = fig.subplots(2, 1, sharex=True)
+    else:
+        speed_ax, mem_ax = fig.subplots(1, 1), None
     colors = [f"C{i}" for i in range(len(backends))]
     act_legend = False
 
@@ -52,14 +61,14 @@ def write_plot(path: str | Path, rows: list[dict], env: dict) -> None:
                               color=colors[b])
                 continue
             xs.append(x)
-            speeds.append(row["tflops"])
+            speeds.append(row["tflops"] * scale)
             peaks.append(row["peak_mem_mb"] or 0.0)
             if row["act_mem_mb"] is not None:
                 act_xs.append(x)
                 acts.append(row["act_mem_mb"])
         bars = speed_ax.bar(xs, speeds, width, label=backend, color=colors[b])
         speed_ax.bar_label(bars, labels=[_short(v) for v in speeds], fontsize=6)
-        if has_memory:
+        if mem_ax is not None:
             bars = mem_ax.bar(xs, peaks, width, label=f"{backend} peak extra", color=colors[b])
             mem_ax.bar_label(bars, labels=[_short(v) for v in peaks], fontsize=6)
             if acts:
@@ -71,17 +80,15 @@ def write_plot(path: str | Path, rows: list[dict], env: dict) -> None:
     if env.get("dense_tflops"):
         speed_ax.axhline(env["dense_tflops"], color="grey", linestyle="--", linewidth=1,
                          label=f"dense bf16 matmul ({env['dense_tflops']:.0f})")
-    speed_ax.set_ylabel("TFLOP/s")
-    speed_ax.set_title("Speed")
+    speed_ax.set_ylabel(unit)
+    speed_ax.set_title("Speed" if has_memory else "Speed (no memory panel: peak memory is measured on CUDA only)")
     speed_ax.legend(fontsize=8)
-    mem_ax.set_ylabel("MiB")
-    mem_ax.set_title("Peak extra memory of one call")
-    if has_memory:
+    if mem_ax is not None:
+        mem_ax.set_ylabel("MiB")
+        mem_ax.set_title("Peak extra memory of one call")
         mem_ax.legend(fontsize=8)
-    else:
-        mem_ax.text(0.5, 0.5, "peak memory is measured on CUDA only", transform=mem_ax.transAxes, ha="center",
-                    va="center")
-    mem_ax.set_xticks(range(len(cases)), cases, rotation=60, ha="right", fontsize=8)
-    title = [textwrap.fill(line, 160, subsequent_indent="    ") for line in env_lines(env)[:2]]
+    (mem_ax or speed_ax).set_xticks(range(len(cases)), cases, rotation=60, ha="right", fontsize=8)
+    lines = [line for line in env_lines(env) if line != env.get("summary")]
+    title = [textwrap.fill(line, 160, subsequent_indent="    ") for line in lines[:2]]
     fig.suptitle("\n".join(title), fontsize=9)
     fig.savefig(path, dpi=120)

@@ -102,7 +102,8 @@ def env_lines(env: dict) -> list[str]:
                 f"triton {env['triton'] or 'not installed'}",
                 f"leanmoe {env['leanmoe']}" + _code_id(env),
                 env["date"]]
-    lines = [" · ".join(versions), f"command: {env['command']}"]
+    lines = [env["summary"]] if env.get("summary") else []
+    lines += [" · ".join(versions), f"command: {env['command']}"]
     run = []
     if env.get("dtype"):
         run.append(f"dtype {env['dtype']}, save_percent {env.get('save_percent', 0):g}, check tolerance "
@@ -120,6 +121,17 @@ def env_lines(env: dict) -> list[str]:
     return lines
 
 
+#: Headers of text columns (left-aligned); every other column holds a number and is right-aligned.
+_TEXT_HEADERS = frozenset({"preset", "routing", "mode", "backend", "status", "model_type", "implementation", "ok",
+                           "note"})
+
+
+def cpu_columns(columns=BENCH_COLUMNS) -> list[tuple[str, str, Callable[[object], str]]]:
+    """``columns`` for rows measured on the CPU: rates in GFLOP/s, where a CPU reaches thousandths of a TFLOP/s."""
+    return [("GFLOP/s", key, lambda v: _rate(None if v is None else 1e3 * v)) if key == "tflops" else (h, key, f)
+            for h, key, f in columns]
+
+
 def print_table(rows: list[dict], env: dict, *, columns=BENCH_COLUMNS, title: str = "leanmoe bench",
                 file: TextIO | None = None) -> None:
     file = file or sys.stdout
@@ -130,21 +142,24 @@ def print_table(rows: list[dict], env: dict, *, columns=BENCH_COLUMNS, title: st
 
         table = Table(title=title, caption="\n".join(notes + env_lines(env)), caption_justify="left")
         for header in headers:
-            numeric = header not in ("preset", "routing", "mode", "backend", "status", "model_type",
-                                     "implementation")
-            table.add_column(header, justify="right" if numeric else "left", overflow="fold")
+            table.add_column(header, justify="left" if header in _TEXT_HEADERS else "right", overflow="fold")
         for line in cells:
             table.add_row(*line)
         Console(file=file).print(table)
         return
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
+
+    def aligned(line: list[str]) -> str:
+        return "  ".join(c.ljust(w) if h in _TEXT_HEADERS else c.rjust(w)
+                         for h, c, w in zip(headers, line, widths, strict=True)).rstrip()
+
     print(title, file=file)
     for line in env_lines(env):
         print(line, file=file)
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)), file=file)
+    print(aligned(headers), file=file)
     print("  ".join("-" * w for w in widths), file=file)
     for line in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip(), file=file)
+        print(aligned(line), file=file)
     for note in notes:
         print(note, file=file)
 
@@ -174,9 +189,10 @@ def markdown(rows: list[dict], env: dict, *, columns=BENCH_COLUMNS, title: str =
         out.append("")
         table(hf_rows, HF_COLUMNS)
     out.append("MiB = 2²⁰ bytes. peak MiB: `max_memory_allocated` during one call minus `memory_allocated` before "
-               "it; act MiB: that minus the weight gradients. TFLOP/s counts 6·T·K·D·I per forward (gated; "
-               "4·T·K·D·I non-gated), three times that for fwdbwd; % dense is its ratio to the dense bf16 matmul "
-               "rate; max rel err is the largest ‖out − ref‖ / ‖ref‖ over the output and every gradient.")
+               "it; act MiB: that minus the weight gradients. TFLOP/s (GFLOP/s on the CPU) counts 6·T·K·D·I per "
+               "forward (gated; 4·T·K·D·I non-gated; T the kept tokens), three times that for fwdbwd; % dense is "
+               "its ratio to the dense bf16 matmul rate; max rel err is the largest ‖out − ref‖ / ‖ref‖ over the "
+               "output and every gradient.")
     return "\n".join(out) + "\n"
 
 
