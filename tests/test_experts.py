@@ -16,8 +16,8 @@ ACT_LAYOUTS = [(a, "concatenated") for a in ACTIVATIONS] + [(a, "interleaved") f
 
 
 def cpu_backends() -> list[str]:
-    # The Triton interpreter is exercised in its own test file at smaller sizes.
-    return [b for b in leanmoe.available_backends() if b not in ("reference", "triton")]
+    # The Triton backends (interpreter on the CPU) are exercised in their own test files at smaller sizes.
+    return [b for b in leanmoe.available_backends() if b != "reference" and not b.startswith("triton")]
 
 
 def run(problem, backend, save_percent=0, dy=None):
@@ -162,3 +162,176 @@ def test_reference_matches_hand_computed_token():
         h = torch.nn.functional.silu(gu[:2]) * gu[2:]
         expected += we * (p.down_proj[e] @ h)
     assert_close(y[0], expected, tol=1e-6)
+
+
+# --- token masks -------------------------------------------------------------------------------------------------
+
+def run_masked(problem, backend, token_mask, dy=None, save_percent=0):
+    """Like :func:`run`, calling the backend object itself with ``token_mask`` (the contract every backend
+    implements), with the masked tokens' x rows and routing weights poisoned with NaN: none may leak."""
+    from leanmoe.experts.registry import get_backend
+
+    keep = token_mask[:, None]
+    x = torch.where(keep, problem.x_TD.detach(), float("nan")).requires_grad_(True)
+    w = torch.where(keep, problem.topk_weights_TK.detach(), float("nan")).requires_grad_(True)
+    leaves = {"x": x, "w": w, "gu": problem.gate_up_proj.detach().clone().requires_grad_(True),
+              "down": problem.down_proj.detach().clone().requires_grad_(True)}
+    for name, t in (("gub", problem.gate_up_bias), ("db", problem.down_bias)):
+        if t is not None:
+            leaves[name] = t.detach().clone().requires_grad_(True)
+    y = get_backend(backend)(leaves["x"], problem.topk_ids_TK, leaves["w"], leaves["gu"], leaves["down"],
+                             leaves.get("gub"), leaves.get("db"), activation=problem.activation,
+                             gate_up_layout=problem.gate_up_layout, save_percent=save_percent,
+                             token_mask=token_mask)
+    if dy is None:
+        dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, list(leaves.values()), dy)
+    return y, dict(zip(leaves, grads, strict=True)), dy
+
+
+def kept_only(problem, token_mask):
+    """The problem restricted to the kept tokens: the ground truth a masked call must reproduce."""
+    import dataclasses
+
+    return dataclasses.replace(problem, x_TD=problem.x_TD.detach()[token_mask],
+                               topk_ids_TK=problem.topk_ids_TK[token_mask],
+                               topk_weights_TK=problem.topk_weights_TK.detach()[token_mask])
+
+
+def check_masked(problem, backend, token_mask, dtype=torch.float32, save_percent=0):
+    ref_y, ref_grads, dy = run_masked(problem, "reference", token_mask)
+    out_y, out_grads, _ = run_masked(problem, backend, token_mask, dy, save_percent)
+    masked = ~token_mask
+    # Exact zeros for masked tokens, whatever their (NaN) inputs held.
+    for name, t in (("y", out_y), ("dx", out_grads["x"]), ("dweights", out_grads["w"])):
+        assert torch.equal(t[masked], torch.zeros_like(t[masked])), f"{backend}: {name} of masked tokens not 0"
+    tol = TOLERANCES[dtype]
+    assert_close(out_y, ref_y, tol=tol, name=f"{backend} y")
+    for name, ref_g in ref_grads.items():
+        assert_close(out_grads[name], ref_g, tol=tol, name=f"{backend} d{name}")
+    # Expert weights get nothing from masked tokens: their gradients equal those of the kept tokens alone.
+    kept = kept_only(problem, token_mask)
+    _, kept_grads, _ = run(kept, backend, save_percent, dy[token_mask])
+    for name in ("gu", "down", "gub", "db"):
+        if name in out_grads:
+            assert_close(out_grads[name], kept_grads[name], tol=tol, name=f"{backend} d{name} vs kept tokens only")
+
+
+def test_reference_mask_skips_tokens():
+    # The ground truth itself: masked rows are exact zeros, kept rows equal the kept-only problem's output.
+    p = make_problem(23, 16, 8, 5, 2, bias=True, seed=0)
+    mask = torch.rand(23, generator=torch.Generator().manual_seed(1)) < 0.5
+    y, grads, dy = run_masked(p, "reference", mask)
+    assert torch.equal(y[~mask], torch.zeros_like(y[~mask]))
+    assert torch.equal(grads["x"][~mask], torch.zeros_like(grads["x"][~mask]))
+    ref_kept, ref_kept_grads, _ = run(kept_only(p, mask), "reference", dy=dy[mask])
+    assert_close(y[mask], ref_kept, tol=TOLERANCES[torch.float32], name="y")
+    assert_close(grads["x"][mask], ref_kept_grads["x"], tol=TOLERANCES[torch.float32], name="dx")
+
+
+MASK_CASES = [
+    # (T, E, K, routing, mask kind)
+    (40, 8, 2, "uniform", "random"),
+    (40, 8, 2, "uniform", "all_kept"),  # a mask that keeps everything equals no mask
+    (24, 8, 2, "uniform", "all_masked"),  # every row past offsets_E[-1] = 0: no GEMM work at all
+    (37, 7, 3, "skewed", "random"),  # prime E
+    (30, 6, 2, "one_expert", "random"),  # every kept token on expert 0
+    (21, 6, 6, "uniform", "random"),  # K = E
+    (33, 5, 1, "uniform", "random"),  # K = 1
+    (50, 16, 2, "few_experts", "random"),  # 14 of 16 experts empty
+    (9, 4, 2, "uniform", "last_kept"),  # only the last token kept: masked rows precede it in token order
+    (1, 4, 2, "uniform", "all_masked"),  # T = 1, masked
+]
+
+
+def _mask(kind, T, seed):
+    if kind == "all_kept":
+        return torch.ones(T, dtype=torch.bool)
+    if kind == "all_masked":
+        return torch.zeros(T, dtype=torch.bool)
+    if kind == "last_kept":
+        return torch.arange(T) == T - 1
+    return torch.rand(T, generator=torch.Generator().manual_seed(seed)) < 0.6
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("T,E,K,routing,kind", MASK_CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_masked_tokens_match_reference(backend, T, E, K, routing, kind, bias):
+    problem = make_problem(T, 16, 8, E, K, routing=routing, bias=bias, seed=T * 100 + E)
+    check_masked(problem, backend, _mask(kind, T, seed=T))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("activation,layout", ACT_LAYOUTS)
+@pytest.mark.parametrize("save_percent", [0, 100])
+def test_masked_tokens_every_activation(backend, activation, layout, save_percent):
+    problem = make_problem(29, 16, 8, 5, 2, activation=activation, layout=layout, bias=True, seed=7)
+    check_masked(problem, backend, _mask("random", 29, seed=3), save_percent=save_percent)
+
+
+@pytest.mark.parametrize("backend", ["reference", *cpu_backends()])
+def test_masked_zero_tokens(backend):
+    problem = make_problem(0, 16, 8, 4, 2, bias=True)
+    y, grads, _ = run_masked(problem, backend, torch.zeros(0, dtype=torch.bool))
+    assert y.shape == (0, 16)
+    for name, g in grads.items():
+        assert g is not None and g.abs().sum() == 0, name
+
+
+# --- meta tensors ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference", *cpu_backends()])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_meta_inputs_give_a_meta_output(backend, masked):
+    from leanmoe.experts.registry import get_backend
+
+    p = make_problem(12, 16, 8, 4, 2, bias=True, device="meta", requires_grad=False)
+    mask = torch.ones(12, dtype=torch.bool, device="meta") if masked else None
+    y = get_backend(backend)(*p.args(), **p.kwargs(), save_percent=0, token_mask=mask)
+    assert y.device.type == "meta" and y.shape == (12, 16) and y.dtype == torch.float32
+    y = leanmoe.moe_experts(*p.args(), **p.kwargs(), backend=backend)
+    assert y.device.type == "meta" and y.shape == (12, 16)
+
+
+# --- grouped_mm specifics ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("save_percent", [0, 100])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_grouped_mm_row_chunks(monkeypatch, save_percent, masked):
+    # A chunk budget of a few rows: the chunked activation, routing-weight gradient and bias adds run over many
+    # chunks, the last one partial (R = 74 is no multiple of the 3-row chunk).
+    from leanmoe.experts import grouped_mm
+
+    monkeypatch.setattr(grouped_mm, "ROW_CHUNK_BYTES", 3 * 4 * 16)
+    assert len(grouped_mm._row_chunks(74, 16)) == 25
+    problem = make_problem(37, 16, 8, 5, 2, bias=True, seed=11)
+    if masked:
+        check_masked(problem, "grouped_mm", _mask("random", 37, seed=5), save_percent=save_percent)
+    else:
+        check_against_reference(problem, "grouped_mm", torch.float32, save_percent)
+
+
+@pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode", "no_input_requires_grad"])
+def test_grouped_mm_inference_keeps_nothing(monkeypatch, grad_mode):
+    # save_percent=100 keeps gate_up_RN for backward only when a backward can follow.
+    from leanmoe.experts import grouped_mm
+
+    kept = []
+    op = grouped_mm.grouped_mm_experts_fwd
+
+    def spy(*args):
+        out = op(*args)
+        kept.append(out[1].shape[0])
+        return out
+
+    monkeypatch.setattr(grouped_mm, "grouped_mm_experts_fwd", spy)
+    p = make_problem(20, 16, 8, 4, 2, requires_grad=grad_mode != "no_input_requires_grad")
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(grad_mode, torch.enable_grad)
+    with ctx():
+        y = leanmoe.moe_experts(*p.args(), **p.kwargs(), backend="grouped_mm", save_percent=100)
+    assert y.grad_fn is None and kept == [0]
+    # The same call with grad keeps the R = 40 rows, so the spy sees what it should.
+    p = make_problem(20, 16, 8, 4, 2)
+    leanmoe.moe_experts(*p.args(), **p.kwargs(), backend="grouped_mm", save_percent=100)
+    assert kept == [0, 40]

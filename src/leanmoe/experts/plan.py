@@ -53,7 +53,7 @@ class ExpertPlan:
         return torch.arange(R, device=self.sorted_rows_R.device) < self.num_kept
 
 
-def _check_token_mask(token_mask_T: torch.Tensor, topk_ids_TK: torch.Tensor) -> None:
+def check_token_mask(token_mask_T: torch.Tensor, topk_ids_TK: torch.Tensor) -> None:
     if not isinstance(token_mask_T, torch.Tensor):
         raise TypeError(f"token_mask: expected a bool tensor of shape [T] or None, got {type(token_mask_T).__name__}")
     if token_mask_T.dtype != torch.bool:
@@ -75,7 +75,7 @@ def plan_experts(topk_ids_TK: torch.Tensor, num_experts: int, token_mask_T: torc
     if token_mask_T is None:
         key_R = ids_R
     else:
-        _check_token_mask(token_mask_T, topk_ids_TK)
+        check_token_mask(token_mask_T, topk_ids_TK)
         # One [T, K] tensor of keys (E for a masked token's rows): R long, like the ids, not an expanded copy.
         key_R = torch.where(token_mask_T[:, None], topk_ids_TK, E).reshape(-1)
     sorted_keys_R, sorted_rows_R = torch.sort(key_R, stable=True)
