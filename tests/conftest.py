@@ -2,6 +2,9 @@
 
 - Without a CUDA GPU, Triton kernels run in its interpreter: ``TRITON_INTERPRET=1`` must be set before triton is
   imported, so it is set here, first.
+- Every test is seeded: ``random``, NumPy and torch get ``crc32(test id) + LEANMOE_TEST_SEED`` (default 0) before the
+  test runs, so a test draws the same numbers alone, in any order and on any xdist worker; a failing test's report
+  names its seed and how to rerun it.
 - Uninitialised memory is poisoned: ``torch.empty``/``empty_like``/``new_empty`` of a floating dtype return NaN-filled
   tensors, so a kernel or backend that forgets to write a row fails its comparison instead of passing on stale zeros.
 """
@@ -9,6 +12,8 @@
 from __future__ import annotations
 
 import os
+import random
+import zlib
 
 import torch
 
@@ -16,6 +21,41 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+#: The base seed of the suite; change it to draw other inputs everywhere (``LEANMOE_TEST_SEED=7 ./scripts/test.sh``).
+BASE_SEED = int(os.environ.get("LEANMOE_TEST_SEED", "0"))
+
+
+def test_seed(nodeid: str) -> int:
+    """The seed of one test: fixed by its id and the base seed, independent of order and worker."""
+    return (zlib.crc32(nodeid.encode()) + BASE_SEED) % 2**31
+
+
+test_seed.__test__ = False  # a helper, not a test
+
+
+@pytest.fixture(autouse=True)
+def seed_everything(request):
+    seed = test_seed(request.node.nodeid)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+    except ImportError:
+        pass
+    else:
+        np.random.seed(seed)
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        report.sections.append(("leanmoe seed", f"this test was seeded with {test_seed(item.nodeid)} "
+                                                f"(LEANMOE_TEST_SEED={BASE_SEED}); rerun it alone with the same "
+                                                f"LEANMOE_TEST_SEED to draw the same inputs"))
 
 _empty, _empty_like, _new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
 

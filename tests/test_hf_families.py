@@ -112,7 +112,12 @@ def test_adamw_tracks_eager(model_type):
     leanmoe.hf.patch(model, backend="grouped_mm")
     losses = {}
     for tag, m in (("ref", ref_model), ("out", model)):
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        # eps=1e-6, not the default 1e-8: an expert that no token chose has router-row gradients that are zero
+        # mathematically (top-k renormalised softmax) and ~1e-10 of fp32 rounding noise in practice, which differs
+        # between any two correct implementations. Adam's g / (sqrt(v) + eps) turns that noise into steps of ~lr
+        # when eps is far below it (relative RMS errors of 1e-3 on Qwen3-MoE's router, while every real gradient
+        # agrees to 1e-7). With eps=1e-6 the noise moves nothing and real gradients (~1e-2) still drive Adam.
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2, eps=1e-6)
         losses[tag] = []
         ids = tokens()
         for _ in range(4):
@@ -123,11 +128,9 @@ def test_adamw_tracks_eager(model_type):
             losses[tag].append(loss.item())
     assert losses["ref"][-1] < losses["ref"][0], "the eager model should learn on a repeated batch"
     torch.testing.assert_close(torch.tensor(losses["out"]), torch.tensor(losses["ref"]), rtol=1e-4, atol=0)
-    # Adam divides by sqrt(v): fp32 rounding in a near-zero gradient entry can move that one weight by up to ~lr,
-    # so the parameters are compared by relative RMS error only (the loss curve above is the tight check).
     for (name, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters(), strict=True):
         rms = ((p.detach() - q.detach()).norm() / q.detach().norm()).item()
-        assert rms < 1e-3, f"{model_type} {name} after 4 AdamW steps: relative RMS error {rms:.2e}"
+        assert rms < 1e-4, f"{model_type} {name} after 4 AdamW steps: relative RMS error {rms:.2e}"
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
