@@ -1,59 +1,160 @@
 #!/usr/bin/env bash
-# GPU checks and timings in few device calls, most important first. Each step is time-boxed and writes under $OUT
-# as it goes, so a call cut short still returns what finished. Usage (repo root, GPU machine):
-#   OUT=/tmp/out bash benchmarks/gpu_suite.sh [STEP ...]
-# Steps (default: tests core): tests | hftests | core | all | hf | ep (ep needs 2 GPUs: nvidia-h200-x2) | any other
-# word: the Python script scratch/WORD.py, if there is one (ad-hoc diagnostics, not part of the repository).
+# GPU checks and timings in one device call, steps in the order given. Usage (repo root, GPU machine):
+#   OUT=/tmp/out bash benchmarks/gpu_suite.sh [STEP ...]        (default: tests peers)
+# Steps:
+#   tests    every GPU-marked test (-m "gpu and not multigpu"), tuning off (LEANMOE_AUTOTUNE=0; a test of tuning
+#            sets it itself): the no-host-sync and compile tests first, then the rest on 4 workers, then the tests
+#            that take tens of GB alone
+#   peers    benchmarks/peers.py, one process per preset (PEERS_PRESETS, default all six, most wanted first; each
+#            at most PEERS_PRESET_S seconds, default 270; PEERS_ARGS adds arguments), merged into
+#            $OUT/h200-peers.{json,md,png}
+#   decode   leanmoe bench --decode --preset all -> $OUT/h200-decode.json
+#   bench    leanmoe bench --preset qwen3-30b-a3b mixtral-8x7b -> $OUT/bench.json
+#   lora     leanmoe bench --lora 16 (skipped with a note while the option does not exist) -> $OUT/lora.json
+#   hftests | core | all | hf | ep (ep needs 2 GPUs: nvidia-h200-x2) | any other word: scratch/WORD.py, if any
+# Limits of the device call, kept here: the whole script ends within SUITE_BUDGET_S seconds (default 540: a call
+# may run 600), each step under `timeout` for the smaller of its own cap and the time left (a step with under 15 s
+# left is skipped, saying so); a failing step does not stop the next. $OUT gets at most 8 files: suite.log (every
+# step's full output) and each step's results. Carried wheels (.whl/*.whl) are installed to /tmp/site first.
 # Triton autotunes on its first call per shape bucket (60-90 s on a fresh machine; cached on disk afterwards), so
 # put the steps that share shapes in one call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=src:. PYTHONUNBUFFERED=1
+START=$SECONDS
+BUDGET=${SUITE_BUDGET_S:-540}
+OUT=${OUT:-bench-results}
+mkdir -p "$OUT"
+LOG="$OUT/suite.log"
+: >"$LOG"
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl >>"$LOG" 2>&1; then
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    echo "installed to /tmp/site: $(cd .whl && ls *.whl | tr '\n' ' ')"
+  else
+    echo "wheel install FAILED (see suite.log); going on without them"
+  fi
+fi
+# leanmoe from the checkout (no install), ahead of everything else.
+export PYTHONPATH=src:.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # Triton's kernel and tuning caches inside the (ignored) checkout, so later calls on a warm machine reuse them.
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.cache/triton}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast
-OUT=${OUT:-bench-results}
-mkdir -p "$OUT"
-steps=${*:-tests core}
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
+python3 - <<'EOF' 2>&1 | tee -a "$LOG"
+import importlib.metadata as md, platform, torch, triton
+props = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
+print("python", platform.python_version(), "| torch", torch.__version__, "CUDA", torch.version.cuda, "| triton",
+      triton.__version__, "|", f"{props.name}, {props.multi_processor_count} SMs, {torch.cuda.device_count()} GPU(s)"
+      if props else "no CUDA device")
+def version(name):
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return "not installed"
+print(" | ".join(f"{n} {version(n)}" for n in ("moe-ops", "liger-kernel", "peft", "transformers", "matplotlib")))
+EOF
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used,memory.total --format=csv,noheader \
+  2>&1 | tee -a "$LOG"
+timeout 60 python3 -m leanmoe info >>"$LOG" 2>&1
+
+left() { echo $((BUDGET - (SECONDS - START))); }
+
+# run NAME CAP_S PATTERN CMD...: CMD under timeout min(CAP_S, time left - RESERVE), its output appended to suite.log,
+# the lines matching PATTERN echoed; then the step's exit status and elapsed time.
+RESERVE=5
+run() {
+  local name=$1 cap=$2 pattern=$3
+  shift 3
+  local t=$(($(left) - RESERVE))
+  ((t > cap)) && t=$cap
+  if ((t < 15)); then
+    echo "[$name] SKIPPED: ${t}s left of the ${BUDGET}s budget"
+    return
+  fi
+  local t0=$SECONDS
+  echo "===== $name (timeout ${t}s): $*" >>"$LOG"
+  timeout -k 10 "$t" "$@" 2>&1 | tee -a "$LOG" | grep -E --line-buffered "$pattern"
+  local rc=${PIPESTATUS[0]}
+  local note=""
+  ((rc == 124 || rc == 137)) && note=" (TIMED OUT at ${t}s)"
+  echo "[$name] exit $rc, $((SECONDS - t0)) s$note; $(left) s left" | tee -a "$LOG"
+}
+
+TEST_PAT="FAILED|ERROR|Error|[0-9]+ (passed|failed)|no tests ran"
+steps=${*:-tests peers}
 for step in $steps; do
   case $step in
-    tests)  # core and Triton GPU tests, the no-host-sync and compile tests first (tuning off: correctness only)
-      LEANMOE_AUTOTUNE=0 timeout 120 python3 -m pytest -v -m gpu -p no:cacheprovider --timeout 100 --tb=long \
-        tests/test_gpu_core.py 2>&1 | tee "$OUT/gpu_core_tests.log" | grep -E "PASSED|FAILED|ERROR|Error|passed|failed"
-      # Four workers share the GPU, so the tests that take tens of GB run after them, alone.
+    tests)
       big="64bit_offsets or bench_on_the_gpu or peak_cuda_memory"
-      LEANMOE_AUTOTUNE=0 timeout 240 python3 -m pytest -v -n 4 -m gpu -k "not ($big)" -p no:cacheprovider \
-        --timeout 200 --tb=short tests/test_triton_gpu.py tests/test_cli.py tests/test_calibration.py 2>&1 \
-        | tee "$OUT/gpu_tests.log" | grep -E "PASSED|FAILED|ERROR|Error|passed|failed"
-      LEANMOE_AUTOTUNE=0 timeout 200 python3 -m pytest -v -m gpu -k "$big" -p no:cacheprovider --timeout 150 \
-        --tb=short tests/test_triton_gpu.py tests/test_cli.py tests/test_calibration.py 2>&1 \
-        | tee "$OUT/gpu_tests_big.log" | grep -E "PASSED|FAILED|ERROR|Error|passed|failed" ;;
+      LEANMOE_AUTOTUNE=0 run tests-core 120 "$TEST_PAT" python3 -m pytest -q -rfE -m "gpu and not multigpu" \
+        -p no:cacheprovider --timeout 100 --tb=short tests/test_gpu_core.py
+      # Four workers share the GPU, so the tests that take tens of GB run after them, alone.
+      LEANMOE_AUTOTUNE=0 run tests 300 "$TEST_PAT" python3 -m pytest -q -rfE -n 4 -m "gpu and not multigpu" \
+        -k "not ($big)" -p no:cacheprovider --timeout 200 --tb=short --ignore=tests/test_gpu_core.py tests
+      LEANMOE_AUTOTUNE=0 run tests-big 150 "$TEST_PAT" python3 -m pytest -q -rfE -m "gpu and not multigpu" \
+        -k "$big" -p no:cacheprovider --timeout 150 --tb=short --ignore=tests/test_gpu_core.py tests ;;
+    peers)
+      dir=/tmp/peers
+      rm -rf "$dir" && mkdir -p "$dir"
+      presets=${PEERS_PRESETS:-qwen3-30b-a3b mixtral-8x7b olmoe-1b-7b deepseek-v3 gpt-oss-20b gpt-oss-20b-native}
+      for p in $presets; do
+        # Each preset its own process, so one that runs out of time keeps the rows it finished (JSON rewritten
+        # after every row) and leaves time for the next; 40 s are kept for the merge.
+        RESERVE=40 run "peers-$p" "${PEERS_PRESET_S:-270}" "ms, first call|FAILED|Error|Traceback" \
+          python3 benchmarks/peers.py --preset "$p" ${PEERS_ARGS:-} --json "$dir/$p.json"
+      done
+      done_json=()
+      for p in $presets; do [ -s "$dir/$p.json" ] && done_json+=("$dir/$p.json"); done
+      if ((${#done_json[@]})); then
+        run peers-merge 60 "Traceback|Error" python3 benchmarks/peers.py --from-json "${done_json[@]}" \
+          --json "$OUT/h200-peers.json" --markdown "$OUT/h200-peers.md" --plot "$OUT/h200-peers.png"
+        [ -f "$OUT/h200-peers.md" ] && sed -n '/against the fastest peer/,/^MiB/p' "$OUT/h200-peers.md" | head -40
+      else
+        echo "[peers] no preset finished a row"
+      fi ;;
+    decode)
+      run decode 240 "FAILED|Error|Traceback" python3 -m leanmoe bench --decode --preset all \
+        --json "$OUT/h200-decode.json" ;;
+    bench)
+      run bench 300 "FAILED|Error|Traceback" python3 -m leanmoe bench --preset qwen3-30b-a3b mixtral-8x7b \
+        --json "$OUT/bench.json" ;;
+    lora)
+      if python3 -m leanmoe bench --help 2>/dev/null | grep -q -- "--lora"; then
+        run lora 240 "FAILED|Error|Traceback" python3 -m leanmoe bench --lora 16 --preset qwen3-30b-a3b \
+          --json "$OUT/lora.json"
+      else
+        echo "[lora] SKIPPED: this leanmoe bench has no --lora option yet" | tee -a "$LOG"
+      fi ;;
     hftests)
-      LEANMOE_AUTOTUNE=0 timeout 200 python3 -m pytest -v -n 4 -m gpu -p no:cacheprovider --timeout 180 --tb=short \
-        tests/test_hf_families.py tests/test_hf_patching.py tests/test_hf_bench.py 2>&1 \
-        | tee "$OUT/hf_tests.log" | grep -E "PASSED|FAILED|ERROR|Error|passed|failed" ;;
+      LEANMOE_AUTOTUNE=0 run hftests 200 "$TEST_PAT" python3 -m pytest -q -rfE -n 4 -m gpu -p no:cacheprovider \
+        --timeout 180 --tb=short tests/test_hf_families.py tests/test_hf_patching.py tests/test_hf_bench.py ;;
     core)
-      timeout 300 python3 -m leanmoe bench --preset qwen3-30b-a3b mixtral-8x7b \
-        --json "$OUT/core.json" --markdown "$OUT/core.md" 2>"$OUT/core.err" | tail -20 ;;
+      run core 300 "FAILED|Error|Traceback" python3 -m leanmoe bench --preset qwen3-30b-a3b mixtral-8x7b \
+        --json "$OUT/core.json" ;;
     all)
-      timeout 560 python3 -m leanmoe bench --preset all --routing uniform skewed \
-        --json "$OUT/all.json" --markdown "$OUT/all.md" --plot "$OUT/all.png" 2>"$OUT/all.err" | tail -40 ;;
+      run all 540 "FAILED|Error|Traceback" python3 -m leanmoe bench --preset all --routing uniform skewed \
+        --json "$OUT/all.json" --plot "$OUT/all.png" ;;
     hf)  # the HF table of docs/BENCHMARKS.md: Qwen3-MoE and Mixtral at save_percent 0, Mixtral also at 100
       for spec in qwen3_moe:0 mixtral:0 mixtral:100; do
         m=${spec%:*} s=${spec#*:}
-        timeout 240 python3 -m leanmoe bench --hf "$m" --save-percent "$s" --json "$OUT/hf_${m}_$s.json" \
-          --markdown "$OUT/hf_${m}_$s.md" 2>"$OUT/hf_${m}_$s.err" | tail -15
+        run "hf-$m-$s" 240 "FAILED|Error|Traceback" python3 -m leanmoe bench --hf "$m" --save-percent "$s" \
+          --json "$OUT/hf_${m}_$s.json"
       done ;;
     ep)  # NCCL checks: reference backend in fp32 and bf16, then triton in bf16 (tuning off); the example
-      timeout 150 torchrun --nproc-per-node 2 tests/test_parallel_ep.py --device cuda --backend reference 2>&1 \
-        | tee "$OUT/ep_tests.log" | tail -15
-      LEANMOE_AUTOTUNE=0 timeout 200 torchrun --nproc-per-node 2 tests/test_parallel_ep.py --device cuda \
-        --backend triton --dtypes bfloat16 2>&1 | tee "$OUT/ep_tests_triton.log" | tail -15
-      LEANMOE_AUTOTUNE=0 timeout 150 torchrun --nproc-per-node 2 examples/expert_parallel.py --steps 10 --fsdp 2>&1 \
-        | tee "$OUT/ep_example.log" | tail -6 ;;
-    *) if [ -f "scratch/$step.py" ]; then timeout 300 python3 "scratch/$step.py" 2>&1 | tee "$OUT/$step.log"
-       else echo "unknown step $step"; exit 2; fi ;;
+      run ep-reference 150 "passed|failed|FAILED|Error" torchrun --nproc-per-node 2 tests/test_parallel_ep.py \
+        --device cuda --backend reference
+      LEANMOE_AUTOTUNE=0 run ep-triton 200 "passed|failed|FAILED|Error" torchrun --nproc-per-node 2 \
+        tests/test_parallel_ep.py --device cuda --backend triton --dtypes bfloat16
+      LEANMOE_AUTOTUNE=0 run ep-example 150 "step|FAILED|Error" torchrun --nproc-per-node 2 \
+        examples/expert_parallel.py --steps 10 --fsdp ;;
+    *)
+      if [ -f "scratch/$step.py" ]; then
+        run "$step" 300 "." python3 "scratch/$step.py"
+      else
+        echo "unknown step $step" | tee -a "$LOG"
+      fi ;;
   esac
 done
+echo "suite done in $((SECONDS - START)) s (budget ${BUDGET} s); full output in $LOG"

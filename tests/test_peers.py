@@ -36,6 +36,8 @@ def _load_peers():
 
 peers = _load_peers()
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _fast_cpu_timer(mp: pytest.MonkeyPatch) -> None:
     # The CPU timer's budget is for real runs; a test only needs the row filled.
@@ -148,9 +150,14 @@ def cpu_run(tmp_path_factory):
             "leanmoe-grouped_mm", "torchtitan-style", "moe-ops", "liger-kernel", "--json", str(json_path),
             "--markdown", str(md_path)]
     stdout = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
-        _fast_cpu_timer(mp)
-        status = peers.main(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the one_thread fixture, which a module-scoped fixture cannot use
+    try:
+        with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
+            _fast_cpu_timer(mp)
+            status = peers.main(argv)
+    finally:
+        torch.set_num_threads(threads)
     return status, json.loads(json_path.read_text()), md_path.read_text(), stdout.getvalue(), tmp_path
 
 
@@ -209,8 +216,9 @@ def test_plot_is_written(cpu_run, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_every_impl_passes_its_check_on_the_gpu(tmp_path):
+def test_every_impl_passes_its_check_on_the_gpu(tmp_path, monkeypatch):
+    # A correctness check: liger-kernel untuned (read when it is first imported), leanmoe as the suite sets it.
+    monkeypatch.setenv("LIGER_FUSED_MOE_AUTOTUNE", "0")
     json_path = tmp_path / "peers.json"
     assert peers.main(["--small", "--check-only", "--preset", "qwen3-30b-a3b", "gpt-oss-20b-native", "--json",
                        str(json_path)]) == 0
