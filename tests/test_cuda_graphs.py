@@ -11,6 +11,8 @@ data-dependent shape) and is not tested here.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -41,8 +43,22 @@ def _capture(fn, static_args, warmup=3):
     return graph, static_out
 
 
+@functools.cache
+def _weights():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    gate_up = torch.randn(E, 2 * I, D, device="cuda", generator=g) * D ** -0.5
+    down = torch.randn(E, D, I, device="cuda", generator=g) * I ** -0.5
+    return gate_up.bfloat16(), down.bfloat16()
+
+
 def _fresh_inputs(T, seed, mask=False):
-    p = make_problem(T, D, I, E, K, dtype=torch.bfloat16, device="cuda", seed=seed, requires_grad=False)
+    """A problem on the shared weights with new x, routing and routing weights (generated on the GPU)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    p = make_problem(1, 8, 8, 2, 1, requires_grad=False)
+    p.x_TD = torch.randn(T, D, device="cuda", generator=g).bfloat16()
+    p.topk_ids_TK = torch.randn(T, E, device="cuda", generator=g).topk(K, dim=-1).indices
+    p.topk_weights_TK = torch.rand(T, K, device="cuda", generator=g).bfloat16()
+    p.gate_up_proj, p.down_proj = _weights()
     token_mask = (torch.arange(T, device="cuda") % 3 != 1) if mask else None
     return p, token_mask
 

@@ -234,7 +234,9 @@ def _configs(shapes):
 # The first config is the one LEANMOE_AUTOTUNE=0 runs: its stages fit shared memory in fp32 too (gated: x tile and
 # two weight tiles, (16*64 + 2*64*64) * 4 B * 3 stages = 108 KB).
 _DECODE_CONFIGS = _configs([(16, 64, 64, 4, 3), (16, 64, 128, 4, 4), (16, 32, 256, 4, 3), (16, 64, 256, 4, 3),
-                            (16, 128, 128, 4, 4), (32, 64, 128, 4, 4), (16, 32, 128, 2, 5)])
+                            (16, 128, 128, 4, 4), (32, 64, 128, 4, 4), (16, 32, 128, 2, 5),
+                            # experts with more rows than 16 (T=256 on few experts: olmoe, gpt-oss)
+                            (64, 64, 64, 4, 3)])
 _decode_gate_up_tuned = autotuned(decode_gate_up_kernel, _DECODE_CONFIGS, ["D", "I", "rows_key", "SPLIT"])
 _decode_down_tuned = autotuned(decode_down_kernel, _DECODE_CONFIGS, ["D", "I", "rows_key"])
 #: Under the interpreter: the smallest legal tiles, so the tests' tiny shapes still have several tiles and splits.
