@@ -273,6 +273,14 @@ def test_call_errors_and_backend_choice():
         leanmoe.moe_experts(*odd.args(), **odd.kwargs(), backend="grouped_mm", lora=make_lora(odd))
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference", *FAST_BACKENDS])
+def test_meta_tensors_give_a_meta_output(backend):
+    p = make_problem(8, 16, 8, 4, 2, device="meta")
+    lora = leanmoe.ExpertLoRA(num_experts=4, dim=16, hidden_dim=8, rank=4, device="meta")
+    y = leanmoe.moe_experts(*p.args(), **p.kwargs(), backend=backend, lora=lora)
+    assert y.is_meta and tuple(y.shape) == (8, 16)
+
+
 def test_adapter_in_another_dtype_than_the_base():
     # fp32 adapters over bf16 experts: the factors are cast in the call, their gradients come back in fp32.
     p = make_problem(12, 16, 8, 4, 2, dtype=torch.bfloat16, seed=13)
@@ -369,3 +377,23 @@ def test_lora_compiles_fullgraph(backend, dtype):
     assert_close(y, eager_y, tol=TOLERANCES[dtype], name="y")
     for g, r in zip(grads, eager_grads, strict=True):
         assert_close(g, r, tol=TOLERANCES[dtype])
+
+
+# --- GPU ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("targets", TARGET_SETS, ids="+".join)
+def test_gpu_grouped_mm_bf16_matches_the_fp32_reference(targets):
+    # CUDA's torch._grouped_mm takes bfloat16 only; the ground truth is the fp32 loop on the same values.
+    p = make_problem(300, 128, 64, 8, 2, bias=True, dtype=torch.bfloat16, device="cuda", seed=15)
+    lora = make_lora(p, rank=16, targets=targets).cuda()
+    ref_p = make_problem(300, 128, 64, 8, 2, bias=True, device="cuda", seed=15)
+    ref_lora = make_lora(ref_p, rank=16, targets=targets).cuda()
+    dy = torch.randn(300, 128, device="cuda")
+    out_y, out_grads = run(p, lora, "grouped_mm", dy.bfloat16())
+    ref_y, ref_grads = run(ref_p, ref_lora, "reference", dy)
+    assert_close(out_y, ref_y, tol=TOLERANCES[torch.bfloat16], name="y")
+    for out, ref in zip(out_grads, ref_grads, strict=True):
+        assert_close(out, ref, tol=TOLERANCES[torch.bfloat16])
+    assert leanmoe.lora.select_lora_backend("auto", leanmoe.describe_call(*p.args(), **p.kwargs())) == "grouped_mm"

@@ -75,6 +75,7 @@ def lora_moe_experts(call: ExpertsCall, backend: str, x_TD, topk_ids_TK, topk_we
     """:func:`leanmoe.moe_experts` with ``lora=``: validated by ``describe_call`` (``call``) and :func:`check_lora`.
 
     A merged adapter (``lora.merged``) is already in the base weights: the call runs without it, on ``backend``.
+    On meta tensors the output is a meta ``[T, D]`` tensor.
     """
     lora = check_lora(lora, call)
     if lora.merged:
@@ -84,6 +85,8 @@ def lora_moe_experts(call: ExpertsCall, backend: str, x_TD, topk_ids_TK, topk_we
                     activation=call.activation, gate_up_layout=call.gate_up_layout, save_percent=call.save_percent,
                     **mask_kw)
     fn = grouped_mm_lora_experts if select_lora_backend(backend, call) == "grouped_mm" else reference_lora_experts
+    if call.device.type == "meta":
+        return x_TD.new_empty(x_TD.shape)  # shapes only: nothing to read (the backends' meta contract)
     return fn(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias,
               activation=call.activation, gate_up_layout=call.gate_up_layout, lora=lora, token_mask=token_mask)
 
