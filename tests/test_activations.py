@@ -129,3 +129,20 @@ def test_activation_accepts_real_numbers_and_stores_floats():
     for name in ACTIVATIONS:
         assert Activation(name=name, alpha=1.702, limit=7.0) == Activation(name=name)
     assert math.isclose(Activation().alpha, 1.702)
+
+
+@pytest.mark.parametrize("name,layout", list(_activations_and_layouts()), ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_backward_into_out_even_in_place(name, layout, dtype):
+    # grouped_mm writes the gradient into the pre-activations' own buffer: every read must precede the write.
+    act = Activation(name=name, limit=1.0) if name == "clamped_swiglu" else Activation(name=name)
+    N = 12 if act.gated else 6
+    gu_RN = (torch.randn(9, N) * 2).to(dtype)
+    dh_RI = torch.randn(9, N // 2 if act.gated else N).to(dtype)
+    expected = activation_backward(gu_RN, dh_RI, act, layout)
+    out = torch.full_like(gu_RN, float("nan"))
+    assert activation_backward(gu_RN, dh_RI, act, layout, out=out) is out
+    assert torch.equal(out, expected)
+    in_place = gu_RN.clone()
+    activation_backward(in_place, dh_RI, act, layout, out=in_place)
+    assert torch.equal(in_place, expected)

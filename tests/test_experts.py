@@ -335,3 +335,37 @@ def test_grouped_mm_inference_keeps_nothing(monkeypatch, grad_mode):
     p = make_problem(20, 16, 8, 4, 2)
     leanmoe.moe_experts(*p.args(), **p.kwargs(), backend="grouped_mm", save_percent=100)
     assert kept == [0, 40]
+
+
+@pytest.mark.parametrize("save_percent", [0, 100])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_grouped_mm_makes_no_large_fp32_temporary(monkeypatch, save_percent, masked):
+    # bf16 inputs: every fp32 tensor the forward and backward ops create fits the row-chunk budget, far below one
+    # [R, I] buffer (R = 128, I = 32: 4096 elements), and no chunk is the whole problem.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from leanmoe.experts import grouped_mm
+
+    budget = 4 * 16 * 64  # 16 rows of N = 64
+    monkeypatch.setattr(grouped_mm, "ROW_CHUNK_BYTES", budget)
+    fp32_numels = []
+
+    class RecordFp32(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                    fp32_numels.append((t.numel(), str(func)))
+            return out
+
+    p = make_problem(64, 16, 32, 4, 2, bias=True, dtype=torch.bfloat16, seed=3)
+    mask = _mask("random", 64, seed=4) if masked else None
+    # The ops' Python bodies, called under the mode so that it sees each aten op inside them.
+    fwd, bwd = grouped_mm.grouped_mm_experts_fwd._init_fn, grouped_mm.grouped_mm_experts_bwd._init_fn
+    args = [t.detach() for t in p.args()[:5]] + [p.gate_up_bias.detach(), p.down_bias.detach(), mask]
+    with RecordFp32():
+        y, saved = fwd(*args, "swiglu", 1.702, 7.0, "concatenated", save_percent > 0)
+        bwd(torch.randn_like(y), *args, saved, "swiglu", 1.702, 7.0, "concatenated")
+    assert fp32_numels, "the mode saw no fp32 tensor: it did not see the ops"
+    largest = max(fp32_numels)
+    assert largest[0] * 4 <= budget, f"an fp32 temporary of {largest[0]} elements ({largest[1]})"

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import leanmoe
 from leanmoe.experts import select_backend
 from tests.helpers import TOLERANCES, assert_close, make_problem
-from tests.test_experts import ACT_LAYOUTS, check_against_reference, cpu_backends
+from tests.test_experts import ACT_LAYOUTS, check_against_reference, check_masked, cpu_backends
 
 
 @st.composite
@@ -24,8 +24,12 @@ def problems(draw):
     bias = draw(st.booleans())
     seed = draw(st.integers(0, 2**31 - 1))
     save_percent = draw(st.sampled_from([0, 50, 100]))
+    # None, or a [T] keep-mask (all kept and all masked included): masked tokens' x rows are poisoned with NaN.
+    keep_fraction = draw(st.sampled_from([None, 0.0, 0.5, 1.0]))
+    mask = None if keep_fraction is None else \
+        torch.rand(T, generator=torch.Generator().manual_seed(seed)) < keep_fraction
     return make_problem(T, D, I, E, K, activation=activation, layout=layout, bias=bias, routing=routing,
-                        seed=seed), save_percent
+                        seed=seed), save_percent, mask
 
 
 BACKENDS = cpu_backends()
@@ -34,7 +38,7 @@ BACKENDS = cpu_backends()
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(problems())
 def test_backends_match_reference_on_random_problems(case):
-    problem, save_percent = case
+    problem, save_percent, mask = case
     call = leanmoe.describe_call(*problem.args(), **problem.kwargs())
     for backend in BACKENDS:
         try:
@@ -44,7 +48,10 @@ def test_backends_match_reference_on_random_problems(case):
             assert "cannot run this call: " in str(err)
             continue
         # T = 0 included: the empty output and every (zero) gradient are compared, not only the shape.
-        check_against_reference(problem, backend, torch.float32, save_percent)
+        if mask is None:
+            check_against_reference(problem, backend, torch.float32, save_percent)
+        else:
+            check_masked(problem, backend, mask, save_percent=save_percent)
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)

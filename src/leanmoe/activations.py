@@ -159,12 +159,14 @@ def _silu_and_grad(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def activation_backward(
-    gate_up_RN: torch.Tensor, grad_h_RI: torch.Tensor, activation: Activation, gate_up_layout: str
+    gate_up_RN: torch.Tensor, grad_h_RI: torch.Tensor, activation: Activation, gate_up_layout: str,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient of :func:`apply_activation` with respect to its input, computed in at least fp32.
 
     Used by backends that write their own backward; the clamp masks match ``torch.clamp`` (gradient passes where
-    the value lies inside the closed interval).
+    the value lies inside the closed interval). ``out`` (``[R, N]``, any float dtype) receives the result, rounded
+    once, without an fp32 ``[R, N]`` copy; it may be ``gate_up_RN`` itself (every read happens before the write).
     """
     compute = torch.promote_types(gate_up_RN.dtype, torch.float32)
     dh = grad_h_RI.to(compute)
@@ -179,6 +181,8 @@ def activation_backward(
             grad = _gelu_erf_and_grad(a)[1]
         else:
             grad = _silu_and_grad(a)[1]
+        if out is not None:
+            return out.copy_(dh * grad)
         return (dh * grad).to(gate_up_RN.dtype)
     g, u = split_gate_up(gate_up_RN, gate_up_layout)
     g, u = g.to(compute), u.to(compute)
@@ -198,6 +202,11 @@ def activation_backward(
         s = torch.sigmoid(alpha * g_c)
         dg = dh * (u_c + 1) * (s + alpha * g_c * s * (1 - s)) * (g <= limit)
         du = dh * g_c * s * ((u >= -limit) & (u <= limit))
+    if out is not None:
+        out_g, out_u = split_gate_up(out, gate_up_layout)
+        out_g.copy_(dg)
+        out_u.copy_(du)
+        return out
     if gate_up_layout == "interleaved":
         out = torch.stack((dg, du), dim=-1).flatten(-2)
     else:

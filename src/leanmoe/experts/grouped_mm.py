@@ -158,7 +158,7 @@ def grouped_mm_experts_bwd(
             dweights_C += torch.linalg.vecdot(dy_RD[c].float(), bias_CD.float())
         dweights_R[c] = dweights_C
         dh_CI = dh_unweighted_CI * weights_R[c, None].to(dh_RI.dtype)
-        dgate_up_RN[c] = activation_backward(g_CN, dh_CI, act, gate_up_layout)
+        activation_backward(g_CN, dh_CI, act, gate_up_layout, out=dgate_up_RN[c])
         # dh's rows of this chunk are consumed: the buffer now holds h, for d down_proj.
         dh_RI[c] = h_CI
     del gate_up_RN
