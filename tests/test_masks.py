@@ -223,3 +223,22 @@ def test_moe_experts_and_router_refuse_bad_masks(mask, error, match):
     router = leanmoe.TopKRouter(leanmoe.MoEConfig(dim=8, hidden_dim=4, num_experts=3, top_k=2))
     with pytest.raises(error, match=match):
         router(p.x_TD, mask)
+
+
+@pytest.mark.no_poison  # torch.compile cannot trace the NaN-poisoning replacements of torch.empty
+def test_layer_with_a_mask_compiles_fullgraph():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = leanmoe.MoE(layer_config("grouped_mm"))
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(2, 7, 32)
+    mask = random_mask(14, "some_masked", seed=2).view(2, 7)
+    x_in = poison_masked_rows(x.view(14, 32), mask.view(14)).view(2, 7, 32)
+    out_x, ref_x = x_in.clone().requires_grad_(True), x_in.clone().requires_grad_(True)
+    out_y, ref_y = compiled(out_x, mask), layer(ref_x, token_mask=mask)
+    assert (out_y[~mask] == 0).all()
+    assert_close(out_y, ref_y, tol=TOL, name="compiled y")
+    out_y.sum().backward()
+    ref_y.sum().backward()
+    assert (out_x.grad[~mask] == 0).all()
+    assert_close(out_x.grad, ref_x.grad, tol=TOL, name="compiled dx")
