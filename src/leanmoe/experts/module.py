@@ -77,19 +77,19 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, D, I, device=device, dtype=dtype))
         self.gate_up_bias = nn.Parameter(torch.empty(E, N, device=device, dtype=dtype)) if bias else None
         self.down_bias = nn.Parameter(torch.empty(E, D, device=device, dtype=dtype)) if bias else None
-        check_backend_for_module(backend, self._describe(num_tokens=1, top_k=1, requires_grad=True))
+        check_backend_for_module(backend, self._one_token_call())
         # Optional leanmoe.ExpertLoRA adapters (leanmoe.lora.add_expert_lora sets it); passed to every call.
         self.register_module("lora", None)
         self.reset_parameters()
 
-    def _describe(self, *, num_tokens: int, top_k: int, requires_grad: bool) -> ExpertsCall:
-        """A call of this module on ``num_tokens`` tokens, for the construction-time backend check."""
+    def _one_token_call(self) -> ExpertsCall:
+        """A training call of this module on one token with top-1, for the construction-time backend check."""
         E, N, D = self.gate_up_proj.shape
-        return ExpertsCall(device=self.gate_up_proj.device, dtype=self.gate_up_proj.dtype, num_tokens=num_tokens,
-                           dim=D, hidden_dim=self.down_proj.shape[2], num_experts=E, top_k=top_k,
-                           activation=self.activation, gate_up_layout=self.gate_up_layout,
-                           has_gate_up_bias=self.gate_up_bias is not None, has_down_bias=self.down_bias is not None,
-                           save_percent=self.save_percent, requires_grad=requires_grad)
+        return ExpertsCall(device=self.gate_up_proj.device, dtype=self.gate_up_proj.dtype, num_tokens=1, dim=D,
+                           hidden_dim=self.down_proj.shape[2], num_experts=E, top_k=1, activation=self.activation,
+                           gate_up_layout=self.gate_up_layout, has_gate_up_bias=self.gate_up_bias is not None,
+                           has_down_bias=self.down_bias is not None, save_percent=self.save_percent,
+                           requires_grad=True)
 
     @classmethod
     def from_config(cls, config: MoEConfig, *, device=None, dtype=None) -> GroupedExperts:
