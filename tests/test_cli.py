@@ -225,12 +225,65 @@ def test_preset_all_runs_every_preset_scaled_on_the_cpu(tmp_path):
     assert all(r["label"].endswith("(CPU-scaled)") and r["status"] == "ok" for r in rows)
 
 
-def test_decode_reports_weight_bandwidth(tmp_path):
+@pytest.mark.parametrize("flag", [["--mode", "decode"], ["--decode"], ["--mode", "decode", "fwd"]],
+                         ids=["mode-decode", "decode-alias", "decode-and-fwd"])
+def test_decode_is_the_forward_over_the_decode_token_counts_with_bandwidth(flag, tmp_path, capsys):
+    from leanmoe.bench.presets import DECODE_TOKENS
+
     out_json = tmp_path / "d.json"
-    assert main(["bench", "--device", "cpu", "--decode", "--backend", "grouped_mm", "--json", str(out_json)]) == 0
-    (row,) = _rows(out_json)
-    assert row["mode"] == "fwd" and row["tokens"] == 64 and row["decode"]
-    assert row["weight_bytes"] > 0 and row["gbps"] > 0
+    assert main(["bench", "--device", "cpu", *flag, "--backend", "grouped_mm", "--json", str(out_json)]) == 0
+    payload = json.loads(out_json.read_text())
+    rows = payload["rows"]
+    assert DECODE_TOKENS == (1, 4, 16, 64, 256)
+    assert [r["tokens"] for r in rows] == list(DECODE_TOKENS)
+    assert all(r["mode"] == "fwd" and r["decode"] and r["status"] == "ok" for r in rows)
+    # The copy rate is measured in the same run, on the CPU too, and each row's bandwidth is compared with it.
+    assert payload["env"]["copy_gbps"] > 0
+    for row in rows:
+        assert row["gbps"] == pytest.approx(row["weight_bytes"] / (row["ms"] * 1e-3) / 1e9)
+        assert row["frac_copy"] == pytest.approx(row["gbps"] / payload["env"]["copy_gbps"])
+    # One token touches its K experts' weights, each once (fp32 here).
+    assert rows[0]["weight_bytes"] == _scaled_default().top_k * _scaled_default().expert_bytes(4)
+    out = capsys.readouterr().out
+    assert "% copy" in out and "GB/s" in out and "decode (fwd)" in out and "T=1/4/16/64/256" in out
+
+
+def test_decode_with_tokens_runs_those_counts(tmp_path):
+    out_json = tmp_path / "d.json"
+    assert main(["verify", "--device", "cpu", "--mode", "decode", "--tokens", "2", "7", "--backend", "grouped_mm",
+                 "--preset", "gpt-oss-20b-native", "--json", str(out_json)]) == 0
+    rows = _rows(out_json)
+    assert [(r["tokens"], r["mode"], r["status"]) for r in rows] == [(2, "fwd", "ok"), (7, "fwd", "ok")]
+
+
+def test_decode_is_forward_only(capsys, no_work):
+    assert "cannot be combined with fwdbwd" in _usage_error(capsys, ["bench", *TINY, "--mode", "decode", "fwdbwd"])
+    assert "cannot be combined with fwdbwd" in _usage_error(capsys, ["bench", *TINY, "--decode", "--mode",
+                                                                     "fwdbwd"])
+
+
+def test_hf_takes_one_token_count(capsys, no_work):
+    assert "--hf takes one --tokens count" in _usage_error(capsys, ["bench", "--device", "cpu", "--hf", "mixtral",
+                                                                    "--tokens", "4", "8"])
+
+
+def test_hf_decode_runs_the_decode_bench(monkeypatch, capsys):
+    import leanmoe.bench.hf
+    import leanmoe.cli
+
+    calls = []
+
+    def fake_decode(model_type, *, device, dtype, layers, batch):
+        calls.append((model_type, device.type, layers, batch))
+        return [dict(model_type=model_type, implementation="leanmoe:auto", mode="decode", ms=2.0, tokens_per_s=500.0,
+                     peak_mem_mb=None, ok=True, rel_err=1e-6, note="")]
+
+    monkeypatch.setattr(leanmoe.cli, "_load_hf_bench", lambda: lambda *a, **k: pytest.fail("not the decode bench"))
+    monkeypatch.setattr(leanmoe.bench.hf, "run_hf_decode_bench", fake_decode)
+    assert main(["bench", "--device", "cpu", "--hf", "mixtral", "--mode", "decode", "--tokens", "3"]) == 0
+    assert calls == [("mixtral", "cpu", 2, 3)]
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "500" in out
 
 
 def test_info(capsys):
@@ -370,10 +423,13 @@ def test_bench_on_the_gpu_measures_rates_and_memory(tmp_path):
         assert row["status"] == "ok" and row["ms"] > 0 and 0 < row["frac_dense"] and row["peak_mem_mb"] > 0
     assert fwd["act_mem_mb"] is None and fwdbwd["act_mem_mb"] < fwdbwd["peak_mem_mb"]
 
-    assert main(["bench", "--device", "cuda", "--decode", "--backend", "grouped_mm", "--json", str(out_json)]) == 0
+    assert main(["bench", "--device", "cuda", "--mode", "decode", "--backend", "grouped_mm", "--json",
+                 str(out_json)]) == 0
     payload = json.loads(out_json.read_text())
-    (row,) = payload["rows"]
-    assert payload["env"]["copy_gbps"] > 0 and row["gbps"] > 0 and row["frac_copy"] > 0
+    assert [r["tokens"] for r in payload["rows"]] == [1, 4, 16, 64, 256]
+    assert payload["env"]["copy_gbps"] > 0
+    for row in payload["rows"]:
+        assert row["status"] == "ok" and row["gbps"] > 0 and 0 < row["frac_copy"] < 1.5
 
 
 # ------------------------------------------------------------------------------------- user mistakes, late failures

@@ -2,18 +2,24 @@
 
 - ``bench``: for each preset, routing, backend and mode, check the backend against the fp32 reference, then time it
   and measure its memory (``../shared/bench-protocol.md``); print a table with the environment; optionally write JSON,
-  Markdown and a PNG chart. ``--hf MODEL_TYPE`` benchmarks a Hugging Face model family instead (or as well, with
-  ``--preset``). Exit status 1 when any check FAILED.
+  Markdown and a PNG chart. ``--mode decode`` (alias ``--decode``) is the decode table: the forward at T in
+  {1, 4, 16, 64, 256} with the touched weights' bandwidth against a copy on the device (``--hf`` with it: tokens/s
+  of greedy generation). ``--mask-fraction F`` masks a fixed random fraction of the tokens (``token_mask``).
+  ``--hf MODEL_TYPE`` benchmarks a Hugging Face model family instead (or as well, with ``--preset``). Exit status 1
+  when any check FAILED or a run stopped early (130 when interrupted), keeping the rows it measured; 2 for a usage
+  error (one line; output paths are checked before any work).
 - ``verify``: the checks alone.
 - ``info``: versions, device, registered backends, and which backend ``auto`` picks for the default case and why.
 
 Defaults: on a CUDA GPU, preset qwen3-30b-a3b at its training T in bf16, fwd and fwdbwd, every backend but the
-reference; on the CPU, the presets scaled down (labelled ``(CPU-scaled)``) in float32, so that the run takes seconds.
+reference; on the CPU, the presets scaled down (labelled ``(CPU-scaled)``) in float32, so that the run takes seconds,
+and only the backends that run there by default (a Triton backend would run in its interpreter; named, it runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -38,6 +44,7 @@ from leanmoe.bench.presets import (
     CPU_MAX_EXPERTS,
     CPU_MAX_HIDDEN_DIM,
     CPU_MAX_TOP_K,
+    DECODE_TOKENS,
     DEFAULT_PRESET,
     MODES,
     PRESETS,
@@ -62,25 +69,31 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HF_DEFAULT_TOKENS = {"cuda": 4096, "cpu": 64}
 
 
-def _add_case_args(p: argparse.ArgumentParser) -> None:
+def _add_case_args(p: argparse.ArgumentParser, *, token_counts: bool = False) -> None:
     p.add_argument("--preset", action="extend", nargs="+", metavar="P",
                    help=f"model shapes to run (default {DEFAULT_PRESET}); any of: {', '.join(PRESETS)}, or all")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
-    p.add_argument("--tokens", type=int, metavar="T", help="tokens per call (default: the preset's train or decode T)")
+    if token_counts:
+        p.add_argument("--tokens", type=int, action="extend", nargs="+", metavar="T",
+                       help="tokens per call, one or more counts (default: the preset's training T; with --mode "
+                            f"decode, {', '.join(map(str, DECODE_TOKENS))}); --hf takes one count")
+    else:
+        p.add_argument("--tokens", type=int, metavar="T", help="tokens per call (default: the preset's training T)")
     p.add_argument("--full-size", action="store_true",
                    help="on the CPU, keep the presets' real dims (slow, many GB) instead of scaling them down")
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
-    _add_case_args(p)
+    _add_case_args(p, token_counts=True)
     p.add_argument("--backend", action="extend", nargs="+", metavar="B",
                    help="backends to run (default: every registered backend but the reference, which is always "
                         "computed for the check and timed only when named)")
-    p.add_argument("--mode", action="extend", nargs="+", choices=MODES,
-                   help="fwd, fwdbwd or both (default: both; fwd with --decode)")
-    p.add_argument("--decode", action="store_true",
-                   help="use the presets' decode T and report weight bandwidth against a device copy")
+    p.add_argument("--mode", action="extend", nargs="+", choices=(*MODES, "decode"),
+                   help="fwd, fwdbwd or both (default: both); decode: the decode table, forward only at T in "
+                        f"{{{', '.join(map(str, DECODE_TOKENS))}}} (unless --tokens), with the touched expert "
+                        "weights' bandwidth against a copy on the device")
+    p.add_argument("--decode", action="store_true", help="the same as --mode decode")
     p.add_argument("--routing", action="extend", nargs="+", choices=ROUTINGS, help="default: uniform")
     p.add_argument("--save-percent", type=float, default=0, metavar="S",
                    help="the backends' save_percent in [0, 100] (default 0)")
@@ -173,8 +186,9 @@ def _resolve_backends(parser: argparse.ArgumentParser, args: argparse.Namespace,
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.tokens is not None and args.tokens < 1:
-        parser.error(f"--tokens must be >= 1, got {args.tokens}")
+    for tokens in args.tokens if isinstance(args.tokens, list) else [args.tokens]:
+        if tokens is not None and tokens < 1:
+            parser.error(f"--tokens must be >= 1, got {tokens}")
     if not 0 <= getattr(args, "save_percent", 0) <= 100:
         parser.error(f"--save-percent must be in [0, 100], got {args.save_percent:g}")
     mask_fraction = getattr(args, "mask_fraction", 0.0)
@@ -226,6 +240,27 @@ def _check_hf_model_type(parser: argparse.ArgumentParser, model_type: str) -> No
         parser.error(f"--hf: unknown model type {model_type!r}; expected one of: {', '.join(BENCH_MODEL_TYPES)}")
 
 
+def _resolve_modes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The modes to run; sets ``args.decode`` for ``--mode decode`` (``--decode`` is its alias)."""
+    requested = list(dict.fromkeys(args.mode or ()))
+    args.decode = args.decode or "decode" in requested
+    modes = [m for m in requested if m != "decode"]
+    if args.decode:
+        if "fwdbwd" in modes:
+            parser.error("--mode decode times the forward only: it cannot be combined with fwdbwd")
+        return ["fwd"]
+    return modes or list(MODES)
+
+
+def _hf_tokens(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int | None:
+    """The one token count that ``--hf`` takes (None: its default)."""
+    if not args.tokens:
+        return None
+    if len(set(args.tokens)) > 1:
+        parser.error(f"--hf takes one --tokens count, got {' '.join(map(str, args.tokens))}")
+    return args.tokens[0]
+
+
 def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace, *, check_only: bool
           ) -> tuple[BenchPlan, dict[str, str]]:
     """The run's plan, and the backends left out of a CPU run's default with why."""
@@ -233,18 +268,14 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace, *, check_on
     device = _resolve_device(parser, args)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     presets = _resolve_presets(parser, args, device)
-    modes = list(dict.fromkeys(args.mode or (["fwd"] if args.decode else list(MODES))))
-    calls = [describe_preset(p, args.tokens or p.tokens(args.decode), dtype=dtype, device=device,
-                             requires_grad=mode == "fwdbwd", save_percent=args.save_percent)
-             for p in presets for mode in modes]
-    backends, left_out = _resolve_backends(parser, args, calls)
+    modes = _resolve_modes(parser, args)
     plan = BenchPlan(
         presets=presets,
-        backends=backends,
+        backends=[],
         named_backends=frozenset(args.backend or ()),
         modes=modes,
         routings=list(dict.fromkeys(args.routing or ["uniform"])),
-        tokens=args.tokens,
+        tokens=tuple(dict.fromkeys(args.tokens)) if args.tokens else None,
         decode=args.decode,
         save_percent=args.save_percent,
         dtype=dtype,
@@ -253,7 +284,11 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace, *, check_on
         seed=args.seed,
         mask_fraction=args.mask_fraction,
     )
-    return plan, left_out
+    calls = [describe_preset(p, T, dtype=dtype, device=device, requires_grad=mode == "fwdbwd",
+                             save_percent=args.save_percent)
+             for p in presets for T in plan.token_counts(p) for mode in modes]
+    backends, left_out = _resolve_backends(parser, args, calls)
+    return dataclasses.replace(plan, backends=backends), left_out
 
 
 def _run_env(plan: BenchPlan, argv: list[str], left_out: dict[str, str]) -> dict:
@@ -293,12 +328,13 @@ def _summary(plan: BenchPlan) -> str:
     else:
         what = f"{len(plan.presets)} presets" + (" (CPU-scaled)" if any(p.label != p.name for p in plan.presets)
                                                  else "")
-    tokens = sorted({plan.num_tokens(p) for p in plan.presets})
+    tokens = sorted({T for p in plan.presets for T in plan.token_counts(p)})
     masked = f", {plan.mask_fraction:.0%} of tokens masked" if plan.mask_fraction else ""
     how = "checked against the fp32 reference" + ("" if plan.check_only else ", then timed")
+    modes = "decode (fwd)" if plan.decode else " and ".join(plan.modes)
+    backends = ("backends " if len(plan.backends) > 1 else "backend ") + ", ".join(plan.backends)
     return (f"measured: {what} at T={'/'.join(map(str, tokens))}{masked}, {' and '.join(plan.routings)} routing, "
-            f"{' and '.join(plan.modes)}, backend{'s' if len(plan.backends) > 1 else ''} {', '.join(plan.backends)}"
-            f"; {str(plan.dtype).removeprefix('torch.')} on the CPU; each row {how}")
+            f"{modes}, {backends}; {str(plan.dtype).removeprefix('torch.')} on the CPU; each row {how}")
 
 
 # ---------------------------------------------------------------------------------------------------- commands
@@ -332,6 +368,8 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list
         raise SystemExit("--plot needs matplotlib: pip install 'leanmoe[bench]'")
     run_hf_bench = _load_hf_bench() if not check_only and args.hf is not None else None
 
+    hf_tokens = _hf_tokens(parser, args) if run_hf_bench is not None else None
+
     env = _run_env(plan, argv, left_out)
     if plan.device.type == "cuda" and not check_only and not hf_only:
         print("measuring the dense bf16 matmul and device copy rates ...", file=sys.stderr, flush=True)
@@ -339,6 +377,10 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list
         if plan.decode:
             env["copy_gbps"] = copy_gbps(plan.device)
         torch.cuda.empty_cache()
+    elif plan.decode and not check_only and not hf_only:
+        # The protocol's decode reference, on the CPU too: a copy larger than the caches, in the same run.
+        print("measuring the copy rate within the device ...", file=sys.stderr, flush=True)
+        env["copy_gbps"] = copy_gbps(plan.device)
 
     rows_so_far: list[dict] = []
 
@@ -352,17 +394,17 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list
     try:
         rows = [] if hf_only else run_plan(plan, make_progress(), dense_tflops=env["dense_tflops"],
                                            copy_rate_gbps=env["copy_gbps"], on_row=keep)
-        if run_hf_bench is not None and ("decode" in (args.mode or ()) or getattr(args, "decode", False)):
+        if run_hf_bench is not None and args.decode:
             # Greedy generate() throughput; --tokens is the batch of prompts (one decode step's T).
             from leanmoe.bench.hf import HF_DECODE_BATCH, run_hf_decode_bench
 
             print(f"benchmarking Hugging Face model type {args.hf!r} in decode ...", file=sys.stderr, flush=True)
             hf_rows = run_hf_decode_bench(args.hf, device=plan.device, dtype=plan.dtype, layers=args.hf_layers,
-                                          batch=args.tokens or HF_DECODE_BATCH[plan.device.type])
+                                          batch=hf_tokens or HF_DECODE_BATCH[plan.device.type])
         elif run_hf_bench is not None:
             print(f"benchmarking Hugging Face model type {args.hf!r} ...", file=sys.stderr, flush=True)
             hf_rows = run_hf_bench(args.hf, device=plan.device, dtype=plan.dtype,
-                                   tokens=args.tokens or HF_DEFAULT_TOKENS[plan.device.type], layers=args.hf_layers,
+                                   tokens=hf_tokens or HF_DEFAULT_TOKENS[plan.device.type], layers=args.hf_layers,
                                    save_percent=args.save_percent)
     except (Exception, KeyboardInterrupt) as exc:
         if isinstance(exc, ValueError | TypeError) and not rows_so_far:

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from leanmoe.bench.presets import Preset, flops
+from leanmoe.bench.presets import DECODE_TOKENS, Preset, flops
 from leanmoe.bench.routing import make_routing
 from leanmoe.experts import (
     ExpertsCall,
@@ -52,6 +52,9 @@ TOLERANCES = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 REFERENCE_CHUNK_BYTES = 1 << 30
 
 CPU_WARMUP_RUNS, CPU_MIN_RUNS, CPU_MAX_RUNS, CPU_TIME_BUDGET_S = 2, 5, 50, 1.0
+
+#: Bytes of the copy that a decode run's bandwidth is compared with: larger than any cache, on each device.
+COPY_BYTES = {"cuda": 1 << 30, "cpu": 1 << 28}
 
 #: Memory figures are in MiB (the ``*_mem_mb`` row keys, like transformers' and leanmoe.bench.hf's).
 MIB = 2**20
@@ -432,8 +435,10 @@ def dense_matmul_tflops(device: torch.device, n: int = 8192) -> float:
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
-def copy_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """GB/s (bytes read + written) of a device-to-device copy of ``nbytes`` (the decode reference; CUDA only)."""
+def copy_gbps(device: torch.device, nbytes: int | None = None) -> float:
+    """GB/s (bytes read + written) of a copy of ``nbytes`` within the device (the decode reference), by default
+    :data:`COPY_BYTES` of the device's type."""
+    nbytes = COPY_BYTES.get(device.type, 1 << 28) if nbytes is None else nbytes
     src = torch.zeros(nbytes, dtype=torch.uint8, device=device)
     dst = torch.zeros_like(src)
     ms = time_ms(lambda: dst.copy_(src), device)
@@ -453,7 +458,10 @@ class BenchPlan:
     named_backends: frozenset[str]
     modes: list[str]
     routings: list[str]
-    tokens: int | None
+    #: Token counts to run each preset at; None: the decode table's (:data:`DECODE_TOKENS`) with ``decode``, else
+    #: the preset's training T.
+    tokens: tuple[int, ...] | None
+    #: Forward only, with the touched weights' bandwidth against a copy on the device.
     decode: bool
     save_percent: float
     dtype: torch.dtype
@@ -463,8 +471,10 @@ class BenchPlan:
     #: Fraction of each case's tokens masked (``token_mask``), in ``[0, 1)``.
     mask_fraction: float = 0.0
 
-    def num_tokens(self, preset: Preset) -> int:
-        return self.tokens if self.tokens is not None else preset.tokens(self.decode)
+    def token_counts(self, preset: Preset) -> tuple[int, ...]:
+        if self.tokens is not None:
+            return self.tokens
+        return DECODE_TOKENS if self.decode else (preset.train_tokens,)
 
     @property
     def tolerance(self) -> float:
@@ -539,42 +549,43 @@ def _measure(plan: BenchPlan, case: Case, backend: str, mode: str, row: dict, de
 
 def run_plan(plan: BenchPlan, progress: Progress | None = None, *, dense_tflops: float | None = None,
              copy_rate_gbps: float | None = None, on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
-    """Runs every (preset, routing, backend, mode) of ``plan``; one row per combination, in that order.
+    """Runs every (preset, T, routing, backend, mode) of ``plan``; one row per combination, in that order.
 
     ``on_row`` is called with the rows so far after each one (the CLI rewrites its JSON file, so a run cut short
     still leaves its results)."""
     progress = progress or Progress()
-    progress.start(len(plan.presets) * len(plan.routings) * len(plan.backends) * len(plan.modes))
+    cases = [(preset, T, routing) for preset in plan.presets for T in plan.token_counts(preset)
+             for routing in plan.routings]
+    progress.start(len(cases) * len(plan.backends) * len(plan.modes))
     rows: list[dict] = []
     try:
-        for preset in plan.presets:
-            for routing in plan.routings:
-                case = make_case(preset, routing, plan.num_tokens(preset), dtype=plan.dtype, device=plan.device,
-                                 seed=plan.seed, mask_fraction=plan.mask_fraction)
-                for backend in plan.backends:
-                    for mode in plan.modes:
-                        masked = f" masked {plan.mask_fraction:.0%}" if case.token_mask_T is not None else ""
-                        description = f"{preset.label} T={case.num_tokens}{masked} {routing} {mode} {backend}"
-                        progress.step(description)
-                        row = _base_row(plan, case, backend, mode)
-                        skip = unsupported(case, backend, mode, plan.save_percent,
-                                           named=backend in plan.named_backends)
-                        if skip is not None:
-                            row.update(status=skip[0], reason=skip[1])
-                        else:
-                            try:
-                                _measure(plan, case, backend, mode, row, dense_tflops, copy_rate_gbps)
-                            except Exception as exc:  # reported as FAILED in the table, and in the exit code
-                                case.clear_grads()
-                                row.update(status="FAILED", reason=f"{type(exc).__name__}: {exc}", ms=None)
-                        rows.append(row)
-                        progress.done(description, _result_text(row))
-                        if on_row is not None:
-                            add_speedups(rows)
-                            on_row(rows)
-                del case
-                if plan.device.type == "cuda":
-                    torch.cuda.empty_cache()
+        for preset, T, routing in cases:
+            case = make_case(preset, routing, T, dtype=plan.dtype, device=plan.device, seed=plan.seed,
+                             mask_fraction=plan.mask_fraction)
+            for backend in plan.backends:
+                for mode in plan.modes:
+                    masked = f" masked {plan.mask_fraction:.0%}" if case.token_mask_T is not None else ""
+                    description = f"{preset.label} T={case.num_tokens}{masked} {routing} {mode} {backend}"
+                    progress.step(description)
+                    row = _base_row(plan, case, backend, mode)
+                    skip = unsupported(case, backend, mode, plan.save_percent,
+                                       named=backend in plan.named_backends)
+                    if skip is not None:
+                        row.update(status=skip[0], reason=skip[1])
+                    else:
+                        try:
+                            _measure(plan, case, backend, mode, row, dense_tflops, copy_rate_gbps)
+                        except Exception as exc:  # reported as FAILED in the table, and in the exit code
+                            case.clear_grads()
+                            row.update(status="FAILED", reason=f"{type(exc).__name__}: {exc}", ms=None)
+                    rows.append(row)
+                    progress.done(description, _result_text(row))
+                    if on_row is not None:
+                        add_speedups(rows)
+                        on_row(rows)
+            del case  # freed before the next case is built
+            if plan.device.type == "cuda":
+                torch.cuda.empty_cache()
     finally:
         progress.close()
     add_speedups(rows)

@@ -66,6 +66,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 
 DEFAULT_PRESET = "qwen3-30b-a3b"
 
+#: The decode table's token counts (``--mode decode``); each preset's ``decode_tokens`` (64) is the headline.
+DECODE_TOKENS = (1, 4, 16, 64, 256)
+
 # The CPU run keeps each preset's form but caps its dims, so that the default `leanmoe bench` on a machine without
 # a GPU (reference check included) finishes in seconds.
 CPU_MAX_DIM, CPU_MAX_HIDDEN_DIM, CPU_MAX_EXPERTS, CPU_MAX_TOP_K = 256, 128, 16, 4

@@ -60,6 +60,7 @@ HF_COLUMNS: list[tuple[str, str, Callable[[object], str]]] = [
     ("mode", "mode", str),
     ("ms", "ms", _fmt(".3f")),
     ("peak MiB", "peak_mem_mb", _fmt(".0f")),
+    ("tokens/s", "tokens_per_s", _rate),
     ("ok", "ok", str),
     ("rel err", "rel_err", _fmt(".1e")),
     ("note", "note", str),
@@ -111,7 +112,8 @@ def env_lines(env: dict) -> list[str]:
     if env.get("dense_tflops"):
         run.append(f"dense bf16 8192³ matmul {env['dense_tflops']:.0f} TFLOP/s")
     if env.get("copy_gbps"):
-        run.append(f"device-to-device copy {env['copy_gbps']:.0f} GB/s")
+        where = "device-to-device" if env.get("cuda") else "in-memory"
+        run.append(f"{where} copy {env['copy_gbps']:.0f} GB/s (bytes read + written; the decode reference)")
     if env.get("timer"):
         run.append(f"timer: {env['timer']}")
     if run:
