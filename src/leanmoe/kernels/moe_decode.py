@@ -238,7 +238,7 @@ _DECODE_CONFIGS = _configs([(16, 64, 64, 4, 3), (16, 64, 128, 4, 4), (16, 32, 25
                             # experts with more rows than 16 (T=256 on few experts: olmoe, gpt-oss)
                             (64, 64, 64, 4, 3)])
 _decode_gate_up_tuned = autotuned(decode_gate_up_kernel, _DECODE_CONFIGS, ["D", "I", "rows_key", "SPLIT"])
-_decode_down_tuned = autotuned(decode_down_kernel, _DECODE_CONFIGS, ["D", "I", "rows_key"])
+_decode_down_tuned = autotuned(decode_down_kernel, _DECODE_CONFIGS, ["D", "I", "rows_key", "chunk"])
 #: Under the interpreter: the smallest legal tiles, so the tests' tiny shapes still have several tiles and splits.
 INTERPRETER_META = {"BM": 16, "BN": 16, "BK": 16}
 
