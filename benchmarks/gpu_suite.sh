@@ -6,8 +6,8 @@
 #            sets it itself): the no-host-sync and compile tests first, then the rest on 4 workers, then the tests
 #            that take tens of GB alone
 #   peers    benchmarks/peers.py, one process per preset (PEERS_PRESETS, default all six, most wanted first; each
-#            at most PEERS_PRESET_S seconds, default 270; PEERS_ARGS adds arguments), merged into
-#            $OUT/h200-peers.{json,md,png}
+#            at most PEERS_PRESET_S seconds, default 270; fwdbwd first; PEERS_ARGS adds arguments, a later
+#            --mode replacing it), merged into $OUT/h200-peers.{json,md,png}; rows a time limit cut are "not run"
 #   decode   leanmoe bench --decode --preset all -> $OUT/h200-decode.json
 #   bench    leanmoe bench --preset qwen3-30b-a3b mixtral-8x7b -> $OUT/bench.json
 #   lora     leanmoe bench --lora 16 (skipped with a note while the option does not exist) -> $OUT/lora.json
@@ -103,7 +103,7 @@ for step in $steps; do
         # Each preset its own process, so one that runs out of time keeps the rows it finished (JSON rewritten
         # after every row) and leaves time for the next; 40 s are kept for the merge.
         RESERVE=40 run "peers-$p" "${PEERS_PRESET_S:-270}" "ms, first call|FAILED|Error|Traceback" \
-          python3 benchmarks/peers.py --preset "$p" ${PEERS_ARGS:-} --json "$dir/$p.json"
+          python3 benchmarks/peers.py --preset "$p" --mode fwdbwd fwd ${PEERS_ARGS:-} --json "$dir/$p.json"
       done
       done_json=()
       for p in $presets; do [ -s "$dir/$p.json" ] && done_json+=("$dir/$p.json"); done

@@ -287,17 +287,29 @@ def run_once(case: Case, call: Callable[[], torch.Tensor], mode: str) -> dict[st
     return outs
 
 
-def base_row(case: Case, impl: Impl, mode: str, dense_tflops: float | None) -> dict:
-    p = case.preset
+def planned_row(preset: Preset, tokens: int, routing: str, mode: str, impl: Impl, dtype: torch.dtype,
+                device: torch.device, dense_tflops: float | None) -> dict:
+    """A row before it runs: status ``not run`` until :func:`measure` or a skip fills it, so a run stopped early
+    (a time limit) still lists what it did not reach."""
     return {
-        "preset": p.name, "label": p.label, "tokens": case.num_tokens, "routing": case.routing, "mode": mode,
+        "preset": preset.name, "label": preset.label, "tokens": tokens, "routing": routing, "mode": mode,
         "impl": impl.name, "backend": impl.label, "version": impl.version(),
-        "dtype": str(case.x_TD.dtype).removeprefix("torch."), "device": case.x_TD.device.type,
-        "status": None, "reason": None, "check_ok": None, "max_error": None, "errors": None,
-        "tolerance": TOLERANCES[case.x_TD.dtype], "first_call_s": None, "ms": None, "tflops": None,
+        "dtype": str(dtype).removeprefix("torch."), "device": device.type,
+        "status": "not run", "reason": NOT_REACHED, "check_ok": None, "max_error": None, "errors": None,
+        "tolerance": TOLERANCES[dtype], "first_call_s": None, "ms": None, "tflops": None,
         "dense_tflops": dense_tflops, "frac_dense": None, "peak_mem_mb": None, "activation_mb": None,
         "act_mem_mb": None, "vs_leanmoe": None,
     }
+
+
+NOT_REACHED = "not reached: the run stopped before this row (its time limit?)"
+
+
+def base_row(case: Case, impl: Impl, mode: str, dense_tflops: float | None) -> dict:
+    row = planned_row(case.preset, case.num_tokens, case.routing, mode, impl, case.x_TD.dtype, case.x_TD.device,
+                      dense_tflops)
+    row.update(status=None, reason=None)
+    return row
 
 
 def measure(case: Case, impl: Impl, mode: str, row: dict, *, check_only: bool = False) -> None:
@@ -452,9 +464,10 @@ SUMMARY_COLUMNS = [
 UNITS = ("MiB = 2²⁰ bytes. act MiB: fwdbwd, peak extra memory of one call minus the weight-gradient bytes; fwd, the "
          "peak extra memory itself. TFLOP/s counts 6·T·K·D·I per forward (gated; 4·T·K·D·I non-gated), three times "
          "that for fwdbwd; % dense is its ratio to the dense bf16 8192³ matmul measured in the same process. first "
-         "call s: the first call with its compiling and autotuning (not in ms). leanmoe s0 ÷ it > 1: the row is "
-         "faster than leanmoe triton at save_percent 0. max rel err: the largest ‖out − ref‖ / ‖ref‖ over the output "
-         "and every gradient, against the fp32 reference.")
+         "call s: the first call with its compiling and autotuning (not in ms); rows run in table order, so a first "
+         "call finds the kernels that an earlier row of the same process compiled or tuned. leanmoe s0 ÷ it > 1: the "
+         "row is faster than leanmoe triton at save_percent 0. max rel err: the largest ‖out − ref‖ / ‖ref‖ over the "
+         "output and every gradient, against the fp32 reference.")
 
 
 def _md_table(rows: list[dict], columns) -> list[str]:
@@ -470,7 +483,8 @@ def _md_table(rows: list[dict], columns) -> list[str]:
 def markdown(rows: list[dict], env: dict) -> str:
     """The report: heading, environment, command, the full table, the leanmoe-vs-fastest-peer summary, units."""
     out = [f"## leanmoe and its peers ({env['date']})", ""]
-    out += [f"- {line}" for line in env_lines(env) if not line.startswith("command: ")]
+    # Each row names its save_percent (leanmoe-triton-s0/-s100); the environment's default would mislead.
+    out += [f"- {line.replace('save_percent 0, ', '')}" for line in env_lines(env) if not line.startswith("command: ")]
     out += ["", "Command:", "", "```bash", env["command"], "```", ""]
     out += _md_table(rows, COLUMNS)
     out += ["leanmoe triton (save_percent 0) against the fastest peer that passed its check:", ""]
@@ -495,6 +509,12 @@ def collect_env(device: torch.device, argv: list[str], dtype: torch.dtype) -> di
 
 
 # ----------------------------------------------------------------------------------------------------- main
+
+
+def save_json(path: str, rows: list[dict], env: dict) -> None:
+    """:func:`leanmoe.bench.report.write_json`, then a rename: a run killed mid-write keeps its previous file."""
+    write_json(path + ".tmp", rows, env)
+    os.replace(path + ".tmp", path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -532,7 +552,7 @@ def report(args: argparse.Namespace, rows: list[dict], env: dict) -> int:
     text = markdown(rows, env)
     print(text)
     if args.json:
-        write_json(args.json, rows, env)
+        save_json(args.json, rows, env)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text)
@@ -569,22 +589,29 @@ def main(argv: list[str] | None = None) -> int:
         env["dense_tflops"] = dense_matmul_tflops(device)
         torch.cuda.empty_cache()
 
-    rows: list[dict] = []
+    modes = list(dict.fromkeys(args.mode))
+    rows = [planned_row(preset, args.tokens or preset.train_tokens, args.routing, mode, impl, dtype, device,
+                        env["dense_tflops"]) for preset in presets for mode in modes for impl in impls]
+    done = 0
 
     def on_row(row: dict) -> None:
-        rows.append(row)
+        nonlocal done
+        rows[done] = row
+        done += 1
         result = (f"{row['ms']:.3f} ms, first call {row['first_call_s']:.1f} s" if row["ms"]
                   else f"{row['status']}: {row['reason']}" if row["reason"] else row["status"])
         print(f"  {row['label']} T={row['tokens']} {row['mode']} {row['impl']}: {result}", file=sys.stderr,
               flush=True)
         if args.json:
             add_ratios(rows)
-            write_json(args.json, rows, env)
+            save_json(args.json, rows, env)
 
+    if args.json:
+        save_json(args.json, rows, env)
     for preset in presets:
         case = make_case(preset, args.routing, args.tokens or preset.train_tokens, dtype=dtype, device=device,
                          seed=args.seed)
-        run_case(case, impls, args.mode, named=frozenset(args.impl or ()), dense_tflops=env["dense_tflops"],
+        run_case(case, impls, modes, named=frozenset(args.impl or ()), dense_tflops=env["dense_tflops"],
                  check_only=args.check_only, on_row=on_row)
         del case
         if device.type == "cuda":

@@ -205,6 +205,29 @@ def test_from_json_merges_runs_and_recomputes_the_ratios(cpu_run, tmp_path, caps
     assert "merged from 2 runs" in capsys.readouterr().out
 
 
+def test_a_run_stopped_early_lists_the_rows_it_did_not_reach(tmp_path, monkeypatch, fast_cpu_timer):
+    calls = []
+
+    def measure_then_stop(case, impl, mode, row, *, check_only=False):
+        if calls:
+            raise KeyboardInterrupt  # what a time limit looks like from inside: nothing after it runs
+        calls.append(impl.name)
+        row.update(status="ok", check_ok=True)
+
+    monkeypatch.setattr(peers, "measure", measure_then_stop)
+    json_path = tmp_path / "cut.json"
+    with pytest.raises(KeyboardInterrupt):
+        peers.main(["--small", "--device", "cpu", "--preset", "qwen3-30b-a3b", "olmoe-1b-7b", "--tokens", "4",
+                    "--impl", "torchtitan-style", "leanmoe-grouped_mm", "--mode", "fwdbwd", "fwd", "--json",
+                    str(json_path)])
+    rows = json.loads(json_path.read_text())["rows"]
+    assert [(r["preset"], r["mode"], r["impl"]) for r in rows] == [
+        (p, mode, impl) for p in ("qwen3-30b-a3b", "olmoe-1b-7b") for mode in ("fwdbwd", "fwd")
+        for impl in ("torchtitan-style", "leanmoe-grouped_mm")]
+    assert rows[0]["status"] == "ok"
+    assert all(r["status"] == "not run" and "not reached" in r["reason"] for r in rows[1:])
+
+
 def test_plot_is_written(cpu_run, tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "peers.png"
