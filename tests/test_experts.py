@@ -369,3 +369,45 @@ def test_grouped_mm_makes_no_large_fp32_temporary(monkeypatch, save_percent, mas
     assert fp32_numels, "the mode saw no fp32 tensor: it did not see the ops"
     largest = max(fp32_numels)
     assert largest[0] * 4 <= budget, f"an fp32 temporary of {largest[0]} elements ({largest[1]})"
+
+
+def _plain_grouped_mm_path(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj):
+    """The plain permute -> grouped GEMM -> SwiGLU -> grouped GEMM -> weighted combine path, differentiated by
+    autograd: the memory bar grouped_mm must meet."""
+    from leanmoe.experts.plan import plan_experts
+
+    T, K = topk_ids_TK.shape
+    plan = plan_experts(topk_ids_TK, gate_up_proj.shape[0])
+    gate_up_RN = torch._grouped_mm(x_TD[plan.sorted_tokens_R], gate_up_proj.transpose(-2, -1), offs=plan.offsets_E)
+    g_RI, u_RI = gate_up_RN.chunk(2, dim=-1)
+    out_RD = torch._grouped_mm(torch.nn.functional.silu(g_RI) * u_RI, down_proj.transpose(-2, -1),
+                               offs=plan.offsets_E)
+    out_TKD = out_RD[plan.inverse_R()].view(T, K, -1)
+    return torch.bmm(topk_weights_TK.unsqueeze(1).to(x_TD.dtype), out_TKD).squeeze(1)
+
+
+@pytest.mark.gpu
+def test_grouped_mm_activation_memory_no_higher_than_the_plain_path():
+    # Peak memory of one fwd+bwd above the inputs and parameters, bf16, save_percent 0: grouped_mm keeps nothing
+    # and recomputes, so its peak must not exceed the plain autograd path's (it was 5x higher before).
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("torch._grouped_mm needs compute capability >= 9.0")
+    p = make_problem(8192, 1024, 2048, 8, 2, dtype=torch.bfloat16, device="cuda", seed=0)
+    dy = torch.randn(8192, 1024, dtype=torch.bfloat16, device="cuda")
+
+    def peak(fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        y = fn()
+        grads = torch.autograd.grad(y, p.inputs(), dy)
+        torch.cuda.synchronize()
+        del y, grads
+        return torch.cuda.max_memory_allocated() - base
+
+    plain = peak(lambda: _plain_grouped_mm_path(*p.args()[:5]))
+    ours = peak(lambda: leanmoe.moe_experts(*p.args(), **p.kwargs(), backend="grouped_mm"))
+    assert ours <= plain, f"grouped_mm peak {ours / 2**20:.0f} MiB > plain path {plain / 2**20:.0f} MiB"
+    ref_y = _plain_grouped_mm_path(*p.args()[:5])
+    assert_close(leanmoe.moe_experts(*p.args(), **p.kwargs(), backend="grouped_mm"), ref_y,
+                 tol=TOLERANCES[torch.bfloat16], name="y")
