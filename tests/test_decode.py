@@ -97,10 +97,11 @@ def test_k_equals_e():
     _check(p)
 
 
-def test_k1_strided_x():
-    # K=1 and x a non-contiguous view (every other column of a wider tensor).
+def test_k1_strided_inputs():
+    # K=1, x a non-contiguous view (every other column of a wider tensor) and the weights a transposed view.
     p = make_problem(6, 32, 24, 4, 1, seed=3, requires_grad=False)
     p.x_TD = torch.randn(6, 64)[:, ::2]
+    p.topk_weights_TK = torch.rand(1, 6).t()
     _check(p)
 
 

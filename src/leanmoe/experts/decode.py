@@ -55,15 +55,12 @@ def triton_decode_fwd(
     """``y_TD`` in x's dtype (see :func:`leanmoe.moe_experts`); forward only."""
     from leanmoe.kernels.moe_decode import decode_down_combine, decode_gate_up
 
-    T = x_TD.shape[0]
-    K = topk_ids_TK.shape[1]
     E = gate_up_proj.shape[0]
     plan = plan_experts(topk_ids_TK, E, token_mask_T)
-    scale_R = topk_weights_TK.reshape(-1).index_select(0, plan.sorted_rows_R).float()
     h_RI = decode_gate_up(x_TD, plan.sorted_tokens_R, plan.sorted_experts_R, plan.offsets_E, gate_up_proj,
                           gate_up_bias, act_code=_activation_codes()[activation], gated=gated,
                           interleaved=gate_up_layout == "interleaved", alpha=alpha, limit=limit)
-    return decode_down_combine(h_RI, down_proj, down_bias, scale_R, plan.sorted_rows_R, plan.offsets_E, T, K,
+    return decode_down_combine(h_RI, down_proj, down_bias, topk_weights_TK, plan.sorted_rows_R, plan.offsets_E,
                                token_mask_T)
 
 

@@ -154,16 +154,17 @@ def gate_up_finish_kernel(
 @triton.jit(do_not_specialize=["R"])
 def decode_down_kernel(
     # pointers
-    h_ptr, w_ptr, bias_ptr, scale_ptr, out_rows_ptr, offsets_E_ptr, part_ptr,
+    h_ptr, w_ptr, bias_ptr, topk_weights_ptr, out_rows_ptr, offsets_E_ptr, part_ptr,
     # sizes
-    R, D, I, E, chunk, rows_key,
+    R, D, I, E, K, chunk, rows_key,
     # strides
-    stride_hr, stride_we, stride_wd, stride_wi, stride_be, stride_bd, stride_ps, stride_pr,
+    stride_hr, stride_we, stride_wd, stride_wi, stride_be, stride_bd, stride_tt, stride_tk, stride_ps, stride_pr,
     # meta-parameters
     HAS_BIAS: tl.constexpr, E_P2: tl.constexpr, DOT_PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    """``part[s, out_rows[r]] = w_r * (h[r, chunk s] @ W_down[e, :, chunk s].T + (bias[e] if s == 0))``, fp32."""
+    """``part[s, out_rows[r]] = w_r * (h[r, chunk s] @ W_down[e, :, chunk s].T + (bias[e] if s == 0))``, fp32,
+    with ``w_r`` read from ``topk_weights[t, k]`` for the routed row ``out_rows[r] = t*K + k``."""
     num_n = tl.cdiv(D, BN)
     pid = tl.program_id(0)
     pid_m, pid_n, pid_s = pid // num_n, pid % num_n, tl.program_id(1)
@@ -192,8 +193,11 @@ def decode_down_kernel(
         if pid_s == 0:
             bias = tl.load(bias_ptr + e64 * stride_be + cols * stride_bd, mask=col_mask, other=0.0)
             acc += bias.to(tl.float32)[None, :]
-    acc *= tl.load(scale_ptr + rows, mask=row_mask, other=0.0)[:, None]
     out_rows = tl.load(out_rows_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    # The routing weight gathered here: no sorted copy of the weights is made for the decode path.
+    w_r = tl.load(topk_weights_ptr + (out_rows // K) * stride_tt + (out_rows % K) * stride_tk, mask=row_mask,
+                  other=0.0)
+    acc *= w_r.to(tl.float32)[:, None]
     tl.store(part_ptr + pid_s.to(tl.int64) * stride_ps + out_rows[:, None] * stride_pr + cols[None, :], acc,
              mask=row_mask[:, None] & col_mask[None, :])
 
@@ -321,12 +325,13 @@ def decode_gate_up(x_TD: torch.Tensor, sorted_tokens_R: torch.Tensor, sorted_exp
 
 
 def decode_down_combine(h_RI: torch.Tensor, down_proj: torch.Tensor, down_bias: torch.Tensor | None,
-                        scale_R: torch.Tensor, sorted_rows_R: torch.Tensor, offsets_E: torch.Tensor, T: int, K: int,
+                        topk_weights_TK: torch.Tensor, sorted_rows_R: torch.Tensor, offsets_E: torch.Tensor,
                         token_mask_T: torch.Tensor | None = None, *, split: int | None = None) -> torch.Tensor:
     """``y_TD[t] = sum_k w_tk * (down_proj[e] h + b)`` over the token's kept rows; masked tokens' rows are 0.
 
-    ``scale_R`` fp32 routing weights in sorted order; ``token_mask_T`` bool (True = keep) or None.
+    ``topk_weights_TK`` any float dtype and strides; ``token_mask_T`` bool (True = keep) or None.
     """
+    T, K = topk_weights_TK.shape
     E, D, I = down_proj.shape
     R = h_RI.shape[0]
     y_TD = torch.empty(T, D, device=h_RI.device, dtype=h_RI.dtype)
@@ -338,8 +343,9 @@ def decode_down_combine(h_RI: torch.Tensor, down_proj: torch.Tensor, down_bias: 
     chunk = _chunk(I, split, quantum)
     part = torch.empty(split, R, D, device=h_RI.device, dtype=torch.float32)
     bias = down_bias if down_bias is not None else down_proj
-    args = (h_RI, down_proj, bias, scale_R, sorted_rows_R, offsets_E, part, R, D, I, E, chunk, rows_bucket(R),
-            h_RI.stride(0), *down_proj.stride(), bias.stride(0), bias.stride(1), part.stride(0), part.stride(1))
+    args = (h_RI, down_proj, bias, topk_weights_TK, sorted_rows_R, offsets_E, part, R, D, I, E, K, chunk,
+            rows_bucket(R), h_RI.stride(0), *down_proj.stride(), bias.stride(0), bias.stride(1),
+            topk_weights_TK.stride(0), topk_weights_TK.stride(1), part.stride(0), part.stride(1))
     _launch(decode_down_kernel, _decode_down_tuned, R, E, D, split, args,
             dict(HAS_BIAS=down_bias is not None, E_P2=e_p2(E), DOT_PREC=dot_precision(h_RI.dtype)))
     BT, BC = (16, 64) if interpreting() else (16, 256)
