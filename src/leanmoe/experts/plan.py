@@ -54,6 +54,8 @@ class ExpertPlan:
 
 
 def check_token_mask(token_mask_T: torch.Tensor, topk_ids_TK: torch.Tensor) -> None:
+    """Raises ``TypeError`` (not a tensor, not bool) or ``ValueError`` (shape other than ``[T]``, device other than
+    the ids') for a token mask; reads no data, so it costs no sync and traces under torch.compile."""
     if not isinstance(token_mask_T, torch.Tensor):
         raise TypeError(f"token_mask: expected a bool tensor of shape [T] or None, got {type(token_mask_T).__name__}")
     if token_mask_T.dtype != torch.bool:
