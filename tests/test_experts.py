@@ -37,6 +37,25 @@ def run(problem, backend, save_percent=0, dy=None):
     return y, dict(zip(names, grads, strict=True)), dy
 
 
+def routing_weight_grad_scale(problem, dy_TD):
+    """``max_tk sum_d |dy_td * out_tkd|``, with ``out_tk`` the unweighted output of token t's k-th expert.
+
+    A routing-weight gradient is one D-long dot product ``<dy_t, out_tk>``: its rounding error scales with the sum
+    of the terms' magnitudes, not with the result, which can cancel to near 0 (with T*K = 1, ``max|ref|`` is that
+    one cancelled value and a correct backend fails a relative check by chance)."""
+    T, K = problem.topk_ids_TK.shape
+    if T == 0:
+        return 0.0
+    ones_T1 = torch.ones(T, 1, dtype=problem.x_TD.dtype)
+    scale = 0.0
+    for k in range(K):
+        out_TD = reference_moe_experts(problem.x_TD.detach(), problem.topk_ids_TK[:, k:k + 1], ones_T1,
+                                       *(t.detach() if t is not None else None for t in problem.args()[3:]),
+                                       activation=problem.activation, gate_up_layout=problem.gate_up_layout)
+        scale = max(scale, (dy_TD.double().abs() * out_TD.double().abs()).sum(-1).max().item())
+    return scale
+
+
 def check_against_reference(problem, backend, dtype, save_percent=0):
     ref_y, ref_grads, dy = run(problem, "reference")
     out_y, out_grads, _ = run(problem, backend, save_percent, dy)
@@ -44,6 +63,12 @@ def check_against_reference(problem, backend, dtype, save_percent=0):
     assert_close(out_y, ref_y, tol=tol, name=f"{backend} y")
     for name, ref_g in ref_grads.items():
         assert ref_g is not None, name
+        if name == "w" and ref_g.numel() < 16:
+            # Few routing weights: max|ref| may be one cancelled dot product; compare on the terms' scale.
+            err = (out_grads[name].double() - ref_g.double()).abs().max().item() if ref_g.numel() else 0.0
+            assert not out_grads[name].isnan().any(), f"{backend} dw has NaN"
+            assert err <= tol * routing_weight_grad_scale(problem, dy), f"{backend} dw: max abs err {err:.3e}"
+            continue
         assert_close(out_grads[name], ref_g, tol=tol, name=f"{backend} d{name}")
 
 
