@@ -172,6 +172,18 @@ def test_frozen_base_computes_no_base_weight_gradient():
     assert {(E, 8, D), (E, 2 * I, 8), (E, 8, I), (E, D, 8)} <= set(mode.shapes)  # the four LoRA gradients
 
 
+def test_grouped_mm_keeps_no_hidden_rows_for_backward():
+    # The fast path recomputes gate_up [R, N] and h [R, I] in backward; it keeps the [R, P] low-rank rows only.
+    T, K, D, I = 20, 2, 32, 16
+    p = make_problem(T, D, I, 4, K, seed=8)
+    lora = make_lora(p, rank=8)
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        leanmoe.moe_experts(*p.args(), **p.kwargs(), backend="grouped_mm", lora=lora)
+    assert (T * K, 8) in shapes
+    assert not {(T * K, 2 * I), (T * K, I), (T * K, D)} & set(shapes), shapes
+
+
 @pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS])
 def test_no_grad_keeps_nothing(backend):
     p = make_problem(10, 16, 8, 4, 2, seed=9)
@@ -358,9 +370,11 @@ def test_merge_unmerge_round_trip(targets):
 
 @pytest.mark.slow
 @pytest.mark.no_poison
-@pytest.mark.parametrize("backend,dtype", [("grouped_mm", torch.bfloat16), ("reference", torch.float32)])
+@pytest.mark.parametrize("backend,dtype", [("grouped_mm", torch.bfloat16), ("reference", torch.float32),
+                                           ("auto", torch.float32)])
 def test_lora_compiles_fullgraph(backend, dtype):
-    # torch._grouped_mm traces in bfloat16 only; the reference loop needs dynamic output shapes captured.
+    # torch._grouped_mm traces in bfloat16 only (auto takes the reference loop in float32); the reference loop
+    # needs dynamic output shapes captured.
     torch._dynamo.reset()
     p = make_problem(24, 16, 8, 5, 2, bias=True, dtype=dtype, seed=14)
     lora = make_lora(p, rank=4)
@@ -371,7 +385,7 @@ def test_lora_compiles_fullgraph(backend, dtype):
         return leanmoe.moe_experts(x, ids, w, gu, down, gub, db, **p.kwargs(), backend=backend, check_ids=False,
                                    lora=lora)
 
-    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=(backend == "reference")):
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=(dtype == torch.float32)):
         y = torch.compile(f, fullgraph=True)(*p.args())
         grads = torch.autograd.grad(y, p.inputs() + list(lora.parameters()), dy)
     assert_close(y, eager_y, tol=TOLERANCES[dtype], name="y")

@@ -14,10 +14,13 @@ The fast path (``grouped_mm``), on the grouped_mm backend's routing plan:
 3. the same for the down projection;
 4. combine: rows back to ``[T, K, D]`` order by a gather, ``y_T = w_T1K @ out_TKD`` (a batched GEMM: deterministic,
    no atomics).
-Autograd differentiates it (``torch._grouped_mm`` is differentiable): an input that does not require grad gets no
-gradient computed, so with frozen base weights no base-weight GEMM runs in backward, and under ``no_grad`` nothing
-is kept. The rank is zero-padded to a multiple of 8 inside the call, because ``torch._grouped_mm`` needs 16-byte
-aligned rows; the padding contributes exact zeros and its gradient is dropped.
+Saved for backward: the caller's tensors, the plan and the two low-rank row blocks ``s x A_gu^T`` and ``s h A_d^T``
+(``[R, P]`` each); backward recomputes ``gate_up_RN`` and ``h_RI`` (like the grouped_mm backend at
+``save_percent=0``) and computes no gradient for an input that does not require grad, so with frozen base weights no
+base-weight GEMM runs. Under ``no_grad`` nothing is kept. With LoRA dropout in training, autograd differentiates the
+same steps instead (it keeps the dropout masks and the intermediate rows). The rank is zero-padded to a multiple of
+8 inside the call, because ``torch._grouped_mm`` needs 16-byte aligned rows; the padding contributes exact zeros and
+its gradient is dropped.
 
 Rows of masked tokens (contract: past ``offsets_E[-1]``) are never written by a grouped GEMM, so every stage's
 output and the gathered ``x_RD`` go through ``where(valid_R, ., 0)``: masked rows are exactly zero forward, and their
@@ -29,8 +32,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from leanmoe.activations import Activation, apply_activation
-from leanmoe.experts.plan import plan_experts
+from leanmoe.activations import Activation, activation_backward, apply_activation
+from leanmoe.experts.plan import ExpertPlan, plan_experts
 from leanmoe.experts.registry import ExpertsCall, get_backend, select_backend
 from leanmoe.lora.module import ExpertLoRA
 
@@ -61,13 +64,24 @@ def select_lora_backend(name: str, call: ExpertsCall) -> str:
     """The LoRA-capable backend that ``name`` resolves to for ``call``. A named backend that takes no adapters, or
     cannot run the call, raises ``ValueError`` with the reason: there is no silent fallback."""
     if name == "auto":
-        return next(n for n in LORA_BACKENDS if get_backend(n).auto_unsupported_reason(call) is None)
+        return next(n for n in LORA_BACKENDS
+                    if get_backend(n).auto_unsupported_reason(call) is None and _compile_reason(n, call) is None)
     get_backend(name)  # an unknown name raises, listing the registered ones
     if name not in LORA_BACKENDS:
         raise ValueError(f"backend {name!r} cannot run a call with lora: it takes no LoRA adapters yet; backends "
                          f"that do: {list(LORA_BACKENDS)} (or 'auto'); see docs/LORA.md")
     select_backend(name, call)  # raises with the reason when the backend cannot run the call
+    reason = _compile_reason(name, call)
+    if reason is not None:
+        raise ValueError(f"backend {name!r} cannot run this call with lora: {reason}")
     return name
+
+
+def _compile_reason(name: str, call: ExpertsCall) -> str | None:
+    # The LoRA path calls torch._grouped_mm itself, and its fake (tracing) kernel accepts bfloat16 only.
+    if name == "grouped_mm" and call.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return f"under torch.compile the LoRA path's torch._grouped_mm needs bfloat16, got {call.dtype}"
+    return None
 
 
 def lora_moe_experts(call: ExpertsCall, backend: str, x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj,
@@ -161,6 +175,133 @@ def _expert_linear(a_RX, weight_EYX, bias_EY, factors, plan, valid_R1, lora: Exp
     return y_RY
 
 
+def _segment_sum(rows_RX: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """Per-expert sums of consecutive sorted rows, ``[E, X]``: a grouped GEMM against ones (deterministic, no host
+    sync, fp32 accumulation; 8 wide for 16-byte rows), as the grouped_mm backend sums its bias gradients."""
+    ones_R8 = torch.ones(rows_RX.shape[0], 8, dtype=rows_RX.dtype, device=rows_RX.device)
+    return torch._grouped_mm(ones_R8.t(), rows_RX, offs=offsets_E)[:, 0]
+
+
+def _stage_fwd(a_RX, weight_EYX, bias_EY, A_EPX, B_EYP, scale, plan, valid_R1):
+    """``(y_RY, low_RP)``: ``y = a W^T + low B^T + b`` with ``low = s a A^T`` (None without the target)."""
+    offs = plan.offsets_E
+    y_RY = torch._grouped_mm(a_RX, weight_EYX.transpose(-2, -1), offs=offs)
+    low_RP = None
+    if A_EPX is not None:
+        low_RP = torch._grouped_mm(a_RX, A_EPX.transpose(-2, -1), offs=offs) * scale
+        y_RY = y_RY + torch._grouped_mm(low_RP, B_EYP.transpose(-2, -1), offs=offs)
+    if bias_EY is not None:
+        y_RY = y_RY + bias_EY.index_select(0, plan.sorted_experts_R)
+    if valid_R1 is not None:
+        y_RY = torch.where(valid_R1, y_RY, 0)
+    return y_RY, low_RP
+
+
+def _gathered_x(x_TD, plan, valid_R1):
+    x_RD = x_TD.index_select(0, plan.sorted_tokens_R)
+    # A masked token's x may hold NaN/inf: its rows take part in nothing.
+    return x_RD if valid_R1 is None else torch.where(valid_R1, x_RD, 0)
+
+
+class _LoRAGroupedMM(torch.autograd.Function):
+    """The LoRA fast path with a hand-written backward that keeps only the caller's tensors, the plan and the two
+    ``[R, P]`` low-rank row blocks: ``gate_up_RN`` and ``h_RI`` are recomputed in backward (as the grouped_mm
+    backend does at ``save_percent=0``), and gradients of inputs that do not require grad are never computed."""
+
+    @staticmethod
+    def forward(ctx, x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias,
+                gu_A, gu_B, d_A, d_B, token_mask, activation, gate_up_layout, scale):
+        T, K = topk_ids_TK.shape
+        D = x_TD.shape[1]
+        plan = plan_experts(topk_ids_TK, gate_up_proj.shape[0], token_mask)
+        valid_R1 = None if token_mask is None else plan.valid_R()[:, None]
+        x_RD = _gathered_x(x_TD, plan, valid_R1)
+        gate_up_RN, xlow_RP = _stage_fwd(x_RD, gate_up_proj, gate_up_bias, gu_A, gu_B, scale, plan, valid_R1)
+        del x_RD
+        h_RI = apply_activation(gate_up_RN, activation, gate_up_layout)
+        del gate_up_RN
+        out_RD, hlow_RP = _stage_fwd(h_RI, down_proj, down_bias, d_A, d_B, scale, plan, valid_R1)
+        del h_RI
+        out_TKD = out_RD.index_select(0, plan.inverse_R()).view(T, K, D)
+        y_TD = torch.bmm(topk_weights_TK.to(x_TD.dtype).unsqueeze(1), out_TKD).squeeze(1)
+        ctx.activation, ctx.gate_up_layout, ctx.scale = activation, gate_up_layout, scale
+        ctx.save_for_backward(x_TD, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias, gu_A, gu_B,
+                              d_A, d_B, token_mask, xlow_RP, hlow_RP, plan.sorted_rows_R, plan.sorted_tokens_R,
+                              plan.sorted_experts_R, plan.counts_E, plan.offsets_E)
+        return y_TD
+
+    @staticmethod
+    def backward(ctx, dy_TD):
+        (x_TD, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias, gu_A, gu_B, d_A, d_B, token_mask,
+         xlow_RP, hlow_RP, *plan_tensors) = ctx.saved_tensors
+        plan = ExpertPlan(*plan_tensors)
+        needs = ctx.needs_input_grad
+        s, offs = ctx.scale, plan.offsets_E
+        T, K = topk_weights_TK.shape
+        D = x_TD.shape[1]
+        valid_R1 = None if token_mask is None else plan.valid_R()[:, None]
+
+        x_RD = _gathered_x(x_TD, plan, valid_R1)
+        gate_up_RN, _ = _stage_fwd(x_RD, gate_up_proj, gate_up_bias, None, None, s, plan, None)
+        if gu_A is not None:
+            gate_up_RN = gate_up_RN + torch._grouped_mm(xlow_RP, gu_B.transpose(-2, -1), offs=offs)
+        h_RI = apply_activation(gate_up_RN, ctx.activation, ctx.gate_up_layout)
+
+        dy_RD = dy_TD.contiguous().index_select(0, plan.sorted_tokens_R)
+        if valid_R1 is not None:
+            dy_RD = torch.where(valid_R1, dy_RD, 0)
+        weights_R1 = topk_weights_TK.reshape(-1).index_select(0, plan.sorted_rows_R)[:, None].to(dy_RD.dtype)
+        # <dy, W_d h + B_d hlow + b2> = <W_d^T dy, h> + <B_d^T dy, hlow> + <dy, b2>: the routing-weight gradient.
+        dh_unweighted_RI = torch._grouped_mm(dy_RD, down_proj, offs=offs)
+        dweights_R = (dh_unweighted_RI.float() * h_RI.float()).sum(-1)
+        dhlow_RP = None
+        if d_A is not None:
+            dhlow_RP = torch._grouped_mm(dy_RD, d_B, offs=offs)
+            dweights_R = dweights_R + (dhlow_RP.float() * hlow_RP.float()).sum(-1)
+        if down_bias is not None:
+            dweights_R = dweights_R + (dy_RD.float() * down_bias.index_select(0, plan.sorted_experts_R).float()).sum(-1)
+        dy_RD = dy_RD * weights_R1
+        ddown_proj = torch._grouped_mm(dy_RD.t(), h_RI, offs=offs) if needs[4] else None
+        ddown_bias = _segment_sum(dy_RD, offs) if needs[6] else None
+        dh_RI = dh_unweighted_RI * weights_R1
+        del dh_unweighted_RI
+        dd_A = dd_B = None
+        if d_A is not None:
+            dd_B = torch._grouped_mm(dy_RD.t(), hlow_RP, offs=offs) if needs[10] else None
+            dhlow_RP = dhlow_RP * (weights_R1 * s)  # the gradient of h A_d^T (the scale folded in)
+            dd_A = torch._grouped_mm(dhlow_RP.t(), h_RI, offs=offs) if needs[9] else None
+            dh_RI = dh_RI + torch._grouped_mm(dhlow_RP, d_A, offs=offs)
+        del dy_RD, h_RI
+
+        dgate_up_RN = activation_backward(gate_up_RN, dh_RI, ctx.activation, ctx.gate_up_layout)
+        del gate_up_RN, dh_RI
+        dgate_up_proj = torch._grouped_mm(dgate_up_RN.t(), x_RD, offs=offs) if needs[3] else None
+        dgate_up_bias = _segment_sum(dgate_up_RN, offs) if needs[5] else None
+        dgu_A = dgu_B = None
+        dx_RD = torch._grouped_mm(dgate_up_RN, gate_up_proj, offs=offs) if needs[0] else None
+        if gu_A is not None:
+            dgu_B = torch._grouped_mm(dgate_up_RN.t(), xlow_RP, offs=offs) if needs[8] else None
+            dxlow_RP = torch._grouped_mm(dgate_up_RN, gu_B, offs=offs) * s  # the gradient of x A_gu^T
+            dgu_A = torch._grouped_mm(dxlow_RP.t(), x_RD, offs=offs) if needs[7] else None
+            if dx_RD is not None:
+                dx_RD = dx_RD + torch._grouped_mm(dxlow_RP, gu_A, offs=offs)
+        del x_RD, dgate_up_RN
+
+        dx_TD = None
+        if dx_RD is not None:
+            if valid_R1 is not None:
+                dx_RD = torch.where(valid_R1, dx_RD, 0)  # rows past the last offset are never written
+            dx_TD = dx_RD.index_select(0, plan.inverse_R()).view(T, K, D).sum(1)
+        if valid_R1 is not None:
+            dweights_R = torch.where(valid_R1[:, 0], dweights_R, 0)
+        dweights_TK = torch.empty_like(dweights_R).scatter_(0, plan.sorted_rows_R, dweights_R).view(T, K)
+        # Experts with no rows get exact zeros (the grouped GEMM need not write their output).
+        empty_E = plan.counts_E == 0
+        grads = [dgate_up_proj, ddown_proj, dgate_up_bias, ddown_bias, dgu_A, dgu_B, dd_A, dd_B]
+        grads = [None if g is None else g.masked_fill(empty_E.view(-1, *[1] * (g.dim() - 1)), 0) for g in grads]
+        return (dx_TD, None, dweights_TK.to(topk_weights_TK.dtype), *grads[:4], *grads[4:], None, None, None, None)
+
+
 def grouped_mm_lora_experts(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias,
                             *, activation: Activation, gate_up_layout: str, lora: ExpertLoRA,
                             token_mask=None) -> torch.Tensor:
@@ -172,11 +313,16 @@ def grouped_mm_lora_experts(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, do
         tensors = [gate_up_proj, down_proj, topk_weights_TK, gate_up_bias, down_bias, *lora.parameters()]
         zero = sum(t.sum() * 0 for t in tensors if t is not None)
         return x_TD * zero.to(x_TD.dtype)
+    if not (lora.training and lora.dropout > 0):
+        (gu_A, gu_B), (d_A, d_B) = (_padded_factors(f, x_TD.dtype) if f is not None else (None, None)
+                                    for f in (lora.factors("gate_up"), lora.factors("down")))
+        return _LoRAGroupedMM.apply(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias,
+                                    down_bias, gu_A, gu_B, d_A, d_B, token_mask, activation, gate_up_layout,
+                                    lora.scale)
+    # With dropout, autograd differentiates the same steps (the dropout masks are its saved state).
     plan = plan_experts(topk_ids_TK, gate_up_proj.shape[0], token_mask)
     valid_R1 = None if token_mask is None else plan.valid_R()[:, None]
-    x_RD = x_TD.index_select(0, plan.sorted_tokens_R)
-    if valid_R1 is not None:
-        x_RD = torch.where(valid_R1, x_RD, 0)  # a masked token's x may hold NaN/inf; its rows take part in nothing
+    x_RD = _gathered_x(x_TD, plan, valid_R1)
     gate_up_RN = _expert_linear(x_RD, gate_up_proj, gate_up_bias, lora.factors("gate_up"), plan, valid_R1, lora)
     h_RI = apply_activation(gate_up_RN, activation, gate_up_layout)
     out_RD = _expert_linear(h_RI, down_proj, down_bias, lora.factors("down"), plan, valid_R1, lora)
