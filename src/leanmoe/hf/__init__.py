@@ -106,7 +106,9 @@ def patch(model: nn.Module, backend: str = "auto", *, save_percent: float = 0) -
         model: a transformers model (any head), or any module containing transformers MoE blocks (an
             ``nn.Module``; anything else raises ``TypeError``).
         backend: ``"auto"`` (the fastest backend that supports each call) or a name from
-            :func:`leanmoe.available_backends`; a named backend that cannot run a call raises when called.
+            :func:`leanmoe.available_backends`. One that can run the experts on their device in no dtype (``"triton"``
+            on a CPU model without the Triton interpreter) raises here; one that cannot run a particular call (a
+            dtype, an alignment) raises when called.
         save_percent: passed to :func:`leanmoe.moe_experts` (memory kept for backward, in ``[0, 100]``).
 
     Patching a patched model again with the same options is a no-op (it returns the model unchanged); with other
@@ -147,6 +149,12 @@ def patch(model: nn.Module, backend: str = "auto", *, save_percent: float = 0) -
         raise ValueError(f"leanmoe.hf does not support model type {model_type!r}: it has no MoE experts module in "
                          f"transformers' standard layout (@use_experts_implementation) nor a block of a known family "
                          f"(supported model types: {', '.join(supported_models())})")
+    for module, methods in plan:
+        if "expert_weights" in methods:
+            try:
+                adapter.check_backend_runs_here(methods["expert_weights"](module), backend, save_percent)
+            except ValueError as e:
+                raise ValueError(f"leanmoe.hf cannot patch model type {model_type!r}: {e}") from None
     # Checked before anything changes: a refused patch leaves the model as it was.
     for name, module in model.named_modules():
         record = adapter.patch_record(module)

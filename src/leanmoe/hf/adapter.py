@@ -32,7 +32,7 @@ import torch.nn as nn
 from leanmoe.activations import Activation
 from leanmoe.experts.functional import moe_experts
 from leanmoe.experts.module import ExpertWeights
-from leanmoe.experts.registry import available_backends
+from leanmoe.experts.registry import ExpertsCall, available_backends, check_backend_for_module
 
 #: Instance attribute holding a patched module's :class:`PatchRecord`.
 PATCH_ATTR = "_leanmoe_patch"
@@ -182,6 +182,18 @@ def run_experts(weights: ExpertWeights, x_TD: torch.Tensor, topk_ids_TK: torch.T
 def check_backend(backend: str) -> None:
     if backend != "auto" and backend not in available_backends():
         raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {available_backends()}")
+
+
+def check_backend_runs_here(weights: ExpertWeights, backend: str, save_percent: float) -> None:
+    """Raises ``ValueError`` at patch time when ``backend`` can run these experts on their device in no float dtype
+    (``"triton"`` on a CPU model without the Triton interpreter, say), as :class:`leanmoe.GroupedExperts` does at
+    construction."""
+    E, N, D = weights.gate_up_proj.shape
+    call = ExpertsCall(device=weights.gate_up_proj.device, dtype=weights.gate_up_proj.dtype, num_tokens=1, dim=D,
+                       hidden_dim=weights.down_proj.shape[2], num_experts=E, top_k=1, activation=weights.activation,
+                       gate_up_layout=weights.gate_up_layout, has_gate_up_bias=weights.gate_up_bias is not None,
+                       has_down_bias=weights.down_bias is not None, save_percent=save_percent, requires_grad=True)
+    check_backend_for_module(backend, call)
 
 
 # --- model families --------------------------------------------------------------------------------------------
