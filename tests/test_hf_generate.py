@@ -71,18 +71,26 @@ def test_greedy_tokens_on_the_decode_backend(model_type):
 @pytest.mark.parametrize("model_type", FAMILIES)
 @pytest.mark.parametrize("backend", ["auto", "triton_decode", "triton"])
 def test_gpu_generate_compiled_reduce_overhead(model_type, backend, tmp_path, monkeypatch):
+    # On CUDA with a static cache, generate() compiles the decode step itself (transformers' CompileConfig,
+    # mode="reduce-overhead": CUDA graphs) unless disable_compile is set; here fullgraph=True on top.
+    from transformers import CompileConfig
+
     from leanmoe.experts import autoselect
 
     monkeypatch.setenv(autoselect.ENV_CACHE_DIR, str(tmp_path))
     model = _model(model_type, device="cuda")
     ids = _prompts(batch=4, device="cuda")
-    ref = _generate(model, ids, 12)
+
+    def generate(**kw):
+        with torch.no_grad():
+            return model.generate(ids, max_new_tokens=12, **GENERATE, **kw)
+
+    ref = generate(disable_compile=True)
     leanmoe.hf.patch(model, backend=backend)
-    eager = _generate(model, ids, 12)
-    assert torch.equal(eager, ref), f"{model_type} on {backend}, eager: greedy tokens differ"
-    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
-    for _ in range(2):  # the first generate records the graphs, the second replays them
-        out = _generate(model, ids, 12)
+    assert torch.equal(generate(disable_compile=True), ref), f"{model_type} on {backend}, eager: tokens differ"
+    compiled = dict(compile_config=CompileConfig(fullgraph=True, mode="reduce-overhead"))
+    for _ in range(2):  # the first generate compiles and records the graphs, the second replays them
+        out = generate(**compiled)
         assert torch.equal(out, ref), f"{model_type} on {backend}, reduce-overhead: greedy tokens differ"
 
 
