@@ -151,6 +151,19 @@ def test_unpatch_of_an_unpatched_model_is_a_no_op():
     assert torch.equal(logits(model), ref)
 
 
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "llama4_text"])
+def test_patch_refuses_a_backend_that_cannot_run_on_the_model_device(model_type, monkeypatch):
+    """triton on a CPU model without the Triton interpreter: refused by patch, not at the first forward."""
+    model = tiny(model_type)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=rf"cannot patch model type '{model_type}': backend 'triton' cannot run on "
+                                         r"this module's device \(cpu\): on CPU tensors it runs only in the Triton"):
+        leanmoe.hf.patch(model, backend="triton")
+    assert not leanmoe.hf.is_patched(model)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert leanmoe.hf.is_patched(leanmoe.hf.patch(model, backend="triton"))
+
+
 @pytest.mark.parametrize("fn", ["patch", "unpatch", "is_patched", "experts_modules"])
 @pytest.mark.parametrize("value", [None, "model", 3], ids=["None", "str", "int"])
 def test_entry_points_refuse_what_is_not_a_module(fn, value):
