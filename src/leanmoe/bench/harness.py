@@ -6,7 +6,7 @@ R routed rows (T*K), r routed rows of one expert chunk.
 For each case (preset, routing, T):
 1. build the problem on the device (:func:`make_case`): x, the seeded routing, weights, biases, a fixed random dy
    and, with a mask fraction, a fixed random token mask (masked tokens take no routed rows: FLOPs and bytes count
-   the kept tokens only, and the reference check applies the same mask);
+   the kept tokens only, and the reference check applies the same mask; their x rows are NaN, so a leak fails);
 2. for each backend and mode, ask the registry whether the backend can run the call; if not the row says
    ``unsupported`` with the registry's reason (on the CPU, a backend that only runs in the Triton interpreter, or
    that ``auto`` would pass over, is ``skipped`` unless named);
@@ -148,7 +148,7 @@ def make_token_mask(num_tokens: int, mask_fraction: float, *, seed: int = 0, dev
 def make_case(preset: Preset, routing: str, num_tokens: int, *, dtype: torch.dtype, device: torch.device,
               seed: int = 0, mask_fraction: float = 0.0) -> Case:
     """Random inputs at unit scale (weights ~ N(0, 1/fan_in), biases ~ N(0, 0.01)), reproducible from ``seed``;
-    ``mask_fraction`` of the tokens masked (:func:`make_token_mask`)."""
+    ``mask_fraction`` of the tokens masked (:func:`make_token_mask`), their x rows NaN."""
     T, D, E, K = num_tokens, preset.dim, preset.num_experts, preset.top_k
     hidden = preset.hidden_dim
     N = 2 * hidden if preset.gated else hidden
@@ -161,10 +161,16 @@ def make_case(preset: Preset, routing: str, num_tokens: int, *, dtype: torch.dty
         return t.requires_grad_(leaf)
 
     topk_ids_TK, topk_weights_TK = make_routing(T, E, K, routing, seed=seed, device=device, dtype=dtype)
+    x_TD = randn(T, D, leaf=False)
+    token_mask_T = make_token_mask(T, mask_fraction, seed=seed, device=device)
+    if token_mask_T is not None:
+        # Padding often holds garbage: a masked row must not reach any output or gradient, so a backend that
+        # computes it and zeroes it afterwards gives NaN and fails the check.
+        x_TD[~token_mask_T] = float("nan")
     return Case(
         preset=preset,
         routing=routing,
-        x_TD=randn(T, D),
+        x_TD=x_TD.requires_grad_(),
         topk_ids_TK=topk_ids_TK,
         topk_weights_TK=topk_weights_TK.requires_grad_(),
         gate_up_proj=randn(E, N, D, scale=D ** -0.5),
@@ -172,7 +178,7 @@ def make_case(preset: Preset, routing: str, num_tokens: int, *, dtype: torch.dty
         gate_up_bias=randn(E, N, scale=0.1) if preset.bias else None,
         down_bias=randn(E, D, scale=0.1) if preset.bias else None,
         dy_TD=randn(T, D, leaf=False),
-        token_mask_T=make_token_mask(T, mask_fraction, seed=seed, device=device),
+        token_mask_T=token_mask_T,
     )
 
 
