@@ -41,7 +41,9 @@ def _finite_real(field: str, value: object) -> float:
         raise ValueError(f"Activation.{field} must be a finite real number, got {value!r} "
                          f"({type(value).__name__})")
     value = float(value)
-    if not math.isfinite(value):
+    # Not math.isfinite: torch 2.11's dynamo cannot trace it, and activations are built inside compiled forwards
+    # (Hugging Face adapters read them per call). NaN fails the comparison too.
+    if not abs(value) < math.inf:
         raise ValueError(f"Activation.{field} must be a finite real number, got {value!r}")
     return value
 
@@ -87,12 +89,18 @@ class Activation:
         return self.name in GATED_ACTIVATIONS
 
 
+#: One instance per name with default parameters: resolving a name builds nothing (and validates nothing again)
+#: on the hot path, also under torch.compile.
+_DEFAULT_ACTIVATIONS: dict[str, Activation] = {name: Activation(name=name) for name in ACTIVATIONS}
+
+
 def resolve_activation(activation: str | Activation) -> Activation:
     """Turns a name or an :class:`Activation` into an :class:`Activation`, with a clear error otherwise."""
     if isinstance(activation, Activation):
         return activation
     if isinstance(activation, str):
-        return Activation(name=activation)  # type: ignore[arg-type]
+        default = _DEFAULT_ACTIVATIONS.get(activation)
+        return default if default is not None else Activation(name=activation)  # type: ignore[arg-type]
     raise TypeError(f"activation must be a str or leanmoe.Activation, got {type(activation).__name__}")
 
 

@@ -223,6 +223,10 @@ class MeasuringBackend(ExpertsBackend):
         return get_backend(measurement.backend)(*args, **kwargs)
 
     def measure(self, args, kwargs) -> Measurement:
+        # Detached leaves with the same data: the candidates' backward passes stop at them and never touch the
+        # caller's autograd graph (whose saved tensors a backward through it would free).
+        args = tuple(t.detach().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                     else t for t in args)
         inputs = [t for t in (args[0], *args[2:]) if t is not None and t.requires_grad]
         times = {}
         for backend in self.cands:

@@ -61,7 +61,11 @@ def is_dtensor(t: torch.Tensor) -> bool:
 
 def _act_fn_name(act_fn: nn.Module) -> str | None:
     """The leanmoe name of an element-wise HF activation module, or None when leanmoe has no exact match."""
-    from transformers import activations as hf_act
+    # Read per forward, also inside torch.compile, which cannot trace an import of transformers' lazy modules; a
+    # model that holds an HF activation module has imported the module already.
+    hf_act = sys.modules.get("transformers.activations")
+    if hf_act is None:
+        from transformers import activations as hf_act
 
     if isinstance(act_fn, (hf_act.SiLUActivation, nn.SiLU)):
         return "silu"
