@@ -415,12 +415,13 @@ def run_hf_decode_bench(model_type: str, *, device, dtype, batch: int, layers: i
             t_n = _generate_ms(model, prompts, new_tokens, device, compiled=compiled)
             ms = max(t_n - t_1, 0.0) / (new_tokens - 1)
             tokens_per_s = batch * 1e3 / ms if ms > 0 else None
-            note = f"{tokens_per_s:.0f} tokens/s" if tokens_per_s else "step time below the timer's resolution"
+            note = "" if tokens_per_s else "step time below the timer's resolution"
         else:
             note = f"logits off the fp32 model by {err:.2e} > {tol:.1e}: not timed"
         if backend == "auto":
             with torch.no_grad():  # after the runs: on CUDA this is the measured choice for T=batch
-                note += f"; auto -> {_leanmoe_backends(model, batch, device, dtype)[0]} at T={batch}"
+                chosen = _leanmoe_backends(model, batch, device, dtype)[0]
+            note = "; ".join(n for n in (note, f"auto -> {chosen} at T={batch}") if n)
         rows.append(dict(model_type=model_type, implementation=impl, mode="decode", ms=ms, tokens_per_s=tokens_per_s,
                          batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, peak_mem_mb=None, ok=ok,
                          rel_err=err, note=note))
