@@ -184,6 +184,15 @@ def test_grouped_mm_keeps_no_hidden_rows_for_backward():
     assert not {(T * K, 2 * I), (T * K, I), (T * K, D)} & set(shapes), shapes
 
 
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_bitwise_deterministic(backend):
+    p = make_problem(40, 16, 8, 5, 3, bias=True, seed=16)
+    lora = make_lora(p)
+    dy = torch.randn(40, 16)
+    (y1, g1), (y2, g2) = run(p, lora, backend, dy), run(p, lora, backend, dy)
+    assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2, strict=True))
+
+
 @pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS])
 def test_no_grad_keeps_nothing(backend):
     p = make_problem(10, 16, 8, 4, 2, seed=9)
@@ -411,3 +420,25 @@ def test_gpu_grouped_mm_bf16_matches_the_fp32_reference(targets):
     for out, ref in zip(out_grads, ref_grads, strict=True):
         assert_close(out, ref, tol=TOLERANCES[torch.bfloat16])
     assert leanmoe.lora.select_lora_backend("auto", leanmoe.describe_call(*p.args(), **p.kwargs())) == "grouped_mm"
+
+
+@pytest.mark.gpu
+def test_gpu_activation_memory_with_frozen_base_is_close_to_no_lora():
+    # The memory target: activation memory with rank-16 adapters on both targets <= 1.2x that of the
+    # grouped_mm backend on frozen base weights without adapters (qwen3-30b-a3b layer shapes, 4096 tokens).
+    T, D, I, E, K = 4096, 2048, 768, 128, 8
+    p = make_problem(T, D, I, E, K, dtype=torch.bfloat16, device="cuda", seed=17, requires_grad=False)
+    p.x_TD.requires_grad_(True)
+    p.topk_weights_TK.requires_grad_(True)
+    lora = leanmoe.ExpertLoRA(num_experts=E, dim=D, hidden_dim=I, rank=16, dtype=torch.bfloat16, device="cuda")
+
+    def kept_bytes(**kw):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        y = leanmoe.moe_experts(*p.args(), **p.kwargs(), backend="grouped_mm", **kw)
+        torch.cuda.synchronize()
+        kept = torch.cuda.memory_allocated() - before - y.numel() * y.element_size()
+        y.sum().backward()
+        return max(kept, 1)
+
+    assert kept_bytes(lora=lora) <= 1.2 * kept_bytes() + 2 * T * K * 16 * 2  # + the two [R, r] bf16 row blocks
