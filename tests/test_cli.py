@@ -550,6 +550,23 @@ def test_a_run_that_fails_late_keeps_what_it_measured(cause, status, tmp_path, m
     assert "after 1 row(s)" in err and "Traceback" not in err
 
 
+def test_ctrl_c_before_the_first_row_exits_130_without_a_traceback(monkeypatch, capsys):
+    import leanmoe.cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    run_env = leanmoe.cli._run_env
+    monkeypatch.setattr(leanmoe.cli, "_run_env", interrupted)  # before the run starts
+    assert main(["bench", *TINY]) == 130
+    assert capsys.readouterr().err.strip() == "leanmoe bench: interrupted before any row was measured"
+    monkeypatch.setattr(leanmoe.cli, "_run_env", run_env)
+    monkeypatch.setattr(leanmoe.cli, "run_plan", interrupted)  # in the first row
+    assert main(["bench", *TINY]) == 130
+    err = capsys.readouterr().err
+    assert "leanmoe bench: interrupted after 0 row(s)" in err and "Traceback" not in err
+
+
 def test_a_usage_error_prints_no_traceback_from_the_console(tmp_path):
     done = subprocess.run([sys.executable, "-m", "leanmoe", "bench", "--json", str(tmp_path / "no" / "x.json")],
                           capture_output=True, text=True, timeout=120)

@@ -516,6 +516,9 @@ def main(argv: list[str] | None = None) -> int:
         # leanmoe's own validation of an option combination (an activation, a dtype a backend refuses, ...): a
         # usage error in one line, like argparse's.
         parser.error(str(exc))
+    except KeyboardInterrupt:  # before the first row (later ones are kept and reported by _bench)
+        print(f"{parser.prog}: interrupted before any row was measured", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
