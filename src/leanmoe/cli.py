@@ -88,7 +88,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     _add_case_args(p, token_counts=True)
     p.add_argument("--backend", action="extend", nargs="+", metavar="B",
                    help="backends to run (default: every registered backend but the reference, which is always "
-                        "computed for the check and timed only when named)")
+                        "computed for the check and timed only when named; on the CPU, only those that run there, "
+                        "so not the Triton ones)")
     p.add_argument("--mode", action="extend", nargs="+", choices=(*MODES, "decode"),
                    help="fwd, fwdbwd or both (default: both); decode: the decode table, forward only at T in "
                         f"{{{', '.join(map(str, DECODE_TOKENS))}}} (unless --tokens), with the touched expert "
