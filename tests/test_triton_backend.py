@@ -9,6 +9,8 @@ inputs; ``torch.empty`` is NaN-poisoned by conftest, so a row a kernel forgets t
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -339,3 +341,125 @@ def test_autotune_env_switch_rejects_other_values(monkeypatch):
     monkeypatch.setenv("LEANMOE_AUTOTUNE", "off")
     with pytest.raises(ValueError, match="LEANMOE_AUTOTUNE must be '0' or '1', got 'off'"):
         moe_common.autotune_enabled()
+
+
+MASK_CASES = {
+    # id: (T, D, I, E, K, routing, mask): "random" keeps about half the tokens
+    "T40-E6-K2-random": (40, 32, 24, 6, 2, "uniform", "random"),
+    "T17-E5-K1-random": (17, 32, 24, 5, 1, "uniform", "random"),  # K = 1
+    "T9-E4-K4-random": (9, 32, 24, 4, 4, "uniform", "random"),  # K = E: every expert loses rows
+    "T30-E13-K3-random": (30, 24, 16, 13, 3, "uniform", "random"),  # prime E
+    "T40-E6-K2-few_experts": (40, 32, 24, 6, 2, "few_experts", "random"),  # experts 2..5 empty besides the mask
+    "T3-E5-K2-first_masked": (3, 32, 24, 5, 2, "uniform", "first"),  # T smaller than a tile
+    "T20-E4-K2-all_masked": (20, 32, 24, 4, 2, "uniform", "none"),  # no kept row: every program exits
+    "T20-E4-K2-all_kept": (20, 32, 24, 4, 2, "uniform", "all"),  # a mask of all True changes nothing
+    "T0-E4-K2": (0, 32, 24, 4, 2, "uniform", "random"),
+}
+
+
+def _mask(kind: str, T: int) -> torch.Tensor:
+    if kind == "random":
+        return torch.rand(T) < 0.5
+    if kind == "first":
+        return torch.arange(T) > 0
+    return torch.full((T,), kind == "all", dtype=torch.bool)
+
+
+def run_masked(problem, keep_T, *, save_percent=0.0, tol=None):
+    """Triton against the reference with a token mask; masked rows of x and dy hold NaN. Masked tokens' output,
+    dx and routing-weight gradient rows must be exact zeros; everything else matches the reference."""
+    tol = tol or TOLERANCES[problem.x_TD.dtype]
+    T = keep_T.numel()
+    x_TD = problem.x_TD.detach().clone()
+    x_TD[~keep_T] = float("nan")  # padding often holds garbage: it must never reach a GEMM
+    problem.x_TD = x_TD.requires_grad_()
+    ref_y = moe_experts(*problem.args(), **problem.kwargs(), backend="reference", token_mask=keep_T)
+    out_y = moe_experts(*problem.args(), **problem.kwargs(), backend="triton", token_mask=keep_T,
+                        save_percent=save_percent)
+    assert_close(out_y, ref_y, tol=tol, name="y")
+    assert torch.equal(out_y[~keep_T], torch.zeros_like(out_y[~keep_T])), "masked tokens' output is not exactly 0"
+    dy = torch.randn_like(ref_y)
+    dy[~keep_T] = float("nan")  # the gradient of a masked row may be anything: it must not be read
+    if T == 0:
+        return
+    ref_grads = torch.autograd.grad(ref_y, problem.inputs(), dy)
+    out_grads = torch.autograd.grad(out_y, problem.inputs(), dy)
+    for name, out_g, ref_g in zip(GRAD_NAMES, out_grads, ref_grads, strict=False):
+        assert_close(out_g, ref_g, tol=tol, name=name)
+    dx, dweights = out_grads[0], out_grads[1]
+    assert torch.equal(dx[~keep_T], torch.zeros_like(dx[~keep_T])), "masked tokens' dx is not exactly 0"
+    assert torch.equal(dweights[~keep_T], torch.zeros_like(dweights[~keep_T])), "masked dweights are not exactly 0"
+
+
+@pytest.mark.parametrize("case", list(MASK_CASES), ids=list(MASK_CASES))
+def test_token_mask(case, monkeypatch):
+    from leanmoe.kernels import moe_fwd
+
+    T, D, I, E, K, routing, kind = MASK_CASES[case]
+    keep_T = _mask(kind, T)
+    # The gate/up GEMM's schedule covers offsets_E[-1] rows: the kept tokens' rows and no others.
+    kept_rows = []
+    gate_up_fwd = moe_fwd.gate_up_fwd
+
+    def spy(x_TD, sorted_tokens_R, offsets_E, *args, **kwargs):
+        kept_rows.append(int(offsets_E[-1]))
+        return gate_up_fwd(x_TD, sorted_tokens_R, offsets_E, *args, **kwargs)
+
+    monkeypatch.setattr(moe_fwd, "gate_up_fwd", spy)
+    run_masked(make_problem(T, D, I, E, K, routing=routing, bias=True), keep_T)
+    assert kept_rows == [int(keep_T.sum()) * K]
+
+
+@pytest.mark.parametrize("save_percent", [0, 100])
+def test_token_mask_fp16_and_saved(save_percent):
+    # float16, interleaved clamped_swiglu, several row tiles per expert; at 100% the saved rows include the masked
+    # positions, which are never written and never read. Against the float16 reference (itself rounded), dx's max
+    # error over ~100 rows per expert reaches the float16 tolerance of the small problems: 1.5x it here.
+    problem = make_problem(150, 40, 24, 3, 2, bias=True, activation=CLAMPED, layout="interleaved",
+                           dtype=torch.float16, routing="skewed")
+    run_masked(problem, torch.rand(150) < 0.7, save_percent=save_percent, tol=1.5 * TOLERANCES[torch.float16])
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "nothing_requires_grad"])
+def test_inference_keeps_nothing(monkeypatch, mode):
+    # save_percent=100 keeps [R, N] pre-activations for backward; when no backward can run none is kept (nor
+    # written), and the output is the same.
+    import contextlib
+
+    from leanmoe.kernels import moe_fwd
+
+    saved = []
+    gate_up_fwd = moe_fwd.gate_up_fwd
+
+    def spy(*args, **kwargs):
+        h_RI, saved_SN = gate_up_fwd(*args, **kwargs)
+        saved.append(saved_SN.shape[0])
+        return h_RI, saved_SN
+
+    monkeypatch.setattr(moe_fwd, "gate_up_fwd", spy)
+    problem = make_problem(30, 32, 24, 4, 2, bias=True)
+    train_y = moe_experts(*problem.args(), **problem.kwargs(), backend="triton", save_percent=100)
+    assert saved == [60]  # with a backward to come, every row is kept
+    if mode == "nothing_requires_grad":
+        problem = dataclasses.replace(problem, **{f: getattr(problem, f).detach() for f in (
+            "x_TD", "topk_weights_TK", "gate_up_proj", "down_proj", "gate_up_bias", "down_bias")})
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+               "nothing_requires_grad": contextlib.nullcontext}[mode]
+    with context():
+        y = moe_experts(*problem.args(), **problem.kwargs(), backend="triton", save_percent=100)
+    assert saved == [60, 0]
+    assert not y.requires_grad and torch.equal(y, train_y.detach())
+
+
+def test_meta_tensors():
+    # Meta tensors run the ops' fake implementations: a meta [T, D] output and meta gradients, no data read.
+    problem = make_problem(13, 32, 24, 5, 2, bias=True)
+    meta = dataclasses.replace(problem, **{f: getattr(problem, f).detach().to("meta").requires_grad_(
+        getattr(problem, f).requires_grad) for f in ("x_TD", "topk_ids_TK", "topk_weights_TK", "gate_up_proj",
+                                                      "down_proj", "gate_up_bias", "down_bias")})
+    keep_T = torch.ones(13, dtype=torch.bool, device="meta")
+    y = moe_experts(*meta.args(), **meta.kwargs(), backend="triton", token_mask=keep_T)
+    assert (y.device.type, tuple(y.shape), y.dtype) == ("meta", (13, 32), torch.float32)
+    grads = torch.autograd.grad(y, meta.inputs(), torch.empty_like(y))
+    for name, g, t in zip(GRAD_NAMES, grads, meta.inputs(), strict=True):
+        assert g.device.type == "meta" and g.shape == t.shape and g.dtype == t.dtype, name

@@ -28,6 +28,14 @@ parameters, and the R-long routing metadata: sorted rows, sorted tokens, fp32 so
 - in between: the pre-activations of the first S rows in expert-sorted order; row tiles wholly inside them skip the
   recompute, the rest recompute. Memory and the recompute cost both scale linearly.
 
+When no backward can run (grad mode off, ``inference_mode``, or no input requiring grad) the forward keeps nothing,
+whatever ``save_percent`` says: it runs as ``save_percent=0``.
+
+Token masks (``token_mask``, bool ``[T]``, True = keep): the plan sorts a masked token's rows past every kept row and
+out of ``offsets_E``, so no GEMM or weight-gradient kernel touches them; the combine writes zeros for masked tokens
+without reading their (never written) rows. Their output, ``dx`` and routing-weight gradient rows are exact zeros,
+even where their x or dy rows hold NaN. No host sync: the kept-row count stays on the device.
+
 Transient memory (freed before the op returns): forward ``h_RI`` plus one ``[R, D_chunk]`` chunk; backward
 ``dgate_up_RN``, ``hw_RI`` (until ``d down_proj``), then one ``[R, D_chunk]`` chunk for dx.
 """
@@ -66,8 +74,10 @@ def _d_chunks(R: int, D: int, elem_size: int) -> list[tuple[int, int]]:
 
 
 def _combine_chunked(a_RX: Tensor, b_EDX: Tensor, bias_ED: Optional[Tensor], scale_R: Optional[Tensor],
-                     sorted_rows_R: Tensor, offsets_E: Tensor, T: int, K: int, y_TD: Tensor) -> Tensor:
-    """``y_TD[t] = sum_k out[t*K + k]`` with ``out[sorted_rows[r]] = scale_r * (a_RX[r] @ b_EDX[e].T + bias[e])``."""
+                     sorted_rows_R: Tensor, offsets_E: Tensor, T: int, K: int, y_TD: Tensor,
+                     token_mask_T: Optional[Tensor]) -> Tensor:
+    """``y_TD[t] = sum_k out[t*K + k]`` with ``out[sorted_rows[r]] = scale_r * (a_RX[r] @ b_EDX[e].T + bias[e])``
+    for the kept rows; masked tokens' rows of ``out`` are never written, and their ``y_TD`` rows are zeros."""
     from leanmoe.kernels.moe_fwd import combine, grouped_gemm
 
     R, D = T * K, y_TD.shape[1]
@@ -75,7 +85,7 @@ def _combine_chunked(a_RX: Tensor, b_EDX: Tensor, bias_ED: Optional[Tensor], sca
         out_RC = torch.empty(R, c1 - c0, device=a_RX.device, dtype=a_RX.dtype)
         grouped_gemm(a_RX, b_EDX[:, c0:c1], offsets_E, sorted_rows_R, out_RC,
                      bias_EN=bias_ED[:, c0:c1] if bias_ED is not None else None, scale_R=scale_R)
-        combine(out_RC, y_TD[:, c0:c1], K)
+        combine(out_RC, y_TD[:, c0:c1], K, token_mask_T)
         del out_RC
     return y_TD
 
@@ -84,10 +94,11 @@ def _combine_chunked(a_RX: Tensor, b_EDX: Tensor, bias_ED: Optional[Tensor], sca
 def triton_experts_fwd(
     x_TD: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
     gate_up_bias: Optional[Tensor], down_bias: Optional[Tensor], activation: str, alpha: float, limit: float,
-    gate_up_layout: str, save_percent: float,
+    gate_up_layout: str, save_percent: float, token_mask: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(y_TD, sorted_rows_R, sorted_tokens_R, offsets_E, scale_R, saved_SN)``; all but ``y_TD`` are kept
-    for backward."""
+    for backward. ``token_mask`` (bool ``[T]``, True = keep): masked tokens take no rows of the GEMMs (they sort
+    past ``offsets_E[-1]``) and get zero output."""
     from leanmoe.kernels.moe_common import ACTIVATION_CODES
     from leanmoe.kernels.moe_fwd import gate_up_fwd
 
@@ -95,7 +106,7 @@ def triton_experts_fwd(
     K = topk_ids_TK.shape[1]
     E = gate_up_proj.shape[0]
     R = T * K
-    plan = plan_experts(topk_ids_TK, E)
+    plan = plan_experts(topk_ids_TK, E, token_mask)
     scale_R = topk_weights_TK.reshape(-1).index_select(0, plan.sorted_rows_R).float()
     h_RI, saved_SN = gate_up_fwd(
         x_TD, plan.sorted_tokens_R, plan.offsets_E, gate_up_proj, gate_up_bias,
@@ -103,13 +114,14 @@ def triton_experts_fwd(
         interleaved=gate_up_layout == "interleaved", alpha=alpha, limit=limit, n_saved=saved_rows(R, save_percent))
     y_TD = torch.empty(T, D, device=x_TD.device, dtype=x_TD.dtype)
     if R:
-        _combine_chunked(h_RI, down_proj, down_bias, scale_R, plan.sorted_rows_R, plan.offsets_E, T, K, y_TD)
+        _combine_chunked(h_RI, down_proj, down_bias, scale_R, plan.sorted_rows_R, plan.offsets_E, T, K, y_TD,
+                         token_mask)
     return y_TD, plan.sorted_rows_R, plan.sorted_tokens_R, plan.offsets_E, scale_R, saved_SN
 
 
 @triton_experts_fwd.register_fake
 def _(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, alpha,
-      limit, gate_up_layout, save_percent):
+      limit, gate_up_layout, save_percent, token_mask=None):
     T, D = x_TD.shape
     R = T * topk_ids_TK.shape[1]
     E, N, _ = gate_up_proj.shape
@@ -125,10 +137,11 @@ def triton_experts_bwd(
     dy_TD: Tensor, x_TD: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor, gate_up_proj: Tensor,
     down_proj: Tensor, gate_up_bias: Optional[Tensor], down_bias: Optional[Tensor], sorted_rows_R: Tensor,
     sorted_tokens_R: Tensor, offsets_E: Tensor, scale_R: Tensor, saved_SN: Tensor, activation: str, alpha: float,
-    limit: float, gate_up_layout: str,
+    limit: float, gate_up_layout: str, token_mask: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(dx, dweights, dgate_up_proj, ddown_proj, dgate_up_bias, ddown_bias)``; a missing bias's gradient
-    is an empty tensor."""
+    is an empty tensor. Masked tokens (``token_mask`` False) get zero ``dx`` and ``dweights`` rows and add nothing
+    to the weight gradients: their rows lie past ``offsets_E[-1]``, where no kernel reads."""
     from leanmoe.kernels.moe_bwd import expert_weight_grad, gate_up_bwd
     from leanmoe.kernels.moe_common import ACTIVATION_CODES
 
@@ -144,7 +157,12 @@ def triton_experts_bwd(
         # <dy_t, b_down[e]> for every (token, expert) is a small [T, E] GEMM; pick each routed row's entry.
         bias_dot_TE = dy_TD.float() @ down_bias.float().t()
         sorted_experts_R = topk_ids_TK.reshape(-1).index_select(0, sorted_rows_R).long()
-        dweights_R = dweights_R + bias_dot_TE[sorted_tokens_R, sorted_experts_R]
+        bias_term_R = bias_dot_TE[sorted_tokens_R, sorted_experts_R]
+        if token_mask is not None:
+            # Masked rows (sorted past offsets_E[-1]) take no gradient, whatever their dy rows hold.
+            kept_R = torch.arange(R, device=x_TD.device) < offsets_E[-1:]
+            bias_term_R = torch.where(kept_R, bias_term_R, 0.0)
+        dweights_R = dweights_R + bias_term_R
     # Each routed row appears once in sorted_rows_R: a plain scatter, no accumulation.
     dweights_TK = torch.zeros(R, device=x_TD.device, dtype=torch.float32).scatter_(0, sorted_rows_R, dweights_R)
     dweights_TK = dweights_TK.view(T, K).to(topk_weights_TK.dtype)
@@ -163,7 +181,7 @@ def triton_experts_bwd(
     if R:
         # dx_r = dgate_up_r @ gate_up_proj[e]: the grouped GEMM with b[e, d, n] = gate_up_proj[e, n, d].
         _combine_chunked(dgate_up_RN, gate_up_proj.transpose(1, 2), None, None, sorted_rows_R, offsets_E, T, K,
-                         dx_TD)
+                         dx_TD, token_mask)
     # Distinct empty tensors for missing biases: a custom op's outputs may not alias each other.
     return (dx_TD, dweights_TK, dgate_up_proj, ddown_proj,
             dgate_up_bias if dgate_up_bias is not None else x_TD.new_empty(0),
@@ -172,7 +190,7 @@ def triton_experts_bwd(
 
 @triton_experts_bwd.register_fake
 def _(dy_TD, x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias, sorted_rows_R,
-      sorted_tokens_R, offsets_E, scale_R, saved_SN, activation, alpha, limit, gate_up_layout):
+      sorted_tokens_R, offsets_E, scale_R, saved_SN, activation, alpha, limit, gate_up_layout, token_mask=None):
     E, N, D = gate_up_proj.shape
     return (x_TD.new_empty(x_TD.shape), topk_weights_TK.new_empty(topk_weights_TK.shape),
             gate_up_proj.new_empty(gate_up_proj.shape), down_proj.new_empty(down_proj.shape),
@@ -182,21 +200,21 @@ def _(dy_TD, x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_u
 
 def _setup_context(ctx, inputs, output):
     (x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias, activation, alpha, limit,
-     gate_up_layout, _save_percent) = inputs
+     gate_up_layout, _save_percent, token_mask) = inputs
     _y, sorted_rows_R, sorted_tokens_R, offsets_E, scale_R, saved_SN = output
     ctx.save_for_backward(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias,
-                          sorted_rows_R, sorted_tokens_R, offsets_E, scale_R, saved_SN)
+                          sorted_rows_R, sorted_tokens_R, offsets_E, scale_R, saved_SN, token_mask)
     ctx.options = (activation, alpha, limit, gate_up_layout)
     ctx.has_bias = (gate_up_bias is not None, down_bias is not None)
 
 
 def _backward(ctx, dy_TD, *_unused_grads):
-    saved = ctx.saved_tensors
-    dx, dweights, dgate_up_proj, ddown_proj, dgate_up_bias, ddown_bias = triton_experts_bwd(dy_TD, *saved,
-                                                                                           *ctx.options)
+    *saved, token_mask = ctx.saved_tensors
+    dx, dweights, dgate_up_proj, ddown_proj, dgate_up_bias, ddown_bias = triton_experts_bwd(
+        dy_TD, *saved, *ctx.options, token_mask=token_mask)
     has_gate_up_bias, has_down_bias = ctx.has_bias
     return (dx, None, dweights, dgate_up_proj, ddown_proj, dgate_up_bias if has_gate_up_bias else None,
-            ddown_bias if has_down_bias else None, None, None, None, None, None)
+            ddown_bias if has_down_bias else None, None, None, None, None, None, None)
 
 
 triton_experts_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -204,11 +222,15 @@ triton_experts_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def triton_moe_experts(x_TD: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor, gate_up_proj: Tensor,
                        down_proj: Tensor, gate_up_bias: Optional[Tensor] = None, down_bias: Optional[Tensor] = None,
-                       *, activation: Activation, gate_up_layout: str, save_percent: float = 0) -> Tensor:
+                       *, activation: Activation, gate_up_layout: str, save_percent: float = 0,
+                       token_mask: Optional[Tensor] = None) -> Tensor:
     """The fused Triton expert compute; same contract as :func:`leanmoe.moe_experts` (validated inputs)."""
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
+            x_TD, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias))):
+        save_percent = 0  # no backward can run: keep no pre-activations, whatever save_percent asks
     return triton_experts_fwd(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias,
                               activation.name, float(activation.alpha), float(activation.limit), gate_up_layout,
-                              float(save_percent))[0]
+                              float(save_percent), token_mask)[0]
 
 
 class TritonBackend(ExpertsBackend):
@@ -224,6 +246,8 @@ class TritonBackend(ExpertsBackend):
     def unsupported_reason(self, call: ExpertsCall) -> str | None:
         if call.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return f"dtype {call.dtype} (needs bfloat16, float16 or float32)"
+        if call.device.type == "meta":
+            return None  # the ops' fake implementations give the output's shape without reading data
         if call.device.type == "cuda":
             major, minor = cuda_capability(call.device.index)
             if major < 8:
@@ -243,15 +267,17 @@ class TritonBackend(ExpertsBackend):
         # (docs/BENCHMARKS.md) it was as fast as or faster than grouped_mm in every row, forward (1.02-1.58x) and
         # fwd+bwd (1.11-1.89x), with 2-8x less activation memory.
         reason = self.unsupported_reason(call)
-        if reason is None and call.device.type != "cuda":
+        if reason is None and call.device.type == "cpu":
             reason = "auto never picks the Triton interpreter (CPU tensors); name backend='triton' to use it"
+        elif reason is None and call.device.type != "cuda":
+            reason = f"auto picks it for CUDA tensors only, got {call.device.type}"
         return reason
 
     def __call__(self, x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias, *,
-                 activation, gate_up_layout, save_percent):
+                 activation, gate_up_layout, save_percent, token_mask=None):
         return triton_moe_experts(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias,
                                   down_bias, activation=activation, gate_up_layout=gate_up_layout,
-                                  save_percent=save_percent)
+                                  save_percent=save_percent, token_mask=token_mask)
 
 
 register_backend(TritonBackend())

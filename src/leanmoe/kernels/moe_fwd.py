@@ -137,18 +137,24 @@ def grouped_gemm_kernel(
 @triton.jit(do_not_specialize=["T"])
 def combine_kernel(
     # pointers
-    out_ptr, y_ptr,
+    out_ptr, y_ptr, keep_ptr,
     # sizes
     T, K, C,
     # strides
     stride_or, stride_yt, stride_yc,
     # meta-parameters
-    BT: tl.constexpr, BC: tl.constexpr,
+    HAS_MASK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
 ):
-    """``y[t, c] = sum_k out[t*K + k, c]``: K rows summed in slot order in fp32 (deterministic)."""
+    """``y[t, c] = sum_k out[t*K + k, c]``: K rows summed in slot order in fp32 (deterministic). With ``HAS_MASK``,
+    a token whose ``keep`` byte is 0 gets exact zeros and its rows (never written) are not read."""
     tokens = tl.program_id(0) * BT + tl.arange(0, BT)
     cs = tl.program_id(1) * BC + tl.arange(0, BC)
-    mask = (tokens < T)[:, None] & (cs < C)[None, :]
+    t_mask = tokens < T
+    mask = t_mask[:, None] & (cs < C)[None, :]
+    store_mask = mask
+    if HAS_MASK:
+        keep = tl.load(keep_ptr + tokens, mask=t_mask, other=0) != 0
+        mask = mask & keep[:, None]
     t64 = tokens.to(tl.int64)
     cs64 = cs.to(tl.int64)
     acc = tl.zeros((BT, BC), dtype=tl.float32)
@@ -156,7 +162,7 @@ def combine_kernel(
         acc += tl.load(out_ptr + (t64 * K + k)[:, None] * stride_or + cs64[None, :], mask=mask,
                        other=0.0).to(tl.float32)
     tl.store(y_ptr + t64[:, None] * stride_yt + cs64[None, :] * stride_yc, acc.to(y_ptr.dtype.element_ty),
-             mask=mask)
+             mask=store_mask)
 
 
 # Hopper-sized tiles, autotuned per (dims, power-of-two bucket of R) on GPUs.
@@ -243,18 +249,25 @@ def grouped_gemm(a_RK: torch.Tensor, b_ENK: torch.Tensor, offsets_E: torch.Tenso
     return out
 
 
-def combine(out_RC: torch.Tensor, y_TC: torch.Tensor, K: int) -> torch.Tensor:
-    """``y_TC[t] = sum_k out_RC[t*K + k]`` (fp32 sum in slot order) written into ``y_TC`` (may be a column slice)."""
+def combine(out_RC: torch.Tensor, y_TC: torch.Tensor, K: int, token_mask_T: torch.Tensor | None = None
+            ) -> torch.Tensor:
+    """``y_TC[t] = sum_k out_RC[t*K + k]`` (fp32 sum in slot order) written into ``y_TC`` (may be a column slice);
+    ``y_TC[t] = 0`` where the bool ``token_mask_T`` is False, without reading that token's rows of ``out_RC``."""
     check_tensor("y_TC", y_TC, shape=(None, None), dtypes=IO_DTYPES)
     T, C = y_TC.shape
     check_tensor("out_RC", out_RC, shape=(T * K, C), dtypes=IO_DTYPES, device=y_TC.device)
     if out_RC.stride(1) != 1 and C > 1:
         raise ValueError(f"out_RC: expected unit column stride, got strides {out_RC.stride()}")
+    if token_mask_T is not None:
+        check_tensor("token_mask_T", token_mask_T, shape=(T,), dtypes=(torch.bool,), device=y_TC.device)
     if T == 0:
         return y_TC
+    # bool and uint8 share a byte layout; a byte pointer loads the same way on every Triton version.
+    keep = token_mask_T.contiguous().view(torch.uint8) if token_mask_T is not None else out_RC
     BT, BC = (32, 64) if interpreting() else (16, 256)
-    combine_kernel[(triton.cdiv(T, BT), triton.cdiv(C, BC))](out_RC, y_TC, T, K, C, out_RC.stride(0),
-                                                              y_TC.stride(0), y_TC.stride(1), BT=BT, BC=BC)
+    combine_kernel[(triton.cdiv(T, BT), triton.cdiv(C, BC))](out_RC, y_TC, keep, T, K, C, out_RC.stride(0),
+                                                              y_TC.stride(0), y_TC.stride(1),
+                                                              HAS_MASK=token_mask_T is not None, BT=BT, BC=BC)
     return y_TC
 
 
