@@ -1,6 +1,6 @@
 """The Triton backend on a CUDA GPU: bfloat16 at real model sizes against the reference, save_percent, determinism,
-64-bit offsets, and ``torch.compile(fullgraph=True)``. Run through the device machine:
-``python -m pytest -m gpu tests/test_triton_gpu.py``.
+64-bit row and column offsets, exact GELU, token masks, and ``torch.compile(fullgraph=True)``. Run through the
+device machine: ``python -m pytest -m gpu tests/test_triton_gpu.py``.
 
 Legend: T tokens, D model dim, I expert hidden dim, E experts, K top-k.
 """
@@ -97,6 +97,34 @@ def test_64bit_column_strides():
     ref_grads = torch.autograd.grad(ref_y, problem.inputs(), dy_TD)
     for name, out_g, ref_g in zip(GRAD_NAMES, out_grads, ref_grads, strict=True):
         assert_close(out_g, ref_g, tol=BF16, name=name)
+
+
+@pytest.mark.parametrize("activation", ["geglu_exact", "gelu_exact"])
+def test_bf16_exact_gelu(activation):
+    compare(make_problem(1024, 1024, 512, 16, 4, activation=activation, bias=True, dtype=torch.bfloat16,
+                         device="cuda"))
+
+
+@pytest.mark.parametrize("save_percent", [0, 100])
+def test_bf16_token_mask(save_percent):
+    # About half the tokens masked, their x and dy rows NaN: zero output, dx and dweights rows, nothing leaks.
+    problem = make_problem(2048, 1024, 512, 16, 4, bias=True, dtype=torch.bfloat16, device="cuda")
+    keep_T = torch.rand(2048, device="cuda") < 0.5
+    x_TD = problem.x_TD.detach().clone()
+    x_TD[~keep_T] = float("nan")
+    problem.x_TD = x_TD.requires_grad_()
+    ref_y = moe_experts(*problem.args(), **problem.kwargs(), backend="reference", token_mask=keep_T)
+    out_y = moe_experts(*problem.args(), **problem.kwargs(), backend="triton", token_mask=keep_T,
+                        save_percent=save_percent)
+    assert_close(out_y, ref_y, tol=BF16, name="y")
+    assert (out_y[~keep_T] == 0).all()
+    dy = torch.randn_like(ref_y)
+    dy[~keep_T] = float("nan")
+    out_grads = torch.autograd.grad(out_y, problem.inputs(), dy)
+    ref_grads = torch.autograd.grad(ref_y, problem.inputs(), dy)
+    for name, out_g, ref_g in zip(GRAD_NAMES, out_grads, ref_grads, strict=True):
+        assert_close(out_g, ref_g, tol=BF16, name=name)
+    assert (out_grads[0][~keep_T] == 0).all() and (out_grads[1][~keep_T] == 0).all()
 
 
 def test_zero_tokens():
