@@ -9,18 +9,32 @@ ranks' losses:
 - replicated parameters (embedding, router, shared experts, head) are averaged over ranks (by hand, or by FSDP2);
 - expert-shard gradients already sum every rank's tokens (the all-to-all backward brings them home), so they are
   divided by the world size, never all-reduced.
+
+Shutdown: a process group lives until its last reference goes, and only then are its threads (gloo: two worker
+threads and a socket loop) joined; ``destroy_process_group`` only drops ``torch.distributed``'s own references. The
+model's expert shards hold the group, and so does torch itself once FSDP2 has run (torch 2.13). If the threads are
+still running when the interpreter finalizes, one that touches the GIL then is ended by CPython with
+``pthread_exit``, whose unwinding through a ``noexcept`` C++ frame calls ``std::terminate``: "terminate called
+without an active exception", SIGABRT, now and then on a loaded machine. So every rank finishes its collectives
+(a barrier), the model is released and collected, the group destroyed; if gloo threads are still running after
+that, the process leaves with ``os._exit(0)`` once everything is written, never finalizing with them.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import gc
 import os
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
 import leanmoe
 from leanmoe.parallel.expert_parallel import expert_parallel, expert_parameters
@@ -53,6 +67,16 @@ class TinyMoELM(nn.Module):
         return sum(block.moe.aux_loss for block in self.blocks)
 
 
+def gloo_threads() -> int:
+    """Threads of gloo process groups still running in this process (``pt_gloo_runloop``, ``gloo_tcp_loop``; read
+    from ``/proc``, so 0 where there is none)."""
+    try:
+        names = [Path(f"/proc/self/task/{tid}/comm").read_text() for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        return 0
+    return sum(name.startswith(("pt_gloo", "gloo")) for name in names)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
@@ -64,7 +88,29 @@ def main() -> None:
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    # A bounded process-group timeout: a rank that stops taking part makes the others fail within it, not hang.
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=5))
+    try:
+        train(args, use_cuda)
+        # Every rank has finished every collective before any rank starts to tear down.
+        dist.barrier()
+    finally:
+        # train()'s model, shards, mesh and FSDP2 state are garbage now (some in reference cycles): collect them, so
+        # that destroy_process_group drops the last reference and the process group joins its threads here.
+        gc.collect()
+        dist.destroy_process_group()
+    left = gloo_threads()
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"shutdown: {left} gloo threads left after destroy_process_group", flush=True)
+    if left:
+        # torch still references the process group (FSDP2 does, in torch 2.13), so its threads would run on into
+        # interpreter finalization (see the module docstring). Everything is done and flushed: leave without it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def train(args, use_cuda: bool) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda" if use_cuda else "cpu")
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("ep",))
@@ -79,7 +125,6 @@ def main() -> None:
         expert_parallel(block.moe, mesh["ep"])
     experts = expert_parameters(model)
     if args.fsdp:
-        from torch.distributed.fsdp import fully_shard
         fully_shard(model, mesh=mesh, ignored_params=set(experts))
     expert_ids = {id(p) for p in experts}
     replicated = [p for p in model.parameters() if id(p) not in expert_ids]
@@ -116,8 +161,7 @@ def main() -> None:
     state = model.state_dict()  # expert tensors gathered to full [E, ...]: a collective on every rank
     if rank == 0:
         shapes = {k: tuple(v.shape) for k, v in state.items() if k.endswith("experts.gate_up_proj")}
-        print(f"world {world}, {args.experts // world} experts per rank; full state_dict shapes: {shapes}")
-    dist.destroy_process_group()
+        print(f"world {world}, {args.experts // world} experts per rank; full state_dict shapes: {shapes}", flush=True)
 
 
 if __name__ == "__main__":
