@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 
 import leanmoe.hf  # noqa: E402
 from leanmoe.bench.hf import build_model, model_config  # noqa: E402
@@ -325,7 +325,15 @@ def test_llama4_multimodal_model_patches_its_text_model():
                                                                 vision_config=vision))
     ids = tokens()
     with torch.no_grad():
-        ref = model(input_ids=ids).logits
+        try:
+            ref = model(input_ids=ids).logits
+        except AttributeError as e:
+            if "image_outputs" not in str(e):
+                raise
+            # transformers 5.24's Llama4ForConditionalGeneration reads `image_outputs` from its text model's output,
+            # which has none, in every text-only forward: the unpatched model fails before leanmoe is involved.
+            pytest.xfail(f"transformers {transformers.__version__}: text-only forward of "
+                         f"Llama4ForConditionalGeneration is broken upstream ({e})")
         leanmoe.hf.patch(model, backend="grouped_mm")
         out = model(input_ids=ids).logits
     assert len(leanmoe.hf.experts_modules(model)) == 2
