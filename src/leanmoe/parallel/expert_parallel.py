@@ -229,7 +229,11 @@ def _bit_sums(tensors: list[torch.Tensor]) -> list[int]:
     ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
     sums = [t.detach().contiguous().view(ints.get(t.element_size(), torch.uint8)).sum(dtype=torch.int64)
             for t in tensors]
-    return torch.stack([v.cpu() for v in sums]).tolist() if sums else []
+    if not sums:
+        return []
+    if len({v.device for v in sums}) == 1:
+        return torch.stack(sums).tolist()
+    return [int(v) for v in sums]
 
 
 def _state_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
@@ -395,6 +399,8 @@ def _gather_full_experts(module: nn.Module, state_dict: dict, prefix: str, local
         if key not in state_dict:
             continue
         local = state_dict[key].detach().contiguous()
+        # Written whole by the all-gather before any read: every rank's shard has this shape (the ranks agreed on
+        # E and the expert shapes in expert_parallel, and load_state_dict keeps shapes).
         parts = [torch.empty_like(local) for _ in range(shard.ep_size)]
         dist.all_gather(parts, local, group=shard.group)
         state_dict[key] = torch.cat(parts, 0)
