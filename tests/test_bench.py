@@ -187,3 +187,66 @@ def test_reference_check_applies_the_mask(mode):
     if mode == "fwdbwd":  # and the gradients that masked tokens fed
         for name in ("grad_x", "grad_topk_weights", "grad_down_proj"):
             assert not errors[name] <= 0.01, name
+
+
+# ------------------------------------------------------------------------------------------------- LoRA rows
+
+
+def _lora_case(mask_fraction: float = 0.0):
+    from leanmoe.bench.lora import make_lora
+
+    small = dataclasses.replace(cpu_scaled(PRESETS["qwen3-30b-a3b"]), dim=32, hidden_dim=16, num_experts=5, top_k=2)
+    case = make_case(small, "uniform", 24, dtype=torch.float32, device=CPU, seed=3, mask_fraction=mask_fraction)
+    for t in case.params().values():
+        t.requires_grad_(False)
+    return case, make_lora(case, 4, seed=3)
+
+
+def test_make_lora_is_seeded_with_a_nonzero_b():
+    from leanmoe.bench.lora import make_lora
+
+    case, lora = _lora_case()
+    assert (lora.rank, lora.alpha, lora.targets) == (4, 8.0, ("gate_up", "down"))
+    again = make_lora(case, 4, seed=3)
+    for name, p in lora.named_parameters():
+        assert p.dtype == case.x_TD.dtype and p.requires_grad, name
+        assert torch.equal(p, dict(again.named_parameters())[name]), name
+    for target in lora.targets:
+        A, B = lora.factors(target)
+        assert A.abs().max() <= A.shape[-1] ** -0.5
+        assert B.abs().min() > 0 and B.std().item() == pytest.approx(0.1 / 2, rel=0.3)
+    assert not torch.equal(make_lora(case, 4, seed=4).down_B, lora.down_B)
+
+
+@pytest.mark.parametrize("mask_fraction", [0.0, 0.5])
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+def test_lora_reference_check_passes_grouped_mm_and_catches_a_wrong_factor_gradient(mode, mask_fraction):
+    from leanmoe.bench.lora import lora_reference_errors, run_lora_once
+
+    case, lora = _lora_case(mask_fraction)
+    outs = run_lora_once(case, "grouped_mm", lora, mode, 0)
+    errors = lora_reference_errors(case, lora, outs)
+    expected = {"out"} | ({"grad_x", "grad_topk_weights", "grad_gate_up_A", "grad_gate_up_B", "grad_down_A",
+                           "grad_down_B"} if mode == "fwdbwd" else set())
+    assert set(errors) == expected and worst_error(errors)[1] < 1e-5
+    assert all(p.grad is None for p in lora.parameters())  # cleared after the call
+    # The adapter matters: the same call without it is far from the reference with it.
+    plain = run_lora_once(case, "grouped_mm", None, mode, 0)
+    assert not lora_reference_errors(case, lora, {**outs, "out": plain["out"]})["out"] <= 1e-2
+    if mode == "fwdbwd":
+        for name in ("grad_gate_up_B", "grad_down_A"):
+            wrong = lora_reference_errors(case, lora, {**outs, name: outs[name] * 1.01})
+            assert wrong[name] == pytest.approx(0.01, rel=1e-3)
+            assert worst_error(wrong)[0] == name
+
+
+def test_lora_baseline_check_has_no_factor_gradients():
+    from leanmoe.bench.lora import baseline_backend, lora_reference_errors, run_lora_once
+
+    case, _ = _lora_case()
+    backend = baseline_backend(case, "fwdbwd", 0)
+    assert backend != "triton"  # on the CPU triton runs only in its interpreter
+    outs = run_lora_once(case, backend, None, "fwdbwd", 0)
+    errors = lora_reference_errors(case, None, outs)
+    assert set(errors) == {"out", "grad_x", "grad_topk_weights"} and worst_error(errors)[1] < 1e-5
+    assert all(t.grad is None for t in case.params().values())  # the base stays frozen

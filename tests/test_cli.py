@@ -629,3 +629,102 @@ def test_no_mask_by_default(tmp_path, register, capsys):
 @pytest.mark.parametrize("value", ["1", "-0.1", "nan", "1.5"])
 def test_mask_fraction_outside_0_1_is_a_usage_error(value, capsys, no_work):
     assert "--mask-fraction must be in [0, 1)" in _usage_error(capsys, ["bench", *TINY, "--mask-fraction", value])
+
+
+# --------------------------------------------------------------------------------------------------- --lora
+
+LORA_TINY = ["bench", "--lora", "4", "--preset", "qwen3-30b-a3b", *TINY]
+LORA_GRADS = {"grad_gate_up_A", "grad_gate_up_B", "grad_down_A", "grad_down_B"}
+
+
+def test_lora_bench_runs_on_the_cpu_against_the_frozen_layer_without_adapters(tmp_path, capsys):
+    out_json = tmp_path / "l.json"
+    assert main([*LORA_TINY, "--json", str(out_json)]) == 0
+    payload = json.loads(out_json.read_text())
+    assert payload["env"]["lora_rank"] == 4
+    rows = payload["rows"]
+    base, *lora_rows = rows
+    # The baseline: the same frozen layer without adapters, on auto's pick here (triton needs a GPU).
+    assert (base["lora_rank"], base["status"], base["mode"]) == (0, "ok", "fwdbwd")
+    assert set(base["errors"]) == {"out", "grad_x", "grad_topk_weights"}
+    # auto resolves to grouped_mm for the LoRA call, so grouped_mm runs once; the reference runs on the CPU.
+    assert [r["backend"] for r in lora_rows] == ["grouped_mm", "reference"]
+    for row in lora_rows:
+        assert (row["lora_rank"], row["lora_alpha"], row["status"], row["mode"]) == (4, 8.0, "ok", "fwdbwd")
+        assert set(row["errors"]) == {"out", "grad_x", "grad_topk_weights"} | LORA_GRADS
+        assert row["max_error"] <= row["tolerance"]
+        assert row["baseline_backend"] == base["backend"] and row["baseline_ms"] == base["ms"] > 0
+        assert row["lora_ratio"] == pytest.approx(row["ms"] / base["ms"])
+        assert row["tflops"] is None and row["act_mem_mb"] is None  # no FLOP rate; memory on CUDA only
+    out = capsys.readouterr().out
+    assert "LoRA" in out and "r=4" in out and "none" in out and "x no-LoRA" in out
+    assert "LoRA rank 4 (base frozen)" in out
+
+
+def test_lora_verify_checks_without_timing(tmp_path):
+    out_json = tmp_path / "v.json"
+    assert main(["verify", "--lora", "2", "--preset", "mixtral-8x7b", *TINY, "--mode", "fwd", "fwdbwd",
+                 "--json", str(out_json)]) == 0
+    rows = _rows(out_json)
+    assert [(r["mode"], r["lora_rank"]) for r in rows] == [("fwd", 0), ("fwd", 2), ("fwd", 2), ("fwdbwd", 0),
+                                                           ("fwdbwd", 2), ("fwdbwd", 2)]
+    assert all(r["status"] == "ok" and r["ms"] is None for r in rows)
+    assert set(rows[1]["errors"]) == {"out"}
+
+
+def _wrong_lora(monkeypatch, fault: str) -> None:
+    """grouped_mm's LoRA path with a fault: a 1% larger output, or a wrong down_B gradient (output unchanged)."""
+    import leanmoe.lora.compute as compute
+
+    original = compute.grouped_mm_lora_experts
+
+    def wrong(*args, lora, **kwargs):
+        y_TD = original(*args, lora=lora, **kwargs)
+        if fault == "output":
+            return y_TD * 1.01
+        s = lora.down_B.sum()
+        return y_TD + 0.01 * (s - s.detach())  # adds exactly 0 forward, 0.01 * sum(dy) to each down_B gradient
+
+    monkeypatch.setattr(compute, "grouped_mm_lora_experts", wrong)
+
+
+@pytest.mark.parametrize("fault, tensor", [("output", "out"), ("grad", "grad_down_B")])
+def test_a_wrong_lora_compute_is_failed_not_timed(fault, tensor, tmp_path, monkeypatch, capsys):
+    _wrong_lora(monkeypatch, fault)
+    out_json = tmp_path / "l.json"
+    assert main([*LORA_TINY, "--json", str(out_json)]) == 1
+    by_backend = {(r["backend"], r["lora_rank"]): r for r in _rows(out_json)}
+    bad = by_backend[("grouped_mm", 4)]
+    assert bad["status"] == "FAILED" and bad["ms"] is None and bad["lora_ratio"] is None
+    assert "relative error" in bad["reason"] and bad["errors"][tensor] > bad["tolerance"]
+    if fault == "grad":  # only the down_B gradient is wrong, and that alone fails the row
+        assert bad["reason"].startswith("grad_down_B relative error")
+        assert all(e <= bad["tolerance"] for name, e in bad["errors"].items() if name != "grad_down_B")
+    # The baseline (no adapters) and the reference loop do not go through the faulty path.
+    assert by_backend[("grouped_mm", 0)]["status"] == by_backend[("reference", 4)]["status"] == "ok"
+    assert "1 check(s) FAILED" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--lora", "0"], "--lora: RANK must be a positive int"),
+    (["bench", "--lora", "-3"], "--lora: RANK must be a positive int"),
+    (["bench", "--lora", "1.5"], "--lora: RANK must be a positive int"),
+    (["bench", "--lora", "x"], "--lora: RANK must be a positive int"),
+    (["bench", "--lora", "4", "--backend", "triton", "--device", "cpu"], "'triton' take no LoRA adapters"),
+    (["bench", "--lora", "4", "--mode", "decode", "--device", "cpu"], "cannot be combined with --mode decode"),
+    (["bench", "--lora", "4", "--hf", "qwen3_moe", "--device", "cpu"], "--lora runs the expert-layer rows"),
+], ids=["zero", "negative", "float", "text", "triton", "decode", "hf"])
+def test_bad_lora_arguments_are_usage_errors(argv, message, capsys, no_work):
+    assert message in _usage_error(capsys, argv)
+
+
+@pytest.mark.gpu
+def test_lora_bench_on_the_gpu_reports_ratios_and_activation_memory(tmp_path):
+    out_json = tmp_path / "l.json"
+    assert main(["bench", "--lora", "16", "--preset", "qwen3-30b-a3b", "--tokens", "2048", "--json",
+                 str(out_json)]) == 0
+    rows = _rows(out_json)
+    assert rows[0]["backend"] == "triton" and rows[0]["lora_rank"] == 0 and rows[0]["act_mem_mb"] > 0
+    for row in rows[1:]:
+        assert row["backend"] == "grouped_mm" and row["status"] == "ok"
+        assert row["lora_ratio"] > 0 and row["act_mem_ratio"] > 0

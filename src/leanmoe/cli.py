@@ -5,6 +5,8 @@
   Markdown and a PNG chart. ``--mode decode`` (alias ``--decode``) is the decode table: the forward at T in
   {1, 4, 16, 64, 256} with the touched weights' bandwidth against a copy on the device (``--hf`` with it: tokens/s
   of greedy generation). ``--mask-fraction F`` masks a fixed random fraction of the tokens (``token_mask``).
+  ``--lora RANK``: the layer with ExpertLoRA adapters on frozen base weights against the same frozen layer without
+  them (:mod:`leanmoe.bench.lora`).
   ``--hf MODEL_TYPE`` benchmarks a Hugging Face model family instead (or as well, with ``--preset``). Exit status 1
   when any check FAILED or a run stopped early (130 when interrupted), keeping the rows it measured; 2 for a usage
   error (one line; output paths are checked before any work).
@@ -64,6 +66,7 @@ from leanmoe.bench.report import (
     write_json,
 )
 from leanmoe.experts import ExpertsCall, available_backends, explain_backend, get_backend
+from leanmoe.lora import LORA_BACKENDS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HF_DEFAULT_TOKENS = {"cuda": 4096, "cpu": 64}
@@ -103,6 +106,21 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                         "[0, 1); FLOP and bandwidth figures count the kept tokens only (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the inputs and the routing (default 0)")
     p.add_argument("--json", metavar="FILE", help="write every row and the environment as JSON")
+    p.add_argument("--lora", type=_lora_rank, metavar="RANK",
+                   help="the layer with ExpertLoRA adapters of this rank (alpha 2*RANK, gate_up and down) on frozen "
+                        "base weights, against the same frozen layer without adapters on leanmoe's fastest backend "
+                        "(triton on CUDA); fwdbwd unless --mode; backends: auto's pick and grouped_mm (and the "
+                        f"reference on the CPU), or any of {', '.join(LORA_BACKENDS)}, auto")
+
+
+def _lora_rank(text: str) -> int:
+    try:
+        rank = int(text)
+    except ValueError:
+        rank = None
+    if rank is None or rank < 1:
+        raise argparse.ArgumentTypeError(f"RANK must be a positive int (the LoRA rank), got {text!r}")
+    return rank
 
 
 class _Parser(argparse.ArgumentParser):
@@ -246,6 +264,10 @@ def _resolve_modes(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     requested = list(dict.fromkeys(args.mode or ()))
     args.decode = args.decode or "decode" in requested
     modes = [m for m in requested if m != "decode"]
+    if args.decode and args.lora is not None:
+        parser.error("--lora measures the training step (fwdbwd) or fwd; it cannot be combined with --mode decode")
+    if args.lora is not None:
+        return modes or ["fwdbwd"]
     if args.decode:
         if "fwdbwd" in modes:
             parser.error("--mode decode times the forward only: it cannot be combined with fwdbwd")
@@ -284,12 +306,28 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace, *, check_on
         check_only=check_only,
         seed=args.seed,
         mask_fraction=args.mask_fraction,
+        lora_rank=args.lora,
     )
+    if args.lora is not None:
+        return dataclasses.replace(plan, backends=_lora_backends(parser, args, device)), {}
     calls = [describe_preset(p, T, dtype=dtype, device=device, requires_grad=mode == "fwdbwd",
                              save_percent=args.save_percent)
              for p in presets for T in plan.token_counts(p) for mode in modes]
     backends, left_out = _resolve_backends(parser, args, calls)
     return dataclasses.replace(plan, backends=backends), left_out
+
+
+def _lora_backends(parser: argparse.ArgumentParser, args: argparse.Namespace, device: torch.device) -> list[str]:
+    """The LoRA backends to run: those named (each in LORA_BACKENDS or auto), else auto's pick and grouped_mm, and the
+    reference on the CPU (too slow to time at full size)."""
+    if args.backend is None:
+        return ["auto", "grouped_mm"] + (["reference"] if device.type == "cpu" else [])
+    names = list(dict.fromkeys(args.backend))
+    bad = [n for n in names if n not in (*LORA_BACKENDS, "auto")]
+    if bad:
+        parser.error(f"--lora: backend(s) {', '.join(map(repr, bad))} take no LoRA adapters; expected any of: "
+                     f"{', '.join(LORA_BACKENDS)}, auto")
+    return names
 
 
 def _run_env(plan: BenchPlan, argv: list[str], left_out: dict[str, str]) -> dict:
@@ -301,6 +339,15 @@ def _run_env(plan: BenchPlan, argv: list[str], left_out: dict[str, str]) -> dict
         env["notes"].append(f"token mask: {plan.mask_fraction:.0%} of each case's tokens masked (floor of the "
                             "fraction, a fixed random mask); TFLOP/s and GB/s count the kept tokens only, and the "
                             "reference check applies the same mask.")
+    if plan.lora_rank is not None:
+        env["lora_rank"] = plan.lora_rank
+        env["notes"].append(
+            f"LoRA: ExpertLoRA rank {plan.lora_rank}, alpha {2 * plan.lora_rank}, targets gate_up and down, B drawn "
+            "small and random (not zero); base expert weights frozen, x and the routing weights require grad. Rows "
+            "with LoRA 'none' are the same frozen layer without adapters (the baseline); 'x no-LoRA' and 'act x "
+            "no-LoRA' are a row's time and activation memory over the baseline's. Each LoRA row is checked (output; "
+            "gradients of x, the routing weights and the four LoRA factors) against the reference loop with the "
+            "adapter in fp32. TFLOP/s is not reported: the frozen base skips the weight-gradient GEMMs.")
     if not plan.check_only:
         env["timer"] = ("triton.testing.do_bench median" if plan.device.type == "cuda"
                         else "median of perf_counter timings")
@@ -333,6 +380,8 @@ def _summary(plan: BenchPlan) -> str:
     masked = f", {plan.mask_fraction:.0%} of tokens masked" if plan.mask_fraction else ""
     how = "checked against the fp32 reference" + ("" if plan.check_only else ", then timed")
     modes = "decode (fwd)" if plan.decode else " and ".join(plan.modes)
+    if plan.lora_rank is not None:
+        modes += f" with LoRA rank {plan.lora_rank} (base frozen) and without"
     backends = ("backends " if len(plan.backends) > 1 else "backend ") + ", ".join(plan.backends)
     return (f"measured: {what} at T={'/'.join(map(str, tokens))}{masked}, {' and '.join(plan.routings)} routing, "
             f"{modes}, {backends}; {str(plan.dtype).removeprefix('torch.')} on the CPU; each row {how}")
@@ -359,6 +408,8 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list
         return _report(args, rows, env, hf_rows, title="leanmoe bench", check_only=False)
     plan, left_out = _plan(parser, args, check_only=check_only)
     hf_only = not check_only and args.hf is not None and args.preset is None
+    if args.lora is not None and getattr(args, "hf", None) is not None:
+        parser.error("--lora runs the expert-layer rows (--preset), not --hf")
     if hf_only and args.mask_fraction:
         parser.error("--mask-fraction applies to the expert-layer rows (--preset), not to --hf")
     if not check_only and args.hf is not None:
@@ -372,7 +423,7 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list
     hf_tokens = _hf_tokens(parser, args) if run_hf_bench is not None else None
 
     env = _run_env(plan, argv, left_out)
-    if plan.device.type == "cuda" and not check_only and not hf_only:
+    if plan.device.type == "cuda" and not check_only and not hf_only and plan.lora_rank is None:
         print("measuring the dense bf16 matmul and device copy rates ...", file=sys.stderr, flush=True)
         env["dense_tflops"] = dense_matmul_tflops(plan.device)
         if plan.decode:

@@ -476,6 +476,8 @@ class BenchPlan:
     seed: int = 0
     #: Fraction of each case's tokens masked (``token_mask``), in ``[0, 1)``.
     mask_fraction: float = 0.0
+    #: With a rank, the LoRA run of :mod:`leanmoe.bench.lora` (``backends`` are then LoRA backends or ``auto``).
+    lora_rank: int | None = None
 
     def token_counts(self, preset: Preset) -> tuple[int, ...]:
         if self.tokens is not None:
@@ -510,6 +512,9 @@ def _base_row(plan: BenchPlan, case: Case, backend: str, mode: str) -> dict:
         "device": plan.device.type, "status": None, "reason": None, "errors": None, "max_error": None,
         "tolerance": plan.tolerance, "ms": None, "tflops": None, "frac_dense": None, "weight_bytes": None,
         "gbps": None, "frac_copy": None, "peak_mem_mb": None, "act_mem_mb": None, "speedup_vs_grouped_mm": None,
+        # LoRA runs only (leanmoe.bench.lora): the rank (0 on the no-adapter baseline row) and the baseline ratios.
+        "lora_rank": None, "lora_alpha": None, "baseline_backend": None, "baseline_ms": None, "lora_ratio": None,
+        "act_mem_ratio": None,
     }
 
 
@@ -558,7 +563,11 @@ def run_plan(plan: BenchPlan, progress: Progress | None = None, *, dense_tflops:
     """Runs every (preset, T, routing, backend, mode) of ``plan``; one row per combination, in that order.
 
     ``on_row`` is called with the rows so far after each one (the CLI rewrites its JSON file, so a run cut short
-    still leaves its results)."""
+    still leaves its results). With ``plan.lora_rank``, the LoRA run (:func:`leanmoe.bench.lora.run_lora_plan`)."""
+    if plan.lora_rank is not None:
+        from leanmoe.bench.lora import run_lora_plan  # here: leanmoe.bench.lora imports this module
+
+        return run_lora_plan(plan, progress, on_row=on_row)
     progress = progress or Progress()
     cases = [(preset, T, routing) for preset in plan.presets for T in plan.token_counts(preset)
              for routing in plan.routings]

@@ -24,6 +24,11 @@ def _pct(v: object) -> str:
     return "" if v is None else f"{100 * v:.0f}%"
 
 
+def _lora(v: object) -> str:
+    # 0: the baseline row of a LoRA run, the same layer without adapters.
+    return "" if v is None else "none" if v == 0 else f"r={v}"
+
+
 def _rate(v: object) -> str:
     # Three significant digits for CPU-sized rates, no decimals for GPU-sized ones.
     if v is None:
@@ -39,20 +44,23 @@ BENCH_COLUMNS: list[tuple[str, str, Callable[[object], str]]] = [
     ("routing", "routing", str),
     ("mode", "mode", str),
     ("backend", "backend", str),
+    ("LoRA", "lora_rank", _lora),
     ("status", "status", str),
     ("ms", "ms", _fmt(".3f")),
+    ("x no-LoRA", "lora_ratio", _fmt(".2f")),
     ("TFLOP/s", "tflops", _rate),
     ("% dense", "frac_dense", _pct),
     ("GB/s", "gbps", _rate),
     ("% copy", "frac_copy", _pct),
     ("peak MiB", "peak_mem_mb", _fmt(".0f")),
     ("act MiB", "act_mem_mb", _fmt(".0f")),
+    ("act x no-LoRA", "act_mem_ratio", _fmt(".2f")),
     ("x grouped_mm", "speedup_vs_grouped_mm", _fmt(".2f")),
     ("max rel err", "max_error", _fmt(".1e")),
 ]
 
 VERIFY_COLUMNS = [c for c in BENCH_COLUMNS if c[1] in ("label", "tokens", "mask_fraction", "routing", "mode", "backend",
-                                                       "status", "max_error")]
+                                                       "lora_rank", "status", "max_error")]
 
 HF_COLUMNS: list[tuple[str, str, Callable[[object], str]]] = [
     ("model_type", "model_type", str),
@@ -124,8 +132,8 @@ def env_lines(env: dict) -> list[str]:
 
 
 #: Headers of text columns (left-aligned); every other column holds a number and is right-aligned.
-_TEXT_HEADERS = frozenset({"preset", "routing", "mode", "backend", "status", "model_type", "implementation", "ok",
-                           "note"})
+_TEXT_HEADERS = frozenset({"preset", "routing", "mode", "backend", "LoRA", "status", "model_type", "implementation",
+                           "ok", "note"})
 
 
 def cpu_columns(columns=BENCH_COLUMNS) -> list[tuple[str, str, Callable[[object], str]]]:
@@ -195,6 +203,11 @@ def markdown(rows: list[dict], env: dict, *, columns=BENCH_COLUMNS, title: str =
                "forward (gated; 4·T·K·D·I non-gated; T the kept tokens), three times that for fwdbwd; % dense is "
                "its ratio to the dense bf16 matmul rate; max rel err is the largest ‖out − ref‖ / ‖ref‖ over the "
                "output and every gradient.")
+    if any(row.get("lora_rank") is not None for row in rows):
+        out.append("")
+        out.append("LoRA: r=RANK rows run ExpertLoRA adapters on frozen base weights, none the same frozen layer "
+                   "without adapters (the baseline); x no-LoRA and act x no-LoRA are a row's ms and act MiB over "
+                   "the baseline's; act MiB of a LoRA row leaves out the LoRA factors' gradients.")
     return "\n".join(out) + "\n"
 
 
