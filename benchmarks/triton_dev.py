@@ -208,8 +208,8 @@ def main() -> None:
                 backend, sp, *chunk = spec.split(":")
                 t1 = time.time()
                 try:
-                    import leanmoe.experts.triton as tb
-                    tb.COMBINE_CHUNK_BYTES = int(chunk[0]) * 2**20 if chunk else 256 * 2**20
+                    from leanmoe.kernels import policy
+                    policy.COMBINE_CHUNK_BYTES = int(chunk[0]) * 2**20 if chunk else 256 * 2**20
                     r = time_one(preset, backend, float(sp), routing)
                 except Exception as e:  # report and go on: one failing backend must not hide the others
                     log(f"{preset} {backend}:{sp} {routing}: ERROR {type(e).__name__}: {str(e)[:300]}")

@@ -18,6 +18,10 @@ from tests.helpers import TOLERANCES, assert_close, make_problem
 
 pytest.importorskip("triton")
 
+from leanmoe.kernels.moe_common import ACTIVATION_CODES  # noqa: E402
+
+SWIGLU = ACTIVATION_CODES["swiglu"]
+
 # test_triton_gpu.py imports wide_buffer_problem from here: skip the tests, not the module.
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter tests run on CPU-only machines; "
                                 "GPUs run test_triton_gpu.py")
@@ -159,7 +163,7 @@ def test_gate_up_fwd_rejects_bad_inputs(case):
     inputs = {**_launch_inputs(), **changes}
     with pytest.raises(ValueError, match=message):
         gate_up_fwd(inputs["x_TD"], inputs["sorted_tokens_R"], inputs["offsets_E"], inputs["gate_up_proj"], None,
-                    act_code=0, gated=True, interleaved=False, alpha=1.0, limit=1.0, n_saved=0)
+                    act_code=SWIGLU, gated=True, interleaved=False, alpha=1.0, limit=1.0, n_saved=0)
 
 
 def test_launchers_reject_bad_arguments():
@@ -171,7 +175,7 @@ def test_launchers_reject_bad_arguments():
         gate_up_fwd(i["x_TD"], i["sorted_tokens_R"], i["offsets_E"], i["gate_up_proj"], None, act_code=99,
                     gated=True, interleaved=False, alpha=1.0, limit=1.0, n_saved=0)
     with pytest.raises(ValueError, match=r"n_saved: expected a row count in \[0, R=8\], got 9"):
-        gate_up_fwd(i["x_TD"], i["sorted_tokens_R"], i["offsets_E"], i["gate_up_proj"], None, act_code=0,
+        gate_up_fwd(i["x_TD"], i["sorted_tokens_R"], i["offsets_E"], i["gate_up_proj"], None, act_code=SWIGLU,
                     gated=True, interleaved=False, alpha=1.0, limit=1.0, n_saved=9)
     a_RK, b_ENK = torch.randn(8, 16), torch.randn(3, 32, 16)
     with pytest.raises(ValueError, match=r"scale_R: expected dtype torch.float32, got torch.float16"):

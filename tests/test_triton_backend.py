@@ -163,8 +163,10 @@ def test_non_contiguous_x_int32_ids_float64_weights():
 
 def test_combine_in_chunks(monkeypatch):
     # A tiny chunk budget splits D = 200 into column chunks of 128 + 72 for the forward combine and for dx.
-    monkeypatch.setattr(triton_backend, "COMBINE_CHUNK_BYTES", 1)
-    assert triton_backend._d_chunks(10, 200, 4) == [(0, 128), (128, 200)]
+    from leanmoe.kernels import policy
+
+    monkeypatch.setattr(policy, "COMBINE_CHUNK_BYTES", 1)
+    assert policy.d_chunks(10, 200, 4) == [(0, 128), (128, 200)]
     run_both(make_problem(11, 200, 16, 3, 2, bias=True))
 
 

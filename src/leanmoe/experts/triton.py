@@ -10,7 +10,8 @@ Forward (``leanmoe::triton_experts_fwd``):
    epilogue (:func:`leanmoe.kernels.moe_fwd.gate_up_fwd`); the pre-activations of the first S sorted rows are kept;
 3. ``out = w_r * (h_RI @ down_proj[e].T + b2)`` with the routing weight and bias in the epilogue, rows scattered to
    token-slot order, then ``y_t = sum_k out[t, k]`` (a fixed-order fp32 sum: deterministic, no atomics). Step 3
-   runs in column chunks of D so the transient ``[R, D_chunk]`` buffer stays under ``COMBINE_CHUNK_BYTES``.
+   runs in column chunks of D so the transient ``[R, D_chunk]`` buffer stays under
+   ``leanmoe.kernels.policy.COMBINE_CHUNK_BYTES``.
 
 Backward (``leanmoe::triton_experts_bwd``):
 1. one fused kernel per (row tile, hidden-column tile): ``W_down^T dy`` for the tile, the pre-activations (loaded
@@ -45,7 +46,6 @@ Transient memory (freed before the op returns): forward ``h_RI`` plus one ``[R, 
 # ruff: noqa: UP045
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 
@@ -54,41 +54,9 @@ import torch
 from leanmoe.activations import GATED_ACTIVATIONS, Activation
 from leanmoe.experts.plan import plan_experts
 from leanmoe.experts.registry import ExpertsBackend, ExpertsCall, cuda_capability, register_backend
+from leanmoe.kernels.policy import combine_chunked, saved_rows  # triton-free: importable without triton
 
 Tensor = torch.Tensor
-
-#: Bound on the transient ``[R, D_chunk]`` buffer of the combine (forward output and dx).
-COMBINE_CHUNK_BYTES = 256 * 2**20
-
-
-def saved_rows(num_rows: int, save_percent: float) -> int:
-    """Rows whose pre-activations forward keeps: ``floor(R * save_percent / 100)`` (save_percent to 0.01)."""
-    return num_rows * round(save_percent * 100) // 10000
-
-
-def _d_chunks(R: int, D: int, elem_size: int) -> list[tuple[int, int]]:
-    """Column ranges of D whose ``[R, D_chunk]`` buffer fits ``COMBINE_CHUNK_BYTES`` (multiples of 128 columns)."""
-    n = max(1, math.ceil(R * D * elem_size / COMBINE_CHUNK_BYTES))
-    width = min(D, max(128, math.ceil(D / n / 128) * 128))
-    return [(c, min(c + width, D)) for c in range(0, D, width)]
-
-
-def _combine_chunked(a_RX: Tensor, b_EDX: Tensor, bias_ED: Optional[Tensor], scale_R: Optional[Tensor],
-                     sorted_rows_R: Tensor, offsets_E: Tensor, T: int, K: int, y_TD: Tensor,
-                     token_mask_T: Optional[Tensor]) -> Tensor:
-    """``y_TD[t] = sum_k out[t*K + k]`` with ``out[sorted_rows[r]] = scale_r * (a_RX[r] @ b_EDX[e].T + bias[e])``
-    for the kept rows; masked tokens' rows of ``out`` are never written, and their ``y_TD`` rows are zeros."""
-    from leanmoe.kernels.moe_fwd import combine, grouped_gemm
-
-    R, D = T * K, y_TD.shape[1]
-    for c0, c1 in _d_chunks(R, D, a_RX.element_size()):
-        out_RC = torch.empty(R, c1 - c0, device=a_RX.device, dtype=a_RX.dtype)
-        grouped_gemm(a_RX, b_EDX[:, c0:c1], offsets_E, sorted_rows_R, out_RC,
-                     bias_EN=bias_ED[:, c0:c1] if bias_ED is not None else None, scale_R=scale_R)
-        combine(out_RC, y_TD[:, c0:c1], K, token_mask_T)
-        del out_RC
-    return y_TD
-
 
 @torch.library.custom_op("leanmoe::triton_experts_fwd", mutates_args=())
 def triton_experts_fwd(
@@ -114,7 +82,7 @@ def triton_experts_fwd(
         interleaved=gate_up_layout == "interleaved", alpha=alpha, limit=limit, n_saved=saved_rows(R, save_percent))
     y_TD = torch.empty(T, D, device=x_TD.device, dtype=x_TD.dtype)
     if R:
-        _combine_chunked(h_RI, down_proj, down_bias, scale_R, plan.sorted_rows_R, plan.offsets_E, T, K, y_TD,
+        combine_chunked(h_RI, down_proj, down_bias, scale_R, plan.sorted_rows_R, plan.offsets_E, T, K, y_TD,
                          token_mask)
     return y_TD, plan.sorted_rows_R, plan.sorted_tokens_R, plan.offsets_E, scale_R, saved_SN
 
@@ -180,7 +148,7 @@ def triton_experts_bwd(
     dx_TD = torch.empty(T, D, device=x_TD.device, dtype=x_TD.dtype)
     if R:
         # dx_r = dgate_up_r @ gate_up_proj[e]: the grouped GEMM with b[e, d, n] = gate_up_proj[e, n, d].
-        _combine_chunked(dgate_up_RN, gate_up_proj.transpose(1, 2), None, None, sorted_rows_R, offsets_E, T, K,
+        combine_chunked(dgate_up_RN, gate_up_proj.transpose(1, 2), None, None, sorted_rows_R, offsets_E, T, K,
                          dx_TD, token_mask)
     # Distinct empty tensors for missing biases: a custom op's outputs may not alias each other.
     return (dx_TD, dweights_TK, dgate_up_proj, ddown_proj,
