@@ -5,19 +5,20 @@ from leanmoe.config import MoEConfig
 from leanmoe.experts import (
     ExpertsBackend,
     ExpertsCall,
+    ExpertWeights,
     available_backends,
     describe_call,
     explain_backend,
     moe_experts,
     register_backend,
 )
-from leanmoe.experts.module import ExpertWeights, GroupedExperts, SharedExperts
+from leanmoe.experts.module import GroupedExperts, SharedExperts
 from leanmoe.layer import MoE
 from leanmoe.lora import ExpertLoRA
 from leanmoe.parallel.dispatcher import LocalDispatcher
 from leanmoe.routers import RouterOutput, TopKRouter, stable_topk, update_balance_biases
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "Activation",
