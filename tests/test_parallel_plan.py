@@ -5,8 +5,10 @@ Legend: T tokens, K top-k, E experts, P ranks, L experts per rank, R routed rows
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from leanmoe.experts.plan import combine
 from leanmoe.parallel.expert_parallel import plan_dispatch, received_expert_ids
 
 
@@ -86,3 +88,47 @@ def test_plan_with_every_token_masked():
                          token_mask_T=torch.zeros(2, dtype=torch.bool))
     assert plan.send_counts_PL.tolist() == [[0, 0], [0, 0]]
     assert sorted(plan.sorted_rows_R.tolist()) == [0, 1, 2, 3]
+
+
+def test_per_rank_view_counts_and_send_order():
+    # T=4, K=2, E=6 over P=3 (L=2); token 2 masked. Rows r = t*K + k hold experts [5, 0, 2, 3, 1, 4, 0, 2].
+    topk_ids_TK = torch.tensor([[5, 0], [2, 3], [1, 4], [0, 2]])
+    mask_T = torch.tensor([True, True, False, True])
+    plan = plan_dispatch(topk_ids_TK, num_experts=6, ep_size=3, token_mask_T=mask_T)
+    # Kept rows by expert: e0 rows 1, 6; e2 rows 2, 7; e3 row 3; e5 row 0 (e1, e4 only had token 2's rows 4, 5).
+    assert plan.sorted_rows_R.tolist() == [1, 6, 2, 7, 3, 0, 4, 5]
+    assert plan.send_counts_PL.tolist() == [[2, 0], [2, 1], [0, 1]]
+    assert plan.send_counts_P.tolist() == [2, 3, 1]
+    assert plan.num_local_experts == 2
+    # The tokens of the 6 kept rows in send order: rank 0 gets tokens 0, 3; rank 1 gets 1, 3, 1; rank 2 gets 0.
+    assert plan.send_tokens(6).tolist() == [0, 3, 1, 3, 1, 0]
+    assert plan.send_tokens(0).tolist() == []
+    # The view is the plan of the local backends, not a second sort.
+    assert torch.equal(plan.send_counts_PL.reshape(-1), plan.plan.counts_E)
+    assert torch.equal(plan.inverse_R(), plan.plan.inverse_R())
+
+
+def test_per_rank_view_of_one_rank_is_the_whole_plan():
+    plan = plan_dispatch(torch.tensor([[3, 0], [1, 2], [0, 1]]), num_experts=4, ep_size=1)
+    assert plan.send_counts_PL.tolist() == [[2, 2, 1, 1]]
+    assert plan.send_counts_P.tolist() == [6]
+    assert plan.send_tokens(6).tolist() == [0, 2, 1, 2, 1, 0]
+
+
+def test_plan_rejects_ep_size_that_does_not_divide_experts():
+    with pytest.raises(ValueError, match=r"ep_size: expected a positive int that divides num_experts=6, got 4"):
+        plan_dispatch(torch.zeros(2, 1, dtype=torch.int64), num_experts=6, ep_size=4)
+
+
+def test_combine_of_received_rows_by_hand():
+    # What the EP combine does on the source rank, with P=1: rows come back in send order, the masked rows are
+    # zero rows appended, and combine undoes the sort. T=3, K=2, E=2; token 1 masked.
+    # Rows hold experts [1, 0, 0, 1, 1, 0]: kept rows sorted e0: 1, 5; e1: 0, 4; masked rows 2, 3 last.
+    plan = plan_dispatch(torch.tensor([[1, 0], [0, 1], [1, 0]]), num_experts=2, ep_size=1,
+                         token_mask_T=torch.tensor([True, False, True]))
+    assert plan.sorted_rows_R.tolist() == [1, 5, 0, 4, 2, 3]
+    # Expert output of each sent row (D=1): row r computed 10 * (r + 1).
+    y_RD = torch.tensor([[20.0], [60.0], [10.0], [50.0], [0.0], [0.0]])
+    weights_TK = torch.tensor([[0.5, 0.25], [0.0, 0.0], [1.0, 2.0]])
+    # Token 0: 0.5*10 + 0.25*20; token 1: 0; token 2: 1*50 + 2*60.
+    assert combine(y_RD, plan.plan, weights_TK).tolist() == [[10.0], [0.0], [170.0]]

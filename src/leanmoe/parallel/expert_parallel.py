@@ -42,7 +42,7 @@ import torch.nn as nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 
-from leanmoe.experts.plan import plan_experts
+from leanmoe.experts.plan import RankPlan, combine, plan_experts, received_expert_ids
 from leanmoe.parallel.dispatcher import DispatchMeta, LocalDispatcher
 
 #: The ``layer.experts`` parameters that are split along dim 0 (the expert dim); absent biases are skipped.
@@ -70,49 +70,18 @@ class ExpertShard:
         return self.ep_rank * self.num_local_experts
 
 
-@dataclasses.dataclass(frozen=True)
-class DispatchPlan:
-    """The index logic of one dispatch, computed on the device without a host sync (step 1).
-
-    ``sorted_rows_R``: routed row (``t * K + k``) at each sorted position, rows of one destination rank contiguous,
-    ordered by local expert then token, the rows of masked tokens last; ``send_counts_PL``: kept rows for each
-    (destination rank, local expert), so the masked rows (sorted positions ``[send_counts_PL.sum(), R)``) are sent
-    nowhere.
-    """
-
-    sorted_rows_R: torch.Tensor  # int64
-    send_counts_PL: torch.Tensor  # int64
-
-    def inverse_R(self) -> torch.Tensor:
-        """Sorted position of each routed row (the inverse permutation of ``sorted_rows_R``, masked rows included)."""
-        R = self.sorted_rows_R.numel()
-        positions_R = torch.arange(R, device=self.sorted_rows_R.device)
-        return torch.empty_like(self.sorted_rows_R).scatter_(0, self.sorted_rows_R, positions_R)
-
-
 def plan_dispatch(topk_ids_TK: torch.Tensor, num_experts: int, ep_size: int,
-                  token_mask_T: torch.Tensor | None = None) -> DispatchPlan:
-    """Sorts the routed rows by global expert (hence by destination rank) and counts them per (rank, local expert).
+                  token_mask_T: torch.Tensor | None = None) -> RankPlan:
+    """Sorts the routed rows by global expert (hence by destination rank) and counts them per (rank, local expert):
+    the index logic of one dispatch (step 1), as the routing plan's per-rank view
+    (:class:`leanmoe.experts.plan.RankPlan`: ``sorted_rows_R`` the send order, ``send_counts_PL``).
 
     ``topk_ids_TK [T, K]`` holds global expert ids in ``[0, num_experts)``; experts are split contiguously, so expert
     ``e`` lives on rank ``e // (num_experts // ep_size)`` as local expert ``e % (num_experts // ep_size)``.
     ``token_mask_T [T]`` (bool, True = keep, or None): the rows of masked tokens sort after every kept row and are
     in no count. The sort is :func:`leanmoe.experts.plan.plan_experts`'s, the one the local backends use.
     """
-    plan = plan_experts(topk_ids_TK, num_experts, token_mask_T=token_mask_T)
-    return DispatchPlan(plan.sorted_rows_R, plan.counts_E.view(ep_size, num_experts // ep_size))
-
-
-def received_expert_ids(recv_counts_PL: torch.Tensor, num_received: int) -> torch.Tensor:
-    """Local expert id of each received row, ``[S]`` int64.
-
-    Rows arrive grouped by source rank, and within one source by local expert (that rank's sort), so the ids are
-    ``0..L-1`` repeated P times, each repeated by its count. ``num_received`` (S, already on the host) spares
-    ``repeat_interleave`` a sync.
-    """
-    P, L = recv_counts_PL.shape
-    local_ids_PL = torch.arange(L, device=recv_counts_PL.device).repeat(P)
-    return torch.repeat_interleave(local_ids_PL, recv_counts_PL.reshape(-1), output_size=num_received)
+    return plan_experts(topk_ids_TK, num_experts, token_mask_T=token_mask_T).per_rank(ep_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +92,7 @@ class ExpertParallelMeta(DispatchMeta):
     layer's mask of this rank's tokens, for the combine.
     """
 
-    plan: DispatchPlan
+    plan: RankPlan
     topk_weights_TK: torch.Tensor
     input_splits: tuple[int, ...]  # rows sent to each rank (host ints)
     output_splits: tuple[int, ...]  # rows received from each rank (host ints)
@@ -156,7 +125,7 @@ class ExpertParallelDispatcher(LocalDispatcher):
                  token_mask_T: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ExpertParallelMeta]:
         shard = self.shard
-        T, K = topk_ids_TK.shape
+        T = topk_ids_TK.shape[0]
         plan = plan_dispatch(topk_ids_TK, shard.num_experts, shard.ep_size, token_mask_T)
 
         # Zeros, not empty: the buffer is tiny, and nothing could ever read stale memory from it.
@@ -169,8 +138,7 @@ class ExpertParallelDispatcher(LocalDispatcher):
         S = sum(output_splits)
 
         # Only the kept rows are gathered and sent: the masked ones sort last, past sum(input_splits).
-        sorted_tokens_R = torch.div(plan.sorted_rows_R[:sum(input_splits)], K, rounding_mode="floor")
-        x_RD = x_TD.index_select(0, sorted_tokens_R)
+        x_RD = x_TD.index_select(0, plan.send_tokens(sum(input_splits)))
         x_SD = _all_to_all_rows(x_RD, output_splits, input_splits, shard.group)
         ids_S1 = received_expert_ids(recv_counts_PL, S)[:, None]
         # Weight 1: the routing weights are applied in `combine`, on the source rank.
@@ -186,14 +154,13 @@ class ExpertParallelDispatcher(LocalDispatcher):
         num_masked = T * K - y_RD.shape[0]
         if num_masked:  # the masked rows, never sent, are zero rows at the end of the sorted order
             y_RD = torch.cat([y_RD, y_RD.new_zeros(num_masked, D)])
-        y_TKD = y_RD.index_select(0, meta.plan.inverse_R()).view(T, K, D)
-        weights_TK = meta.topk_weights_TK.to(y_TKD.dtype)
+        weights_TK = meta.topk_weights_TK.to(y_RD.dtype)
         if meta.source_mask_T is not None:
             # Whatever the router gave a masked token (NaN from a NaN row included), its weight is 0 here, so its
             # output row is exactly 0 and its routing-weight gradient exactly 0.
             weights_TK = torch.where(meta.source_mask_T[:, None], weights_TK, 0.0)
-        # The weighted sum as one batched GEMM, like the grouped_mm backend's combine: deterministic, no atomics.
-        return torch.bmm(weights_TK.unsqueeze(1), y_TKD).squeeze(1)
+        # leanmoe.experts.plan.combine: undo the sort, then the weighted sum as one batched GEMM (no atomics).
+        return combine(y_RD, meta.plan.plan, weights_TK)
 
 
 def _resolve_group(mesh_or_group: DeviceMesh | dist.ProcessGroup | None) -> dist.ProcessGroup:
