@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from leanmoe.config import MoEConfig
 from leanmoe.experts.functional import check_token_mask
 from leanmoe.experts.module import check_param_dtype
+from leanmoe.experts.plan import expert_counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,13 +121,8 @@ class TopKRouter(nn.Module):
         if token_mask_T is not None:
             weights_TK = torch.where(token_mask_T[:, None], weights_TK, 0.0)
 
-        # Masked tokens count into an extra bucket E that is dropped: fixed shapes, no host sync.
-        ids_R = topk_ids_TK.reshape(-1)
-        if token_mask_T is not None:
-            ids_R = torch.where(token_mask_T[:, None], topk_ids_TK, E).reshape(-1)
-        ones_R = torch.ones((), dtype=torch.int64, device=x_TD.device).expand(ids_R.numel())
-        tokens_per_expert_E = torch.zeros(E + 1, dtype=torch.int64, device=x_TD.device).scatter_add_(
-            0, ids_R, ones_R)[:E]
+        # The routing plan's count (masked tokens left out): fixed shapes, no sort, no host sync.
+        tokens_per_expert_E = expert_counts(topk_ids_TK, E, token_mask_T)
         if self.expert_load is not None and self.training:
             self.expert_load += tokens_per_expert_E.float()
 
