@@ -104,7 +104,11 @@ def test_hf_decode_bench_rows():
     for row in rows:
         assert row["ok"], row
         assert row["mode"] == "decode" and row["batch"] == 2 and row["rel_err"] < 1e-4
-        assert row["ms"] is not None and row["tokens_per_s"] == pytest.approx(2e3 / row["ms"])
+        # A tiny model on a busy CPU can time its step at or below zero: then no figure, and the note says why.
+        if row["ms"] is None:
+            assert row["tokens_per_s"] is None and "resolution" in row["note"], row
+        else:
+            assert row["ms"] > 0 and row["tokens_per_s"] == pytest.approx(2e3 / row["ms"])
     with pytest.raises(ValueError, match="new_tokens must be >= 2"):
         run_hf_decode_bench("qwen3_moe", device="cpu", dtype=torch.float32, batch=2, layers=1, new_tokens=1,
                             config_overrides={"tiny": True})
