@@ -525,3 +525,36 @@ def test_peak_cuda_memory_scales_with_expert_batch_size():
     assert per_expert <= slope <= 1.5 * per_expert, slope / per_expert
     assert extra[16] - extra[8] == pytest.approx(8 * slope, rel=0.05), {B: e / per_expert for B, e in extra.items()}
     assert extra[8] - extra[4] == pytest.approx(4 * slope, rel=0.05), {B: e / per_expert for B, e in extra.items()}
+
+
+@pytest.mark.parametrize("mode", ["all_experts", "routed"])
+def test_out_of_range_ids_are_no_routed_slot(mode):
+    # A Hugging Face experts module under its own expert parallelism marks slots of experts held elsewhere with the
+    # sentinel E; such slots (and negative ids) count for no expert and give routed mode no rows.
+    inner = make_layer(**CONFIGS["swiglu-E8-K2"]).experts
+
+    class SentinelExperts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def expert_weights(self):
+            return self.inner.expert_weights()
+
+        def forward(self, x_TD, topk_ids_TK, topk_weights_TK):
+            return torch.zeros_like(x_TD)
+
+    model = nn.Sequential(SentinelExperts())
+    x_TD = torch.randn(4, 32, generator=torch.Generator().manual_seed(3))
+    # Token 0: experts 2 and 8 (sentinel); token 1: -1 and 2; token 2: 5, 2; token 3: 8, 8.
+    ids_TK = torch.tensor([[2, 8], [-1, 2], [5, 2], [8, 8]])
+    calls = []
+    with calibrate(model, mode=mode, observers=[lambda *a: calls.append((a[1], a[2], a[3]))]) as session:
+        model[0](x_TD, ids_TK, torch.ones(4, 2))
+    assert session.routed_tokens["0"].tolist() == [0, 0, 3, 0, 0, 1, 0, 0]
+    gate_up = {e: rows for e, projection, rows in calls if projection == "gate_up"}
+    if mode == "all_experts":
+        assert sorted(gate_up) == list(range(8)) and all(torch.equal(r, x_TD) for r in gate_up.values())
+    else:  # only the in-range slots, each expert's tokens in token order; the other experts see no rows
+        assert torch.equal(gate_up[2], x_TD[[0, 1, 2]]) and torch.equal(gate_up[5], x_TD[[2]])
+        assert [e for e, rows in gate_up.items() if rows.shape[0]] == [2, 5]

@@ -39,6 +39,7 @@ from leanmoe.calibration.targets import (
     find_targets,
     override_top_k,
 )
+from leanmoe.experts.plan import expert_counts, plan_experts
 from leanmoe.layer import MoE
 
 Mode = Literal["all_experts", "override", "routed"]
@@ -271,17 +272,13 @@ class CalibrationSession:
         mask_T = self._mask_for(target, T)
 
         # Routed slots; ids outside [0, E) (e.g. Hugging Face's expert-parallel sentinel E) and masked tokens drop out.
-        valid_TK = (ids_TK >= 0) & (ids_TK < E)
-        if mask_T is not None:
-            valid_TK &= mask_T[:, None]
-        ids_TK = torch.where(valid_TK, ids_TK, E)
-        ones_R = torch.ones((), dtype=torch.int64, device=ids_TK.device).expand(ids_TK.numel())
-        counts_E = torch.zeros(E + 1, dtype=torch.int64, device=ids_TK.device).scatter_add_(
-            0, ids_TK.reshape(-1), ones_R)[:E]
+        # all_experts needs only the counts; routed and override also each expert's tokens (the plan's sort).
+        plan = None if self.mode == "all_experts" else plan_experts(ids_TK, E, mask_T, drop_invalid_ids=True)
+        counts_E = expert_counts(ids_TK, E, mask_T, drop_invalid_ids=True) if plan is None else plan.counts_E
         self._count(target.name, counts_E)
 
         B = self.expert_batch_size or E
-        if self.mode == "all_experts":
+        if plan is None:  # all_experts
             x_RD = x_TD if mask_T is None else x_TD[mask_T]
             for e in range(E):  # one rows tensor for every expert: an observer may reuse its work on it
                 for obs in self.observers:
@@ -299,12 +296,11 @@ class CalibrationSession:
                 del gate_up_BRN, h_BRI
             return
 
-        # routed / override: each expert's routed tokens, in token order (a stable sort of the flat slots).
-        order_R = torch.sort(ids_TK.reshape(-1), stable=True).indices
-        token_R = order_R // ids_TK.shape[1]
-        bounds = [0] + torch.cumsum(counts_E, 0).tolist()
+        # routed / override: each expert's routed tokens, in token order (the plan's sort is stable). One host copy
+        # of the offsets: calibration is no hot path.
+        bounds = [0] + plan.offsets_E.tolist()
         for e in range(E):
-            x_RD = x_TD[token_R[bounds[e]:bounds[e + 1]]]
+            x_RD = x_TD[plan.sorted_tokens_R[bounds[e]:bounds[e + 1]]]
             bias = w.gate_up_bias[e] if w.gate_up_bias is not None else None
             gate_up_RN = F.linear(x_RD.to(w.gate_up_proj.dtype), w.gate_up_proj[e], bias)
             h_RI = apply_activation(gate_up_RN, w.activation, w.gate_up_layout)
