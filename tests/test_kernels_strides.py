@@ -1,4 +1,5 @@
-"""The Triton kernels on strided operands and the launchers' input checks, under the interpreter.
+"""The Triton backend on strided operands, under the interpreter (each launcher alone on strided operands, and
+the launchers' input checks: tests/test_kernels.py).
 
 Legend: T tokens, D model dim, I expert hidden dim, N gate/up rows, E experts, K top-k, R routed rows (T*K),
 S the column stride of a transposed view.
@@ -17,10 +18,6 @@ from leanmoe import moe_experts
 from tests.helpers import TOLERANCES, assert_close, make_problem
 
 pytest.importorskip("triton")
-
-from leanmoe.kernels.moe_common import ACTIVATION_CODES  # noqa: E402
-
-SWIGLU = ACTIVATION_CODES["swiglu"]
 
 # test_triton_gpu.py imports wide_buffer_problem from here: skip the tests, not the module.
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter tests run on CPU-only machines; "
@@ -132,58 +129,3 @@ def test_column_offsets_past_2_31(monkeypatch):
     monkeypatch.setattr(moe_bwd, "gate_up_bwd", spy)
     compare(problem, dy_TD, tol=TOLERANCES[torch.float16])
     assert seen == [((1, S), (1, S))]
-
-
-def _launch_inputs(E=3, R=8, D=16, N=32, dtype=torch.float32):
-    return dict(x_TD=torch.randn(4, D, dtype=dtype), sorted_tokens_R=torch.arange(R) % 4,
-                offsets_E=torch.tensor([3, 5, R], dtype=torch.int32), gate_up_proj=torch.randn(E, N, D, dtype=dtype))
-
-
-BAD_LAUNCHES = {
-    # id: (changes to the gate_up_fwd inputs, expected message)
-    "x_float64": (dict(x_TD=torch.randn(4, 16, dtype=torch.float64)), r"x_TD: expected dtype .* got torch.float64"),
-    "x_3d": (dict(x_TD=torch.randn(1, 4, 16)), r"x_TD: expected shape \[\*, \*\], got \[1, 4, 16\]"),
-    "weights_other_dtype": (dict(gate_up_proj=torch.randn(3, 32, 16, dtype=torch.float16)),
-                            r"gate_up_proj: expected dtype torch.float32, got torch.float16"),
-    "weights_other_D": (dict(gate_up_proj=torch.randn(3, 32, 8)), r"gate_up_proj: expected shape \[\*, \*, 16\]"),
-    "offsets_int64": (dict(offsets_E=torch.tensor([3, 5, 8])), r"offsets_E: expected dtype torch.int32, got "
-                                                               r"torch.int64"),
-    "offsets_too_short": (dict(offsets_E=torch.tensor([8], dtype=torch.int32)),
-                          r"offsets_E: expected shape \[3\], got \[1\]"),
-    "tokens_float": (dict(sorted_tokens_R=torch.zeros(8)), r"sorted_tokens_R: expected dtype torch.int64 or "
-                                                           r"torch.int32, got torch.float32"),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_LAUNCHES), ids=list(BAD_LAUNCHES))
-def test_gate_up_fwd_rejects_bad_inputs(case):
-    from leanmoe.kernels.moe_fwd import gate_up_fwd
-
-    changes, message = BAD_LAUNCHES[case]
-    inputs = {**_launch_inputs(), **changes}
-    with pytest.raises(ValueError, match=message):
-        gate_up_fwd(inputs["x_TD"], inputs["sorted_tokens_R"], inputs["offsets_E"], inputs["gate_up_proj"], None,
-                    act_code=SWIGLU, gated=True, interleaved=False, alpha=1.0, limit=1.0, n_saved=0)
-
-
-def test_launchers_reject_bad_arguments():
-    from leanmoe.kernels.moe_bwd import expert_weight_grad
-    from leanmoe.kernels.moe_fwd import combine, gate_up_fwd, grouped_gemm
-
-    i = _launch_inputs()
-    with pytest.raises(ValueError, match=r"act_code: expected one of .* got 99"):
-        gate_up_fwd(i["x_TD"], i["sorted_tokens_R"], i["offsets_E"], i["gate_up_proj"], None, act_code=99,
-                    gated=True, interleaved=False, alpha=1.0, limit=1.0, n_saved=0)
-    with pytest.raises(ValueError, match=r"n_saved: expected a row count in \[0, R=8\], got 9"):
-        gate_up_fwd(i["x_TD"], i["sorted_tokens_R"], i["offsets_E"], i["gate_up_proj"], None, act_code=SWIGLU,
-                    gated=True, interleaved=False, alpha=1.0, limit=1.0, n_saved=9)
-    a_RK, b_ENK = torch.randn(8, 16), torch.randn(3, 32, 16)
-    with pytest.raises(ValueError, match=r"scale_R: expected dtype torch.float32, got torch.float16"):
-        grouped_gemm(a_RK, b_ENK, i["offsets_E"], torch.arange(8), torch.empty(8, 32),
-                     scale_R=torch.ones(8, dtype=torch.float16))
-    with pytest.raises(ValueError, match=r"out: expected shape \[\*, 32\], got \[8, 16\]"):
-        grouped_gemm(a_RK, b_ENK, i["offsets_E"], torch.arange(8), torch.empty(8, 16))
-    with pytest.raises(ValueError, match=r"out_RC: expected shape \[8, 16\], got \[6, 16\]"):
-        combine(torch.randn(6, 16), torch.empty(4, 16), 2)
-    with pytest.raises(ValueError, match=r"b: expected shape \[\*, 32\], got \[8, 16\]"):
-        expert_weight_grad(torch.randn(8, 16), torch.randn(8, 16), i["offsets_E"], torch.empty(3, 16, 32))

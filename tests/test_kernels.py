@@ -1,0 +1,359 @@
+"""Each kernel launcher alone against its torch reference (:mod:`leanmoe.kernels.reference`), and the launchers'
+input checks. Under the interpreter on the CPU (float32, float16), compiled on a GPU where there is one.
+
+Legend: T tokens, D model dim, I expert hidden dim, N gate/up rows (2I gated), E experts, K top-k, R routed rows
+(T*K) in expert-sorted order, C columns.
+
+The routings are built by hand (no plan), so each edge is the one named: empty experts, one expert with every row,
+fewer rows than a tile, masked tokens whose rows sort past ``offsets_E[-1]``. Masked tokens' x and dy rows hold NaN,
+and ``torch.empty`` is NaN-poisoned by conftest: a launcher that reads a row past ``offsets_E[-1]`` gets NaN in its
+output, one that forgets a row leaves NaN, and one that writes a row it should not is caught by the NaN checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from leanmoe.activations import GATED_ACTIVATIONS
+from tests.helpers import TOLERANCES, assert_close
+
+pytest.importorskip("triton")
+
+from leanmoe.kernels import reference  # noqa: E402
+from leanmoe.kernels.moe_bwd import expert_weight_grad, gate_up_bwd  # noqa: E402
+from leanmoe.kernels.moe_common import ACTIVATION_CODES  # noqa: E402
+from leanmoe.kernels.moe_fwd import combine, gate_up_fwd, grouped_gemm  # noqa: E402
+from leanmoe.kernels.policy import saved_rows  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+D, I = 40, 24  # no multiple of a tile: every column mask matters
+SWIGLU = ACTIVATION_CODES["swiglu"]
+
+
+@dataclasses.dataclass
+class Routing:
+    T: int
+    K: int
+    keep_T: torch.Tensor  # bool [T]
+    sorted_rows_R: torch.Tensor  # int64 [R]: sorted position -> token-slot row; masked tokens' rows last
+    sorted_tokens_R: torch.Tensor  # int64 [R]
+    offsets_E: torch.Tensor  # int32 [E], inclusive ends; offsets_E[-1] = kept rows
+
+    @property
+    def kept(self) -> int:
+        return int(self.offsets_E[-1]) if self.offsets_E.numel() else 0
+
+    @property
+    def R(self) -> int:
+        return self.sorted_rows_R.numel()
+
+
+def make_routing(T: int, K: int, counts_E: list[int], n_masked: int = 0) -> Routing:
+    """Rows of kept tokens in random order, split among experts by ``counts_E``; then the masked tokens' rows."""
+    keep_T = torch.ones(T, dtype=torch.bool)
+    keep_T[torch.randperm(T)[:n_masked]] = False
+    rows_TK = torch.arange(T * K).view(T, K)
+    kept_rows, masked_rows = rows_TK[keep_T].flatten(), rows_TK[~keep_T].flatten()
+    assert sum(counts_E) == kept_rows.numel(), "counts_E must cover the kept rows"
+    sorted_rows_R = torch.cat([kept_rows[torch.randperm(kept_rows.numel())], masked_rows])
+    offsets_E = torch.tensor(counts_E).cumsum(0).to(torch.int32)
+    return Routing(T, K, keep_T.to(DEVICE), sorted_rows_R.to(DEVICE), (sorted_rows_R // K).to(DEVICE),
+                   offsets_E.to(DEVICE))
+
+
+ROUTINGS = {
+    # id: (T, K, counts_E, masked tokens)
+    "E4-empty_expert": (10, 2, [5, 0, 9, 6], 0),  # expert 1 has no rows
+    "E3-one_expert_all_rows": (40, 2, [0, 80, 0], 0),  # 80 rows: one expert spans two 64-row tiles
+    "E5-fewer_rows_than_tile": (3, 2, [1, 2, 0, 2, 1], 0),  # R = 6, far below a tile
+    "E7-masked_tail": (12, 2, [4, 0, 7, 3, 0, 0, 0], 5),  # 10 masked rows past offsets_E[-1], prime E
+    "E3-all_masked": (4, 2, [0, 0, 0], 4),  # no kept row: every program exits
+    "E2-no_rows": (0, 2, [0, 0], 0),  # T = 0: the launchers return before launching
+}
+
+# Every routing in float32 with contiguous operands; float16 and strided operands on the edges that cost most.
+_MORE_CASES = [("E7-masked_tail", torch.float16, False), ("E3-one_expert_all_rows", torch.float16, False),
+               ("E7-masked_tail", torch.float32, True), ("E4-empty_expert", torch.float16, True)]
+CASES = [pytest.param(r, torch.float32, False, id=f"fp32-{r}") for r in ROUTINGS] + [
+    pytest.param(r, dtype, strided, id=f"{str(dtype)[-7:].replace('float', 'fp')}-{r}{'-strided' if strided else ''}")
+    for r, dtype, strided in _MORE_CASES]
+
+
+def transposed(t: torch.Tensor) -> torch.Tensor:
+    """The same values with the last two dimensions' strides swapped."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def rand(*shape, dtype, scale=1.0, strided=False) -> torch.Tensor:
+    t = (torch.randn(*shape) * scale).to(dtype=dtype, device=DEVICE)
+    return transposed(t) if strided else t
+
+
+def operands(case: str, dtype: torch.dtype, strided: bool, *, gated: bool = True):
+    """A routing, x (masked rows NaN) and the gate/up and down weights (transposed views when ``strided``)."""
+    T, K, counts_E, n_masked = ROUTINGS[case]
+    routing = make_routing(T, K, counts_E, n_masked)
+    E, N = len(counts_E), 2 * I if gated else I
+    x_TD = rand(T, D, dtype=dtype, strided=strided)
+    x_TD[~routing.keep_T] = float("nan")
+    gate_up_proj = rand(E, N, D, dtype=dtype, scale=D ** -0.5, strided=strided)
+    down_proj = rand(E, D, I, dtype=dtype, scale=I ** -0.5, strided=strided)
+    gate_up_bias = rand(E, N, dtype=dtype, scale=0.1)
+    return routing, x_TD, gate_up_proj, down_proj, gate_up_bias
+
+
+def assert_rows(out: torch.Tensor, ref: torch.Tensor, written: torch.Tensor, *, tol: float, name: str) -> None:
+    """``out`` matches ``ref`` on the ``written`` rows (bool mask or row count) and is untouched (NaN) elsewhere."""
+    if isinstance(written, int):
+        written = torch.arange(out.shape[0], device=out.device) < written
+    assert_close(out[written], ref[written], tol=tol, name=name)
+    assert out[~written].isnan().all(), f"{name}: the launcher wrote rows it must leave alone"
+
+
+@pytest.mark.parametrize("case,dtype,strided", CASES)
+def test_gate_up_fwd(case, dtype, strided):
+    routing, x_TD, gate_up_proj, _, gate_up_bias = operands(case, dtype, strided)
+    n_saved = saved_rows(routing.R, 50)  # half: in the masked case the saved range passes offsets_E[-1]
+    kwargs = dict(act_code=SWIGLU, gated=True, interleaved=False, alpha=1.702, limit=7.0, n_saved=n_saved)
+    args = (x_TD, routing.sorted_tokens_R, routing.offsets_E, gate_up_proj, gate_up_bias)
+    out_h, out_saved = gate_up_fwd(*args, **kwargs)
+    ref_h, ref_saved = reference.gate_up_fwd_reference(*args, **kwargs)
+    assert (out_h.dtype, out_saved.shape) == (dtype, (n_saved, 2 * I))
+    tol = TOLERANCES[dtype]
+    assert_rows(out_h, ref_h, routing.kept, tol=tol, name="h_RI")
+    assert_rows(out_saved, ref_saved, routing.kept, tol=tol, name="saved_SN")
+
+
+GATE_UP_ACTIVATIONS = [(name, interleaved) for name in ACTIVATION_CODES for interleaved in (False, True)
+                       if not interleaved or name in GATED_ACTIVATIONS]
+
+
+@pytest.mark.parametrize("name,interleaved", GATE_UP_ACTIVATIONS,
+                         ids=[f"{n}-{'inter' if il else 'concat'}" for n, il in GATE_UP_ACTIVATIONS])
+def test_gate_up_fwd_activations(name, interleaved):
+    # Every activation code and both layouts, with a clamp limit that N(0, 1)-ish pre-activations hit.
+    gated = name in GATED_ACTIVATIONS
+    routing, x_TD, gate_up_proj, _, gate_up_bias = operands("E4-empty_expert", torch.float32, False, gated=gated)
+    kwargs = dict(act_code=ACTIVATION_CODES[name], gated=gated, interleaved=interleaved,
+                  alpha=1.702, limit=0.75 if name == "clamped_swiglu" else 7.0, n_saved=routing.R)
+    args = (x_TD, routing.sorted_tokens_R, routing.offsets_E, gate_up_proj, gate_up_bias)
+    out_h, out_saved = gate_up_fwd(*args, **kwargs)
+    ref_h, ref_saved = reference.gate_up_fwd_reference(*args, **kwargs)
+    assert_close(out_h, ref_h, tol=TOLERANCES[torch.float32], name="h_RI")
+    assert_close(out_saved, ref_saved, tol=TOLERANCES[torch.float32], name="saved_SN")
+
+
+@pytest.mark.parametrize("bias_and_scale", [False, True], ids=["plain", "bias-scale"])
+@pytest.mark.parametrize("case,dtype,strided", CASES)
+def test_grouped_gemm(case, dtype, strided, bias_and_scale):
+    # As in dx: a = dgate_up (sorted rows), b = gate_up_proj seen as [E, D, N]; rows scattered to token-slot order.
+    routing, _, gate_up_proj, _, _ = operands(case, dtype, strided)
+    E, N = gate_up_proj.shape[:2]
+    a_RN = rand(routing.R, N, dtype=dtype)
+    a_RN[routing.kept:] = float("nan")  # masked rows: never read
+    b_EDN = gate_up_proj.transpose(1, 2)
+    kwargs = dict(bias_EN=rand(E, D, dtype=dtype), scale_R=torch.rand(routing.R, device=DEVICE)) \
+        if bias_and_scale else {}
+    wide = torch.empty(routing.R, 3 * D, dtype=dtype, device=DEVICE)
+    out_RD = wide[:, D:2 * D] if strided else torch.empty(routing.R, D, dtype=dtype, device=DEVICE)
+    ref_RD = torch.full((routing.R, D), float("nan"), dtype=dtype, device=DEVICE)
+    args = (a_RN, b_EDN, routing.offsets_E, routing.sorted_rows_R)
+    assert grouped_gemm(*args, out_RD, **kwargs) is out_RD
+    reference.grouped_gemm_reference(*args, ref_RD, **kwargs)
+    written = torch.zeros(routing.R, dtype=torch.bool, device=DEVICE)
+    written[routing.sorted_rows_R[:routing.kept]] = True
+    assert_rows(out_RD, ref_RD, written, tol=TOLERANCES[dtype], name="out")
+    if strided:
+        assert wide[:, :D].isnan().all() and wide[:, 2 * D:].isnan().all(), "wrote outside the column slice"
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "mask"])
+@pytest.mark.parametrize("case,dtype,strided", CASES)
+def test_combine(case, dtype, strided, masked):
+    routing, *_ = operands(case, dtype, strided)
+    C = 200  # more than one column block
+    out_RC = rand(routing.R, C, dtype=dtype)
+    out_RC.view(routing.T, routing.K, C)[~routing.keep_T] = float("nan")  # masked tokens' rows, never written
+    keep_T = routing.keep_T if masked else None
+    if not masked and not routing.keep_T.all():
+        out_RC = out_RC.nan_to_num(0.0)  # without a mask every row is read: give the masked ones values
+    y_TC = torch.empty(routing.T, 2 * C, dtype=dtype, device=DEVICE)[:, ::2] if strided else \
+        torch.empty(routing.T, C, dtype=dtype, device=DEVICE)
+    ref_TC = reference.combine_reference(out_RC, torch.empty(routing.T, C, dtype=dtype, device=DEVICE),
+                                         routing.K, keep_T)
+    assert combine(out_RC, y_TC, routing.K, keep_T) is y_TC
+    assert_close(y_TC, ref_TC, tol=TOLERANCES[dtype], name="y")
+    if masked:
+        assert (y_TC[~routing.keep_T] == 0).all(), "masked tokens' rows are not exact zeros"
+
+
+@pytest.mark.parametrize("case,dtype,strided", CASES)
+def test_gate_up_bwd(case, dtype, strided):
+    routing, x_TD, gate_up_proj, down_proj, gate_up_bias = operands(case, dtype, strided)
+    dy_TD = rand(routing.T, D, dtype=dtype, strided=strided)
+    dy_TD[~routing.keep_T] = float("nan")
+    scale_R = torch.rand(routing.R, device=DEVICE)
+    kwargs = dict(act_code=SWIGLU, gated=True, interleaved=False, alpha=1.702, limit=7.0)
+    # Half the rows saved: tiles inside the saved range load, the others recompute.
+    _, saved_SN = gate_up_fwd(x_TD, routing.sorted_tokens_R, routing.offsets_E, gate_up_proj, gate_up_bias,
+                              n_saved=saved_rows(routing.R, 50), **kwargs)
+    args = (x_TD, dy_TD, routing.sorted_tokens_R, routing.offsets_E, scale_R, gate_up_proj, gate_up_bias, down_proj,
+            saved_SN)
+    out = gate_up_bwd(*args, **kwargs)
+    ref = reference.gate_up_bwd_reference(*args, **kwargs)
+    tol = TOLERANCES[dtype]
+    assert_rows(out[0], ref[0], routing.kept, tol=tol, name="dgate_up_RN")
+    assert_rows(out[1], ref[1], routing.kept, tol=tol, name="hw_RI")
+    assert out[2].dtype == torch.float32
+    assert_close(out[2], ref[2], tol=tol, name="dweights_R")
+    assert (out[2][routing.kept:] == 0).all(), "masked rows' routing-weight gradient is not exact zero"
+
+
+@pytest.mark.parametrize("name,interleaved,n_saved", [
+    ("clamped_swiglu", True, 0), ("clamped_swiglu", True, 100), ("geglu_exact", False, 100), ("relu2", False, 0),
+    ("gelu", False, 100)])
+def test_gate_up_bwd_activations(name, interleaved, n_saved):
+    gated = name in GATED_ACTIVATIONS
+    routing, x_TD, gate_up_proj, down_proj, gate_up_bias = operands("E3-one_expert_all_rows", torch.float32, False,
+                                                                    gated=gated)
+    dy_TD = rand(routing.T, D, dtype=torch.float32)
+    scale_R = torch.rand(routing.R, device=DEVICE)
+    kwargs = dict(act_code=ACTIVATION_CODES[name], gated=gated, interleaved=interleaved, alpha=1.702,
+                  limit=0.75 if name == "clamped_swiglu" else 7.0)
+    _, saved_SN = gate_up_fwd(x_TD, routing.sorted_tokens_R, routing.offsets_E, gate_up_proj, gate_up_bias,
+                              n_saved=saved_rows(routing.R, n_saved), **kwargs)
+    args = (x_TD, dy_TD, routing.sorted_tokens_R, routing.offsets_E, scale_R, gate_up_proj, gate_up_bias, down_proj,
+            saved_SN)
+    for field, out_t, ref_t in zip(["dgate_up_RN", "hw_RI", "dweights_R"], gate_up_bwd(*args, **kwargs),
+                                   reference.gate_up_bwd_reference(*args, **kwargs), strict=True):
+        assert_close(out_t, ref_t, tol=TOLERANCES[torch.float32], name=field)
+
+
+@pytest.mark.parametrize("use", ["d_down_proj", "d_gate_up_proj"])
+@pytest.mark.parametrize("case,dtype,strided", CASES)
+def test_expert_weight_grad(case, dtype, strided, use):
+    routing, x_TD, gate_up_proj, down_proj, _ = operands(case, dtype, strided)
+    E = routing.offsets_E.numel()
+    if use == "d_down_proj":
+        # out[e] = dy[tokens]^T hw (a gathered), dbias[e] = sum of w_r dy[token_r].
+        dy_TD = rand(routing.T, D, dtype=dtype, strided=strided)
+        dy_TD[~routing.keep_T] = float("nan")
+        b_RX = rand(routing.R, I, dtype=dtype)
+        b_RX[routing.kept:] = float("nan")
+        a, b, M, X = dy_TD, b_RX, D, I
+        kwargs = dict(a_rows_R=routing.sorted_tokens_R, bias_scale_R=torch.rand(routing.R, device=DEVICE))
+    else:
+        # out[e] = dgate_up^T x[tokens] (b gathered), dbias[e] = sum of dgate_up rows.
+        a_RN = rand(routing.R, 2 * I, dtype=dtype)
+        a_RN[routing.kept:] = float("nan")
+        a, b, M, X = a_RN, x_TD, 2 * I, D
+        kwargs = dict(b_rows_R=routing.sorted_tokens_R)
+    outs = []
+    for fn in (expert_weight_grad, reference.expert_weight_grad_reference):
+        out_EMX = torch.empty(E, M, X, dtype=dtype, device=DEVICE)
+        dbias_EM = torch.empty(E, M, dtype=dtype, device=DEVICE)
+        assert fn(a, b, routing.offsets_E, out_EMX, dbias_EM=dbias_EM, **kwargs) is out_EMX
+        outs.append((out_EMX, dbias_EM))
+    (out_w, out_b), (ref_w, ref_b) = outs
+    tol = TOLERANCES[dtype]
+    assert_close(out_w, ref_w, tol=tol, name="out_EMN")
+    assert_close(out_b, ref_b, tol=tol, name="dbias_EM")
+    empty_E = torch.diff(routing.offsets_E, prepend=routing.offsets_E.new_zeros(1)) == 0
+    assert (out_w[empty_E] == 0).all() and (out_b[empty_E] == 0).all(), "experts with no rows must get zeros"
+
+
+# The launchers' checks: ValueError naming the field, the bad value and the expected one.
+
+
+def _fwd_inputs(E=3, R=8, dtype=torch.float32):
+    return dict(x_TD=torch.randn(4, 16, dtype=dtype), sorted_tokens_R=torch.arange(R) % 4,
+                offsets_E=torch.tensor([3, 5, R], dtype=torch.int32), gate_up_proj=torch.randn(E, 32, 16, dtype=dtype))
+
+
+BAD_GATE_UP_FWD = {
+    # id: (changes to the gate_up_fwd inputs, expected message)
+    "x_float64": (dict(x_TD=torch.randn(4, 16, dtype=torch.float64)), r"x_TD: expected dtype .* got torch.float64"),
+    "x_3d": (dict(x_TD=torch.randn(1, 4, 16)), r"x_TD: expected shape \[\*, \*\], got \[1, 4, 16\]"),
+    "weights_other_dtype": (dict(gate_up_proj=torch.randn(3, 32, 16, dtype=torch.float16)),
+                            r"gate_up_proj: expected dtype torch.float32, got torch.float16"),
+    "weights_other_D": (dict(gate_up_proj=torch.randn(3, 32, 8)), r"gate_up_proj: expected shape \[\*, \*, 16\]"),
+    "weights_odd_N": (dict(gate_up_proj=torch.randn(3, 31, 16)), r"gate_up_proj: a gated activation needs an even "
+                                                                 r"number of gate/up rows, got N=31"),
+    "offsets_int64": (dict(offsets_E=torch.tensor([3, 5, 8])), r"offsets_E: expected dtype torch.int32, got "
+                                                               r"torch.int64"),
+    "offsets_too_short": (dict(offsets_E=torch.tensor([8], dtype=torch.int32)),
+                          r"offsets_E: expected shape \[3\], got \[1\]"),
+    "tokens_float": (dict(sorted_tokens_R=torch.zeros(8)), r"sorted_tokens_R: expected dtype torch.int64 or "
+                                                           r"torch.int32, got torch.float32"),
+    "bias_wrong_shape": (dict(gate_up_bias=torch.randn(3, 16)), r"gate_up_bias: expected shape \[3, 32\], got "
+                                                                r"\[3, 16\]"),
+    "act_code": (dict(act_code=99), r"act_code: expected one of .* got 99"),
+    "n_saved": (dict(n_saved=9), r"n_saved: expected a row count in \[0, R=8\], got 9"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GATE_UP_FWD), ids=list(BAD_GATE_UP_FWD))
+def test_gate_up_fwd_rejects(case):
+    changes, message = BAD_GATE_UP_FWD[case]
+    i = {**_fwd_inputs(), "gate_up_bias": None, "act_code": SWIGLU, "n_saved": 0, **changes}
+    with pytest.raises(ValueError, match=message):
+        gate_up_fwd(i["x_TD"], i["sorted_tokens_R"], i["offsets_E"], i["gate_up_proj"], i["gate_up_bias"],
+                    act_code=i["act_code"], gated=True, interleaved=False, alpha=1.0, limit=1.0, n_saved=i["n_saved"])
+
+
+def _bwd_inputs(**changes):
+    i = _fwd_inputs()
+    i.update(dy_TD=torch.randn(4, 16), scale_R=torch.ones(8), down_proj=torch.randn(3, 16, 16),
+             saved_SN=torch.empty(0, 32))
+    i.update(changes)
+    return i
+
+
+BAD_GATE_UP_BWD = {
+    "dy_other_shape": (dict(dy_TD=torch.randn(4, 8)), r"dy_TD: expected shape \[4, 16\], got \[4, 8\]"),
+    "down_other_I": (dict(down_proj=torch.randn(3, 16, 8)), r"down_proj: expected shape \[3, 16, 16\], got "
+                                                            r"\[3, 16, 8\]"),
+    "scale_float16": (dict(scale_R=torch.ones(8, dtype=torch.float16)), r"scale_R: expected dtype torch.float32"),
+    "saved_too_many": (dict(saved_SN=torch.empty(9, 32)), r"saved_SN: expected at most R=8 saved rows, got 9"),
+    "saved_other_N": (dict(saved_SN=torch.empty(2, 16)), r"saved_SN: expected shape \[\*, 32\], got \[2, 16\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GATE_UP_BWD), ids=list(BAD_GATE_UP_BWD))
+def test_gate_up_bwd_rejects(case):
+    changes, message = BAD_GATE_UP_BWD[case]
+    i = _bwd_inputs(**changes)
+    with pytest.raises(ValueError, match=message):
+        gate_up_bwd(i["x_TD"], i["dy_TD"], i["sorted_tokens_R"], i["offsets_E"], i["scale_R"], i["gate_up_proj"],
+                    None, i["down_proj"], i["saved_SN"], act_code=SWIGLU, gated=True, interleaved=False, alpha=1.0,
+                    limit=1.0)
+
+
+def test_grouped_gemm_combine_and_weight_grad_reject():
+    offsets_E = torch.tensor([3, 5, 8], dtype=torch.int32)
+    a_RK, b_ENK = torch.randn(8, 16), torch.randn(3, 32, 16)
+    with pytest.raises(ValueError, match=r"scale_R: expected dtype torch.float32, got torch.float16"):
+        grouped_gemm(a_RK, b_ENK, offsets_E, torch.arange(8), torch.empty(8, 32),
+                     scale_R=torch.ones(8, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"out: expected shape \[\*, 32\], got \[8, 16\]"):
+        grouped_gemm(a_RK, b_ENK, offsets_E, torch.arange(8), torch.empty(8, 16))
+    with pytest.raises(ValueError, match=r"bias_EN: expected shape \[3, 32\], got \[32\]"):
+        grouped_gemm(a_RK, b_ENK, offsets_E, torch.arange(8), torch.empty(8, 32), bias_EN=torch.randn(32))
+    with pytest.raises(ValueError, match=r"out_rows_R: expected shape \[8\], got \[7\]"):
+        grouped_gemm(a_RK, b_ENK, offsets_E, torch.arange(7), torch.empty(8, 32))
+    with pytest.raises(ValueError, match=r"out_RC: expected shape \[8, 16\], got \[6, 16\]"):
+        combine(torch.randn(6, 16), torch.empty(4, 16), 2)
+    with pytest.raises(ValueError, match=r"out_RC: expected unit column stride, got strides \(1, 8\)"):
+        combine(torch.randn(16, 8).t(), torch.empty(4, 16), 2)
+    with pytest.raises(ValueError, match=r"token_mask_T: expected dtype torch.bool, got torch.int64"):
+        combine(torch.randn(8, 16), torch.empty(4, 16), 2, torch.ones(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"b: expected shape \[\*, 32\], got \[8, 16\]"):
+        expert_weight_grad(torch.randn(8, 16), torch.randn(8, 16), offsets_E, torch.empty(3, 16, 32))
+    with pytest.raises(ValueError, match=r"offsets_E: expected dtype torch.int32, got torch.int64"):
+        expert_weight_grad(torch.randn(8, 16), torch.randn(8, 32), offsets_E.long(), torch.empty(3, 16, 32))
+    with pytest.raises(ValueError, match=r"dbias_EM: expected shape \[3, 16\], got \[3, 32\]"):
+        expert_weight_grad(torch.randn(8, 16), torch.randn(8, 32), offsets_E, torch.empty(3, 16, 32),
+                           dbias_EM=torch.empty(3, 32))
