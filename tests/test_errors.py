@@ -48,7 +48,7 @@ def call(p, **overrides):
         ({"gate_up_bias": torch.randn(5, 4)}, ValueError, r"gate_up_bias must be \[5, 8\], got \[5, 4\]"),
         ({"down_bias": torch.randn(8)}, ValueError, r"down_bias must be \[5, 8\], got \[8\]"),
         ({"gate_up_proj": torch.randn(5, 8, 8, dtype=torch.float64)}, TypeError,
-         "gate_up_proj dtype torch.float64 does not match x dtype torch.float32"),
+         "gate_up_proj dtype torch.float64 does not match down_proj dtype torch.float32"),
         ({"down_bias": torch.randn(5, 8, dtype=torch.float16)}, TypeError, "down_bias dtype torch.float16"),
         ({"activation": "swish"}, ValueError, "unknown activation 'swish'; expected one of"),
         ({"activation": 3}, TypeError, "activation must be a str or leanmoe.Activation, got int"),

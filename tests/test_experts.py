@@ -204,9 +204,10 @@ def run_masked(problem, backend, token_mask, dy=None, save_percent=0):
     for name, t in (("gub", problem.gate_up_bias), ("db", problem.down_bias)):
         if t is not None:
             leaves[name] = t.detach().clone().requires_grad_(True)
-    y = get_backend(backend)(leaves["x"], problem.topk_ids_TK, leaves["w"], leaves["gu"], leaves["down"],
-                             leaves.get("gub"), leaves.get("db"), activation=problem.activation,
-                             gate_up_layout=problem.gate_up_layout, save_percent=save_percent,
+    weights = leanmoe.ExpertWeights(gate_up_proj=leaves["gu"], down_proj=leaves["down"],
+                                    gate_up_bias=leaves.get("gub"), down_bias=leaves.get("db"),
+                                    activation=problem.activation, gate_up_layout=problem.gate_up_layout)
+    y = get_backend(backend)(leaves["x"], problem.topk_ids_TK, leaves["w"], weights, save_percent=save_percent,
                              token_mask=token_mask)
     if dy is None:
         dy = torch.randn_like(y)
@@ -313,7 +314,9 @@ def test_meta_inputs_give_a_meta_output(backend, masked):
 
     p = make_problem(12, 16, 8, 4, 2, bias=True, device="meta", requires_grad=False)
     mask = torch.ones(12, dtype=torch.bool, device="meta") if masked else None
-    y = get_backend(backend)(*p.args(), **p.kwargs(), save_percent=0, token_mask=mask)
+    weights = leanmoe.ExpertWeights(gate_up_proj=p.gate_up_proj, down_proj=p.down_proj, gate_up_bias=p.gate_up_bias,
+                                    down_bias=p.down_bias, **p.kwargs())
+    y = get_backend(backend)(p.x_TD, p.topk_ids_TK, p.topk_weights_TK, weights, save_percent=0, token_mask=mask)
     assert y.device.type == "meta" and y.shape == (12, 16) and y.dtype == torch.float32
     y = leanmoe.moe_experts(*p.args(), **p.kwargs(), backend=backend)
     assert y.device.type == "meta" and y.shape == (12, 16)

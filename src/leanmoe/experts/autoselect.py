@@ -30,7 +30,8 @@ import warnings
 import torch
 
 from leanmoe.experts import registry
-from leanmoe.experts.registry import ExpertsBackend, ExpertsCall, available_backends, get_backend
+from leanmoe.experts.registry import ExpertsBackend, ExpertsCall, available_backends, capability_reason, get_backend
+from leanmoe.experts.weights import ExpertWeights
 
 ENV_SWITCH = "LEANMOE_AUTOSELECT"
 ENV_CACHE_DIR = "LEANMOE_CACHE_DIR"
@@ -75,7 +76,19 @@ def bucket_key(call: ExpertsCall) -> str:
     return (f"T{token_bucket(call.num_tokens)}-E{call.num_experts}-D{call.dim}-I{call.hidden_dim}-K{call.top_k}-"
             f"{str(call.dtype).removeprefix('torch.')}-{act_name}-{call.gate_up_layout}-"
             f"bias{int(call.has_gate_up_bias)}{int(call.has_down_bias)}-"
-            f"mask{int(getattr(call, 'has_token_mask', False))}-{mode}")
+            f"mask{int(getattr(call, 'has_token_mask', False))}-{mode}{_extras(call)}")
+
+
+def _extras(call: ExpertsCall) -> str:
+    # Only calls that differ from those of the first cache version get a suffix: existing entries keep their keys.
+    extras = ""
+    if call.weight_dtype is not None and call.weight_dtype != call.dtype:
+        extras += f"-w{str(call.weight_dtype).removeprefix('torch.')}"
+    if call.has_lora:
+        extras += "-lora"
+    if call.has_scales:
+        extras += "-scales"
+    return extras
 
 
 def _version(package: str) -> str:
@@ -160,7 +173,7 @@ def candidates(call: ExpertsCall) -> list[ExpertsBackend]:
     out = []
     for name in available_backends():
         backend = get_backend(name)
-        if name == "reference" or backend.missing_packages():
+        if name == "reference" or backend.missing_packages() or capability_reason(backend, call) is not None:
             continue
         reason_of = getattr(backend, "candidate_reason", backend.auto_unsupported_reason)
         if reason_of(call) is None:
@@ -200,6 +213,9 @@ def choose(call: ExpertsCall) -> tuple[ExpertsBackend, str] | None:
             f"runs the fastest; until then the priority order would take {names[0]!r}")
 
 
+_WEIGHT_TENSORS = ("gate_up_proj", "down_proj", "gate_up_bias", "down_bias", "gate_up_scale", "down_scale")
+
+
 class MeasuringBackend(ExpertsBackend):
     """Stand-in that ``auto`` returns for a bucket not measured yet: times the candidates on the call's own
     tensors, records the fastest and runs it."""
@@ -209,10 +225,10 @@ class MeasuringBackend(ExpertsBackend):
     def __init__(self, env: str, key: str, cands: list[ExpertsBackend], requires_grad: bool):
         self.env, self.key, self.cands, self.requires_grad = env, key, cands, requires_grad
 
-    def __call__(self, x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias, *,
-                 activation, gate_up_layout, save_percent, token_mask=None):
-        args = (x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias)
-        kwargs = dict(activation=activation, gate_up_layout=gate_up_layout, save_percent=save_percent)
+    def __call__(self, x_TD, topk_ids_TK, topk_weights_TK, weights: ExpertWeights, *, save_percent,
+                 token_mask=None):
+        args = (x_TD, topk_ids_TK, topk_weights_TK, weights)
+        kwargs = dict(save_percent=save_percent)
         if token_mask is not None:
             kwargs["token_mask"] = token_mask
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
@@ -225,9 +241,13 @@ class MeasuringBackend(ExpertsBackend):
     def measure(self, args, kwargs) -> Measurement:
         # Detached leaves with the same data: the candidates' backward passes stop at them and never touch the
         # caller's autograd graph (whose saved tensors a backward through it would free).
-        args = tuple(t.detach().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) and t.is_floating_point()
-                     else t for t in args)
-        inputs = [t for t in (args[0], *args[2:]) if t is not None and t.requires_grad]
+        def leaf(t):
+            return t.detach().requires_grad_(t.requires_grad) if t is not None and t.is_floating_point() else t
+
+        x_TD, topk_ids_TK, topk_weights_TK, weights = args
+        weights = dataclasses.replace(weights, **{f: leaf(getattr(weights, f)) for f in _WEIGHT_TENSORS})
+        args = (leaf(x_TD), topk_ids_TK, leaf(topk_weights_TK), weights)
+        inputs = [t for t in (args[0], args[2], *weights.tensors()) if t.requires_grad]
         times = {}
         for backend in self.cands:
             if self.requires_grad:

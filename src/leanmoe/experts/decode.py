@@ -29,7 +29,8 @@ from typing import Optional
 import torch
 
 from leanmoe.experts.plan import plan_experts
-from leanmoe.experts.registry import ExpertsBackend, ExpertsCall, cuda_capability, register_backend
+from leanmoe.experts.registry import ExpertsBackend, ExpertsCall, cuda_capability, same_dtype_reason
+from leanmoe.experts.weights import ExpertWeights
 
 Tensor = torch.Tensor
 
@@ -97,6 +98,9 @@ class TritonDecodeBackend(ExpertsBackend):
             return f"{call.num_tokens * call.top_k} routed rows (T*K) > {MAX_ROWS}: the decode path is for few tokens"
         if call.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return f"dtype {call.dtype} (needs bfloat16, float16 or float32)"
+        reason = same_dtype_reason(call)
+        if reason is not None:
+            return reason
         if call.device.type == "cuda":
             major, minor = cuda_capability(call.device.index)
             if major < 8:
@@ -127,15 +131,14 @@ class TritonDecodeBackend(ExpertsBackend):
             reason = f"T={call.num_tokens} > {AUTO_MAX_TOKENS} and no measurement for this shape bucket"
         return reason
 
-    def __call__(self, x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias, *,
-                 activation, gate_up_layout, save_percent, token_mask=None):
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
-                x_TD, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias)):
+    def __call__(self, x_TD, topk_ids_TK, topk_weights_TK, weights: ExpertWeights, *, save_percent,
+                 token_mask=None):
+        if torch.is_grad_enabled() and (x_TD.requires_grad or topk_weights_TK.requires_grad
+                                        or any(t.requires_grad for t in weights.tensors())):
             raise ValueError("backend 'triton_decode' is forward only: got inputs that require grad with grad mode "
                              "on; use torch.no_grad()/inference_mode, or a training backend")
-        return triton_decode_fwd(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias,
-                                 down_bias, token_mask, activation.name, activation.gated, float(activation.alpha),
-                                 float(activation.limit), gate_up_layout)
-
-
-register_backend(TritonDecodeBackend())
+        activation = weights.activation
+        return triton_decode_fwd(x_TD, topk_ids_TK, topk_weights_TK, weights.gate_up_proj, weights.down_proj,
+                                 weights.gate_up_bias, weights.down_bias, token_mask, activation.name,
+                                 activation.gated, float(activation.alpha), float(activation.limit),
+                                 weights.gate_up_layout)

@@ -7,19 +7,13 @@ from __future__ import annotations
 
 import torch
 
-from leanmoe.activations import Activation, check_layout, resolve_activation
+from leanmoe.activations import Activation
 from leanmoe.config import check_save_percent
-from leanmoe.experts.registry import ExpertsCall, select_backend
+from leanmoe.experts.registry import ExpertsCall, describe_weights, select_backend
+from leanmoe.experts.weights import ExpertWeights, require_tensor, shape_str
 
-
-def _shape(t: torch.Tensor) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]"
-
-
-def _require_tensor(name: str, t: object) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    return t
+# The names before weights.py held them; kept for importers.
+_shape, _require_tensor = shape_str, require_tensor
 
 
 def check_token_mask(token_mask: object, shape: tuple[int, ...], device: torch.device,
@@ -40,72 +34,68 @@ def check_token_mask(token_mask: object, shape: tuple[int, ...], device: torch.d
     return token_mask
 
 
-def describe_call(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias=None, down_bias=None,
-                  *, activation: str | Activation = "swiglu", gate_up_layout: str = "concatenated",
-                  save_percent: float = 0, token_mask: torch.Tensor | None = None) -> ExpertsCall:
-    """Validates a call's arguments (those of :func:`moe_experts`) and describes it for backend selection.
+def describe_call(x_TD, topk_ids_TK, topk_weights_TK, weights, *legacy_args, save_percent: float = 0,
+                  token_mask: torch.Tensor | None = None, **legacy_kwargs) -> ExpertsCall:
+    """Validates a call's arguments and describes it for backend selection.
 
-    Raises ``TypeError``/``ValueError`` naming the bad and the expected value; never reads tensor data.
+    ``describe_call(x_TD, topk_ids_TK, topk_weights_TK, weights: ExpertWeights, *, save_percent=0,
+    token_mask=None)``; the form of :func:`moe_experts` works too: ``describe_call(x_TD, topk_ids_TK,
+    topk_weights_TK, gate_up_proj, down_proj, gate_up_bias=None, down_bias=None, *, activation="swiglu",
+    gate_up_layout="concatenated", save_percent=0, token_mask=None)``.
+
+    Checks the inputs against the weights (shapes, devices) and derives the rest from the weights; dtype rules are
+    the backends' (:meth:`leanmoe.ExpertsBackend.unsupported_reason`). Raises ``TypeError``/``ValueError`` naming
+    the bad and the expected value; never reads tensor data.
     """
-    activation = resolve_activation(activation)
-    check_layout(gate_up_layout)
+    if not isinstance(weights, ExpertWeights):
+        weights = _legacy_weights(weights, *legacy_args, **legacy_kwargs)
+    elif legacy_args or legacy_kwargs:
+        raise TypeError(f"describe_call with an ExpertWeights takes only save_percent and token_mask as keywords, "
+                        f"got {len(legacy_args)} more positional arguments and {sorted(legacy_kwargs)}")
     check_save_percent(save_percent)
-    for name, t in (("x", x_TD), ("topk_ids", topk_ids_TK), ("topk_weights", topk_weights_TK),
-                    ("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
-        _require_tensor(name, t)
+    for name, t in (("x", x_TD), ("topk_ids", topk_ids_TK), ("topk_weights", topk_weights_TK)):
+        require_tensor(name, t)
     if not x_TD.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got dtype {x_TD.dtype}")
     if x_TD.dim() != 2:
-        raise ValueError(f"x must be [T, D], got shape {_shape(x_TD)}")
+        raise ValueError(f"x must be [T, D], got shape {shape_str(x_TD)}")
     if topk_ids_TK.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"topk_ids must be int32 or int64, got dtype {topk_ids_TK.dtype}")
     if not topk_weights_TK.is_floating_point():
         raise TypeError(f"topk_weights must be a floating-point tensor, got dtype {topk_weights_TK.dtype}")
     if topk_ids_TK.dim() != 2 or topk_ids_TK.shape[0] != x_TD.shape[0]:
-        raise ValueError(f"topk_ids must be [T, K] with T={x_TD.shape[0]}, got shape {_shape(topk_ids_TK)}")
+        raise ValueError(f"topk_ids must be [T, K] with T={x_TD.shape[0]}, got shape {shape_str(topk_ids_TK)}")
     if topk_weights_TK.shape != topk_ids_TK.shape:
-        raise ValueError(f"topk_weights must have the shape of topk_ids {_shape(topk_ids_TK)}, "
-                         f"got {_shape(topk_weights_TK)}")
-    if gate_up_proj.dim() != 3:
-        raise ValueError(f"gate_up_proj must be [E, 2I, D] (gated) or [E, I, D], got shape {_shape(gate_up_proj)}")
-    if down_proj.dim() != 3:
-        raise ValueError(f"down_proj must be [E, D, I], got shape {_shape(down_proj)}")
-    E, N, D = gate_up_proj.shape
+        raise ValueError(f"topk_weights must have the shape of topk_ids {shape_str(topk_ids_TK)}, "
+                         f"got {shape_str(topk_weights_TK)}")
+    E, D = weights.num_experts, weights.dim
     if D != x_TD.shape[1]:
-        raise ValueError(f"gate_up_proj {_shape(gate_up_proj)} expects D={D}, but x is {_shape(x_TD)}")
-    I = down_proj.shape[2]
-    expected_N = 2 * I if activation.gated else I
-    if down_proj.shape[:2] != (E, D) or N != expected_N:
-        raise ValueError(
-            f"for activation {activation.name!r} expected gate_up_proj [E, {'2I' if activation.gated else 'I'}, D] "
-            f"= [{E}, {expected_N}, {D}] and down_proj [E, D, I] = [{E}, {D}, {I}], "
-            f"got gate_up_proj {_shape(gate_up_proj)} and down_proj {_shape(down_proj)}")
+        raise ValueError(f"gate_up_proj {shape_str(weights.gate_up_proj)} expects D={D}, but x is {shape_str(x_TD)}")
     K = topk_ids_TK.shape[1]
     if not 1 <= K <= E:
         raise ValueError(f"top-k must be in [1, E={E}], got K={K}")
-    for name, bias, expected in (("gate_up_bias", gate_up_bias, (E, N)), ("down_bias", down_bias, (E, D))):
-        if bias is None:
-            continue
-        _require_tensor(name, bias)
-        if tuple(bias.shape) != expected:
-            raise ValueError(f"{name} must be {list(expected)}, got {_shape(bias)}")
-    params = [("gate_up_proj", gate_up_proj), ("down_proj", down_proj), ("gate_up_bias", gate_up_bias),
-              ("down_bias", down_bias)]
-    for name, t in params:
-        if t is not None and t.dtype != x_TD.dtype:
-            raise TypeError(f"{name} dtype {t.dtype} does not match x dtype {x_TD.dtype}")
-    for name, t in params + [("topk_ids", topk_ids_TK), ("topk_weights", topk_weights_TK)]:
-        if t is not None and t.device != x_TD.device:
+    # The weights share gate_up_proj's device (ExpertWeights checks): a mismatch names the first tensor off x's.
+    for name, t in (("gate_up_proj", weights.gate_up_proj), ("topk_ids", topk_ids_TK),
+                    ("topk_weights", topk_weights_TK)):
+        if t.device != x_TD.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x_TD.device}")
+    lora = weights.active_lora
+    if lora is not None:
+        for name, p in lora.named_parameters(recurse=False):
+            if p.device != x_TD.device:
+                raise ValueError(f"lora.{name} is on {p.device} but x is on {x_TD.device}")
     if token_mask is not None:
         check_token_mask(token_mask, (x_TD.shape[0],), x_TD.device)
-    requires_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x_TD, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias,
-                                                    down_bias))
-    return ExpertsCall(device=x_TD.device, dtype=x_TD.dtype, num_tokens=x_TD.shape[0], dim=D, hidden_dim=I,
-                       num_experts=E, top_k=K, activation=activation, gate_up_layout=gate_up_layout,
-                       has_gate_up_bias=gate_up_bias is not None, has_down_bias=down_bias is not None,
-                       save_percent=save_percent, requires_grad=requires_grad, has_token_mask=token_mask is not None)
+    requires_grad = weights.requires_grad() or (torch.is_grad_enabled() and (
+        x_TD.requires_grad or topk_weights_TK.requires_grad))
+    return describe_weights(weights, num_tokens=x_TD.shape[0], top_k=K, save_percent=save_percent,
+                            requires_grad=requires_grad, dtype=x_TD.dtype, has_token_mask=token_mask is not None)
+
+
+def _legacy_weights(gate_up_proj, down_proj, gate_up_bias=None, down_bias=None, *,
+                    activation: str | Activation = "swiglu", gate_up_layout: str = "concatenated") -> ExpertWeights:
+    return ExpertWeights(gate_up_proj=gate_up_proj, down_proj=down_proj, gate_up_bias=gate_up_bias,
+                         down_bias=down_bias, activation=activation, gate_up_layout=gate_up_layout)
 
 
 def check_expert_ids(topk_ids_TK: torch.Tensor, num_experts: int) -> None:
@@ -146,7 +136,9 @@ def moe_experts(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: 
             gradients (its dx row, its routing-weight gradients) are exactly 0; the expert weights get no gradient
             from it. A mask of any other shape, dtype or device raises (it is never broadcast).
         lora: optional :class:`leanmoe.ExpertLoRA` adapting the experts (see :mod:`leanmoe.lora`); only the
-            backends in ``leanmoe.lora.compute.LORA_BACKENDS`` take it (another named backend raises).
+            backends that take adapters (``takes_lora``: ``leanmoe.lora.LORA_BACKENDS``) run it, ``auto`` picks
+            among them, and another named backend raises. A merged adapter runs on any backend (it is in the
+            weights already).
 
     Every tensor may be on the meta device: the output is then a meta ``[T, D]`` tensor and no data is read.
 
@@ -157,18 +149,22 @@ def moe_experts(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: 
         TypeError, ValueError: for any argument outside what is listed above, naming the argument, the bad value
             and the expected one; ``ValueError`` when the named backend cannot run the call (with its reason).
     """
-    call = describe_call(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias,
-                         activation=activation, gate_up_layout=gate_up_layout, save_percent=save_percent,
+    weights = ExpertWeights(gate_up_proj=gate_up_proj, down_proj=down_proj, gate_up_bias=gate_up_bias,
+                            down_bias=down_bias, activation=activation, gate_up_layout=gate_up_layout, lora=lora)
+    return run_experts(x_TD, topk_ids_TK, topk_weights_TK, weights, backend=backend, save_percent=save_percent,
+                       check_ids=check_ids, token_mask=token_mask)
+
+
+def run_experts(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
+                weights: ExpertWeights, *, backend: str = "auto", save_percent: float = 0,
+                check_ids: bool | None = None, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`moe_experts` on an :class:`ExpertWeights` (its ``lora`` included): ``y_TD [T, D]`` in x's dtype.
+    The same checks, selection and errors."""
+    call = describe_call(x_TD, topk_ids_TK, topk_weights_TK, weights, save_percent=save_percent,
                          token_mask=token_mask)
     if check_ids or (check_ids is None and x_TD.device.type == "cpu" and not torch.compiler.is_compiling()):
         check_expert_ids(topk_ids_TK, call.num_experts)
-    if lora is not None:
-        from leanmoe.lora.compute import lora_moe_experts  # here: leanmoe.lora imports this module
-
-        return lora_moe_experts(call, backend, x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj,
-                                gate_up_bias, down_bias, lora=lora, token_mask=token_mask)
     impl, _ = select_backend(backend, call)
     # Passed only when given, so a backend registered before masks existed still runs every unmasked call.
     mask_kw = {} if token_mask is None else {"token_mask": token_mask}
-    return impl(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias,
-                activation=call.activation, gate_up_layout=gate_up_layout, save_percent=save_percent, **mask_kw)
+    return impl(x_TD, topk_ids_TK, topk_weights_TK, weights, save_percent=save_percent, **mask_kw)

@@ -40,7 +40,8 @@ import torch
 
 from leanmoe.activations import Activation, activation_backward, apply_activation
 from leanmoe.experts.plan import ExpertPlan, check_token_mask, plan_experts
-from leanmoe.experts.registry import ExpertsBackend, ExpertsCall, cuda_capability, register_backend
+from leanmoe.experts.registry import ExpertsBackend, ExpertsCall, cuda_capability, same_dtype_reason
+from leanmoe.experts.weights import ExpertWeights
 
 Tensor = torch.Tensor
 
@@ -259,16 +260,21 @@ def grouped_mm_moe_experts(x_TD: Tensor, topk_ids_TK: Tensor, topk_weights_TK: T
 
 class GroupedMMBackend(ExpertsBackend):
     """``torch._grouped_mm`` on CPU (float32, float16, bfloat16; eager and under ``torch.compile``) and on CUDA
-    (bfloat16, compute capability 9.0+). Rows must be 16-byte aligned: D and I multiples of 16 / itemsize."""
+    (bfloat16, compute capability 9.0+), weights in x's dtype. Rows must be 16-byte aligned: D and I multiples of
+    16 / itemsize. Takes LoRA adapters (:func:`leanmoe.lora.compute.grouped_mm_lora_experts`)."""
 
     name = "grouped_mm"
     priority = 10
+    takes_lora = True
 
     def unsupported_reason(self, call: ExpertsCall) -> str | None:
         if not hasattr(torch, "_grouped_mm"):
             return f"torch {torch.__version__} has no torch._grouped_mm"
         if call.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return f"dtype {call.dtype} (needs float32, float16 or bfloat16)"
+        reason = same_dtype_reason(call)
+        if reason is not None:
+            return reason
         itemsize = torch.finfo(call.dtype).bits // 8
         if (call.dim * itemsize) % 16 or (call.hidden_dim * itemsize) % 16:
             return (f"torch._grouped_mm needs 16-byte rows: D and I multiples of {16 // itemsize} for {call.dtype}, "
@@ -281,13 +287,19 @@ class GroupedMMBackend(ExpertsBackend):
                 return f"on CUDA torch._grouped_mm needs compute capability >= 9.0, got {major}.x"
         elif call.device.type not in ("cpu", "meta"):
             return f"device {call.device.type} is not supported"
+        if call.has_lora and call.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+            # The LoRA path calls torch._grouped_mm itself, and its fake (tracing) kernel accepts bfloat16 only.
+            return f"under torch.compile the LoRA path's torch._grouped_mm needs bfloat16, got {call.dtype}"
         return None
 
-    def __call__(self, x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias, *,
-                 activation, gate_up_layout, save_percent, token_mask=None):
-        return grouped_mm_moe_experts(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias,
-                                      down_bias, activation=activation, gate_up_layout=gate_up_layout,
-                                      save_percent=save_percent, token_mask=token_mask)
+    def __call__(self, x_TD, topk_ids_TK, topk_weights_TK, weights: ExpertWeights, *, save_percent,
+                 token_mask=None):
+        if weights.active_lora is not None:
+            from leanmoe.lora import compute  # here: leanmoe.lora imports the experts package
 
-
-register_backend(GroupedMMBackend())
+            return compute.run_lora(compute.grouped_mm_lora_experts, x_TD, topk_ids_TK, topk_weights_TK, weights,
+                                    token_mask)
+        return grouped_mm_moe_experts(x_TD, topk_ids_TK, topk_weights_TK, weights.gate_up_proj, weights.down_proj,
+                                      weights.gate_up_bias, weights.down_bias, activation=weights.activation,
+                                      gate_up_layout=weights.gate_up_layout, save_percent=save_percent,
+                                      token_mask=token_mask)

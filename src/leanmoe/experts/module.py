@@ -12,9 +12,18 @@ import torch
 import torch.nn as nn
 
 from leanmoe.activations import Activation, check_layout, resolve_activation
-from leanmoe.config import MoEConfig, check_backend_name, check_bool, check_int, check_save_percent
+from leanmoe.config import (
+    ExpertsConfig,
+    MoEConfig,
+    check_backend_name,
+    check_bool,
+    check_int,
+    check_save_percent,
+    split_config,
+)
 from leanmoe.experts.functional import describe_call, moe_experts
-from leanmoe.experts.registry import ExpertsCall, check_backend_for_module, explain_backend
+from leanmoe.experts.registry import ExpertsCall, check_backend_for_module, describe_weights, explain_backend
+from leanmoe.experts.weights import ExpertWeights  # also importable from here, where it was defined first
 
 
 def check_param_dtype(dtype: object) -> None:
@@ -25,23 +34,6 @@ def check_param_dtype(dtype: object) -> None:
         raise TypeError(f"dtype must be a torch.dtype or None, got {type(dtype).__name__} ({dtype!r})")
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
-
-
-@dataclasses.dataclass(frozen=True)
-class ExpertWeights:
-    """An experts module's weights as views in leanmoe's layout, plus how to apply them.
-
-    Any module whose forward is ``(x_TD, topk_ids_TK, topk_weights_TK) -> y_TD`` and that has an
-    ``expert_weights()`` method returning this is an *experts module* to leanmoe's tools (calibration, benchmarks):
-    :class:`GroupedExperts`, and Hugging Face experts modules once :func:`leanmoe.hf.patch` has patched them.
-    """
-
-    gate_up_proj: torch.Tensor  # [E, N, D]
-    down_proj: torch.Tensor  # [E, D, I]
-    gate_up_bias: torch.Tensor | None  # [E, N]
-    down_bias: torch.Tensor | None  # [E, D]
-    activation: Activation
-    gate_up_layout: str
 
 
 class GroupedExperts(nn.Module):
@@ -84,18 +76,18 @@ class GroupedExperts(nn.Module):
 
     def _one_token_call(self) -> ExpertsCall:
         """A training call of this module on one token with top-1, for the construction-time backend check."""
-        E, N, D = self.gate_up_proj.shape
-        return ExpertsCall(device=self.gate_up_proj.device, dtype=self.gate_up_proj.dtype, num_tokens=1, dim=D,
-                           hidden_dim=self.down_proj.shape[2], num_experts=E, top_k=1, activation=self.activation,
-                           gate_up_layout=self.gate_up_layout, has_gate_up_bias=self.gate_up_bias is not None,
-                           has_down_bias=self.down_bias is not None, save_percent=self.save_percent,
-                           requires_grad=True)
+        return describe_weights(self.expert_weights(), num_tokens=1, top_k=1, save_percent=self.save_percent,
+                                requires_grad=True)
 
     @classmethod
-    def from_config(cls, config: MoEConfig, *, device=None, dtype=None) -> GroupedExperts:
-        return cls(num_experts=config.num_experts, dim=config.dim, hidden_dim=config.hidden_dim,
-                   activation=config.activation, gate_up_layout=config.gate_up_layout, bias=config.bias,
-                   backend=config.backend, save_percent=config.save_percent, device=device, dtype=dtype)
+    def from_config(cls, config: ExpertsConfig | MoEConfig, *, dim: int | None = None, device=None,
+                    dtype=None) -> GroupedExperts:
+        """The experts of an :class:`leanmoe.ExpertsConfig` with the model ``dim``, or of a
+        :class:`leanmoe.MoEConfig` (its ``experts`` and ``dim``)."""
+        experts, D = split_config(config, dim, ExpertsConfig)
+        return cls(num_experts=experts.num_experts, dim=D, hidden_dim=experts.hidden_dim,
+                   activation=experts.activation, gate_up_layout=experts.gate_up_layout, bias=experts.bias,
+                   backend=experts.backend, save_percent=experts.save_percent, device=device, dtype=dtype)
 
     @property
     def num_experts(self) -> int:
@@ -121,15 +113,16 @@ class GroupedExperts(nn.Module):
                            token_mask=token_mask, lora=self.lora)
 
     def expert_weights(self) -> ExpertWeights:
-        return ExpertWeights(self.gate_up_proj, self.down_proj, self.gate_up_bias, self.down_bias, self.activation,
-                             self.gate_up_layout)
+        """The parameters as an :class:`ExpertWeights` (the parameters themselves, no copy; without the adapter,
+        which :attr:`lora` holds)."""
+        return ExpertWeights(gate_up_proj=self.gate_up_proj, down_proj=self.down_proj, gate_up_bias=self.gate_up_bias,
+                             down_bias=self.down_bias, activation=self.activation, gate_up_layout=self.gate_up_layout)
 
     def explain_backend(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor, *,
                         token_mask: torch.Tensor | None = None) -> str:
         """Which backend ``forward`` would use on these inputs, and why."""
-        call = describe_call(x_TD, topk_ids_TK, topk_weights_TK, self.gate_up_proj, self.down_proj,
-                             self.gate_up_bias, self.down_bias, activation=self.activation,
-                             gate_up_layout=self.gate_up_layout, save_percent=self.save_percent,
+        weights = dataclasses.replace(self.expert_weights(), lora=self.lora)  # as forward passes it
+        call = describe_call(x_TD, topk_ids_TK, topk_weights_TK, weights, save_percent=self.save_percent,
                              token_mask=token_mask)
         return explain_backend(call, self.backend)
 

@@ -7,6 +7,10 @@ For each expert e:
 2. gather those tokens, run ``gate_up_proj[e]`` (+ bias), the activation, ``down_proj[e]`` (+ bias);
 3. scale by the routing weights and ``index_add`` into an output of at least fp32.
 
+Weights in another float dtype than x are cast to x's dtype expert by expert (a copy of one expert at a time), so
+the loop computes what a call with weights cast beforehand computes. With ``weights.lora`` the backend runs
+:func:`leanmoe.lora.compute.reference_lora_experts`, the same loop with the adapters.
+
 Masked tokens (``token_mask`` False) are skipped in step 1: they take no compute, their output rows stay exactly 0
 and their gradients are exactly 0, whatever their x rows hold. On meta tensors the loop (whose ``torch.where`` reads
 the ids) is skipped for an output of the right shape.
@@ -20,7 +24,8 @@ from __future__ import annotations
 import torch
 
 from leanmoe.activations import Activation, apply_activation
-from leanmoe.experts.registry import ExpertsBackend, register_backend
+from leanmoe.experts.registry import ExpertsBackend, ExpertsCall
+from leanmoe.experts.weights import ExpertWeights
 
 
 def reference_moe_experts(
@@ -36,7 +41,8 @@ def reference_moe_experts(
     gate_up_layout: str,
     token_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``[T, D]`` in x's dtype; ``token_mask`` is an optional ``[T]`` bool (True = keep)."""
+    """``[T, D]`` in x's dtype; ``token_mask`` is an optional ``[T]`` bool (True = keep). Weights and biases in
+    any float dtype (cast to x's, one expert at a time)."""
     T, D = x_TD.shape
     if x_TD.device.type == "meta":
         return x_TD.new_empty(T, D)
@@ -48,27 +54,39 @@ def reference_moe_experts(
         else:
             token_idx, slot_idx = torch.where((topk_ids_TK == e) & token_mask[:, None])
         x_eD = x_TD.index_select(0, token_idx)
-        gate_up_eN = x_eD @ gate_up_proj[e].t()
+        # .to is a no-op (no copy) for weights already in x's dtype.
+        gate_up_eN = x_eD @ gate_up_proj[e].to(x_TD.dtype).t()
         if gate_up_bias is not None:
-            gate_up_eN = gate_up_eN + gate_up_bias[e]
+            gate_up_eN = gate_up_eN + gate_up_bias[e].to(x_TD.dtype)
         h_eI = apply_activation(gate_up_eN, activation, gate_up_layout)
-        out_eD = h_eI @ down_proj[e].t()
+        out_eD = h_eI @ down_proj[e].to(x_TD.dtype).t()
         if down_bias is not None:
-            out_eD = out_eD + down_bias[e]
+            out_eD = out_eD + down_bias[e].to(x_TD.dtype)
         weight_e = topk_weights_TK[token_idx, slot_idx].to(acc_dtype)
         y_TD = y_TD.index_add(0, token_idx, out_eD.to(acc_dtype) * weight_e[:, None])
     return y_TD.to(x_TD.dtype)
 
 
 class ReferenceBackend(ExpertsBackend):
+    """The plain loop: every float dtype, every device, LoRA adapters; no per-expert scales."""
+
     name = "reference"
     priority = 0
+    takes_lora = True
 
-    def __call__(self, x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias, *,
-                 activation, gate_up_layout, save_percent, token_mask=None):
-        return reference_moe_experts(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias,
-                                     down_bias, activation=activation, gate_up_layout=gate_up_layout,
-                                     token_mask=token_mask)
+    def unsupported_reason(self, call: ExpertsCall) -> str | None:
+        for what, dtype in (("weight", call.weight_dtype), ("bias", call.bias_dtype)):
+            if dtype is not None and not dtype.is_floating_point:
+                return f"the reference loop takes floating-point weights, got {what} dtype {dtype}"
+        return None
 
+    def __call__(self, x_TD, topk_ids_TK, topk_weights_TK, weights: ExpertWeights, *, save_percent,
+                 token_mask=None):
+        if weights.active_lora is not None:
+            from leanmoe.lora import compute  # here: leanmoe.lora imports the experts package
 
-register_backend(ReferenceBackend())
+            return compute.run_lora(compute.reference_lora_experts, x_TD, topk_ids_TK, topk_weights_TK, weights,
+                                    token_mask)
+        return reference_moe_experts(x_TD, topk_ids_TK, topk_weights_TK, weights.gate_up_proj, weights.down_proj,
+                                     weights.gate_up_bias, weights.down_bias, activation=weights.activation,
+                                     gate_up_layout=weights.gate_up_layout, token_mask=token_mask)

@@ -1,27 +1,39 @@
 """One registry for expert-compute backends.
 
-Each backend declares the optional packages it needs and answers :meth:`ExpertsBackend.unsupported_reason` for a
-described call. ``backend="auto"`` walks the backends by ``priority`` (highest first) and takes the first that
-supports the call; :func:`explain_backend` says which one it took and why the others were passed over.
+Each backend declares the optional packages it needs, whether it takes LoRA adapters and per-expert scales, and
+answers :meth:`ExpertsBackend.unsupported_reason` for a described call (its dtype rules included).
+``backend="auto"`` walks the backends by ``priority`` (highest first) and takes the first that supports the call;
+:func:`explain_backend` says which one it took and why the others were passed over. The built-in backends are
+listed once, in :data:`leanmoe.experts.BUILTIN_BACKENDS`.
+
+Legend: T tokens, D model dim, I expert hidden dim, E experts, K top-k.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import importlib.util
+import inspect
 from typing import ClassVar
 
 import torch
 
 from leanmoe.activations import Activation
+from leanmoe.experts.weights import ExpertWeights
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ExpertsCall:
-    """What a backend needs to know to say whether it supports a call (shapes, dtype, device, options)."""
+    """What a backend needs to know to say whether it supports a call (shapes, dtypes, device, options).
+
+    Derived from the call's :class:`~leanmoe.experts.weights.ExpertWeights` by :func:`describe_weights` (and
+    :func:`leanmoe.describe_call`, which adds the inputs).
+    """
 
     device: torch.device
+    #: x's dtype (the output's).
     dtype: torch.dtype
     num_tokens: int
     dim: int
@@ -36,6 +48,38 @@ class ExpertsCall:
     requires_grad: bool
     #: Whether the call carries a token mask (every backend takes one: ``__call__(..., token_mask=)``).
     has_token_mask: bool = False
+    #: The projections' dtype; None: x's dtype (a description made without weights).
+    weight_dtype: torch.dtype | None = None
+    #: The biases' dtype (None without biases, or: x's dtype).
+    bias_dtype: torch.dtype | None = None
+    #: Whether the weights carry an unmerged LoRA adapter (only backends with ``takes_lora`` run it).
+    has_lora: bool = False
+    #: Whether the weights carry per-expert scales (only backends with ``takes_scales`` run them).
+    has_scales: bool = False
+
+
+def describe_weights(weights: ExpertWeights, *, num_tokens: int, top_k: int, save_percent: float,
+                     requires_grad: bool, dtype: torch.dtype | None = None,
+                     has_token_mask: bool = False) -> ExpertsCall:
+    """The :class:`ExpertsCall` of a call on ``weights`` with ``num_tokens`` tokens in ``dtype`` (default: the
+    weights' dtype); reads no tensor data."""
+    return ExpertsCall(device=weights.device, dtype=weights.dtype if dtype is None else dtype,
+                       num_tokens=num_tokens, dim=weights.dim, hidden_dim=weights.hidden_dim,
+                       num_experts=weights.num_experts, top_k=top_k, activation=weights.activation,
+                       gate_up_layout=weights.gate_up_layout, has_gate_up_bias=weights.gate_up_bias is not None,
+                       has_down_bias=weights.down_bias is not None, save_percent=save_percent,
+                       requires_grad=requires_grad, has_token_mask=has_token_mask, weight_dtype=weights.dtype,
+                       bias_dtype=weights.bias_dtype, has_lora=weights.active_lora is not None,
+                       has_scales=weights.has_scales)
+
+
+def same_dtype_reason(call: ExpertsCall) -> str | None:
+    """The dtype rule of a backend whose kernels take the weights in x's dtype: None when they are, else why."""
+    for names, dtype in (("gate_up_proj and down_proj", call.weight_dtype), ("the biases", call.bias_dtype)):
+        if dtype is not None and dtype != call.dtype:
+            return (f"{names} dtype {dtype} does not match x dtype {call.dtype} (this backend takes weights in "
+                    f"x's dtype)")
+    return None
 
 
 @torch.compiler.assume_constant_result
@@ -51,8 +95,53 @@ def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def _weights_of(args: tuple, kwargs: dict) -> ExpertWeights:
+    """The ExpertWeights of a backend call's arguments after ``topk_weights_TK``: ``(weights,)``, or the form before
+    ExpertWeights, ``(gate_up_proj, down_proj, gate_up_bias, down_bias)`` with ``activation=`` and
+    ``gate_up_layout=`` (popped from ``kwargs``)."""
+    if len(args) == 1 and isinstance(args[0], ExpertWeights):
+        return args[0]
+    if "weights" in kwargs and not args:
+        return kwargs.pop("weights")
+    if len(args) != 4:
+        raise TypeError(f"an experts backend takes (x_TD, topk_ids_TK, topk_weights_TK, weights: ExpertWeights, *, "
+                        f"save_percent, token_mask=None), got {3 + len(args)} positional arguments")
+    gate_up_proj, down_proj, gate_up_bias, down_bias = args
+    return ExpertWeights(gate_up_proj=gate_up_proj, down_proj=down_proj, gate_up_bias=gate_up_bias,
+                         down_bias=down_bias, activation=kwargs.pop("activation"),
+                         gate_up_layout=kwargs.pop("gate_up_layout"))
+
+
+def _adapt_call(fn, legacy: bool):
+    """Wraps a subclass's ``__call__`` so that it takes both call forms (see :class:`ExpertsBackend`)."""
+
+    @functools.wraps(fn)
+    def __call__(self, x_TD, topk_ids_TK, topk_weights_TK, *args, **kwargs):
+        weights = _weights_of(args, kwargs)
+        if not legacy:
+            return fn(self, x_TD, topk_ids_TK, topk_weights_TK, weights, **kwargs)
+        if kwargs.get("token_mask", False) is None:
+            del kwargs["token_mask"]  # a backend written before masks existed still runs every unmasked call
+        return fn(self, x_TD, topk_ids_TK, topk_weights_TK, weights.gate_up_proj, weights.down_proj,
+                  weights.gate_up_bias, weights.down_bias, activation=weights.activation,
+                  gate_up_layout=weights.gate_up_layout, **kwargs)
+
+    __call__._leanmoe_adapted = True  # type: ignore[attr-defined]
+    return __call__
+
+
 class ExpertsBackend(abc.ABC):
-    """A way to compute ``y_TD = sum_k w_tk * expert_{ids_tk}(x_t)``; see :func:`leanmoe.moe_experts`."""
+    """A way to compute ``y_TD = sum_k w_tk * expert_{ids_tk}(x_t)``; see :func:`leanmoe.moe_experts`.
+
+    A backend is a subclass with a ``name``, a ``priority``, its capabilities (``takes_lora``, ``takes_scales``),
+    an :meth:`unsupported_reason` (dtypes, devices, shapes it cannot run) and a ``__call__`` taking the
+    :class:`~leanmoe.experts.weights.ExpertWeights`; register an instance with :func:`register_backend`.
+
+    Compatibility: a ``__call__`` also accepts the form before ExpertWeights, ``(x_TD, topk_ids_TK,
+    topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias, *, activation, gate_up_layout,
+    save_percent, token_mask=None)``, and a subclass whose ``__call__`` is written in that form still works: it
+    is handed the unpacked weights, and its support check gets the rule of that time (weights in x's dtype).
+    """
 
     name: ClassVar[str]
     #: Higher runs first under ``backend="auto"``.
@@ -60,13 +149,35 @@ class ExpertsBackend(abc.ABC):
     #: Importable modules the backend needs, and the pip extra that brings them.
     requires: ClassVar[tuple[str, ...]] = ()
     extra: ClassVar[str | None] = None
+    #: Whether ``__call__`` applies ``weights.lora`` (an unmerged :class:`leanmoe.ExpertLoRA`).
+    takes_lora: ClassVar[bool] = False
+    #: Whether ``__call__`` applies ``weights.gate_up_scale``/``down_scale`` (a quantized backend).
+    takes_scales: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        fn = cls.__dict__.get("__call__")
+        if fn is None or getattr(fn, "_leanmoe_adapted", False):
+            return
+        params = list(inspect.signature(fn).parameters)
+        legacy = len(params) > 4 and params[4] == "gate_up_proj"
+        cls.__call__ = _adapt_call(fn, legacy)
+        if legacy:
+            own_reason = cls.unsupported_reason
+
+            def unsupported_reason(self, call: ExpertsCall) -> str | None:
+                return same_dtype_reason(call) or own_reason(self, call)
+
+            cls.unsupported_reason = unsupported_reason
 
     def missing_packages(self) -> list[str]:
         return [m for m in self.requires if not _importable(m)]
 
     def unsupported_reason(self, call: ExpertsCall) -> str | None:
-        """``None`` when the backend can run ``call``, else a short reason."""
-        return None
+        """``None`` when the backend can run ``call``, else a short reason. The registry has already checked the
+        capabilities (``takes_lora``, ``takes_scales``) and packages; the dtype rules are the backend's own
+        (:func:`same_dtype_reason` for kernels that take weights in x's dtype)."""
+        return same_dtype_reason(call)
 
     def auto_unsupported_reason(self, call: ExpertsCall) -> str | None:
         """Like :meth:`unsupported_reason`, for ``backend="auto"``; a backend may run a call when named but not
@@ -74,26 +185,16 @@ class ExpertsBackend(abc.ABC):
         return self.unsupported_reason(call)
 
     @abc.abstractmethod
-    def __call__(
-        self,
-        x_TD: torch.Tensor,
-        topk_ids_TK: torch.Tensor,
-        topk_weights_TK: torch.Tensor,
-        gate_up_proj: torch.Tensor,
-        down_proj: torch.Tensor,
-        gate_up_bias: torch.Tensor | None,
-        down_bias: torch.Tensor | None,
-        *,
-        activation: Activation,
-        gate_up_layout: str,
-        save_percent: float,
-        token_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Validated inputs (see :func:`leanmoe.moe_experts`); returns ``y_TD [T, D]`` in x's dtype.
+    def __call__(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
+                 weights: ExpertWeights, *, save_percent: float,
+                 token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Validated inputs (see :func:`leanmoe.moe_experts`) that this backend supports; returns ``y_TD [T, D]``
+        in x's dtype.
 
-        ``token_mask`` (``[T]`` bool or None, True = keep; passed only when not None): masked tokens take no routed
-        rows, give exactly zero output rows and exactly zero gradients (see
-        :func:`leanmoe.experts.plan.plan_experts`). On meta tensors a backend returns a meta output without
+        ``x_TD [T, D]`` float, ``topk_ids_TK [T, K]`` int32/int64 in ``[0, E)``, ``topk_weights_TK [T, K]``
+        float, ``weights`` the experts (shapes checked, on x's device). ``token_mask`` (``[T]`` bool or None,
+        True = keep): masked tokens take no routed rows, give exactly zero output rows and exactly zero gradients
+        (see :func:`leanmoe.experts.plan.plan_experts`). On meta tensors a backend returns a meta output without
         reading data.
         """
 
@@ -123,12 +224,37 @@ def get_backend(name: str) -> ExpertsBackend:
     return _BACKENDS[name]
 
 
-def _reason(backend: ExpertsBackend, call: ExpertsCall, auto: bool = False) -> str | None:
+def takes_lora_backends() -> list[str]:
+    """Registered backends that take LoRA adapters, best first."""
+    return [n for n in available_backends() if _BACKENDS[n].takes_lora]
+
+
+def capability_reason(backend: ExpertsBackend, call: ExpertsCall) -> str | None:
+    """None when ``backend`` has the capabilities ``call`` needs (LoRA adapters, per-expert scales), else which
+    one it lacks."""
+    if call.has_lora and not backend.takes_lora:
+        return (f"it takes no LoRA adapters yet; backends that do: {takes_lora_backends()} (or 'auto'); "
+                f"see docs/LORA.md")
+    if call.has_scales and not backend.takes_scales:
+        return ("it takes no per-expert weight scales (gate_up_scale, down_scale): a quantized backend declares "
+                "takes_scales = True, and no built-in backend is one")
+    return None
+
+
+def unsupported_reason(backend: ExpertsBackend, call: ExpertsCall, auto: bool = False) -> str | None:
+    """Why ``backend`` cannot run ``call`` (None: it can): a missing capability, a missing package, or the
+    backend's own :meth:`~ExpertsBackend.unsupported_reason` (``auto_unsupported_reason`` when ``auto``)."""
+    reason = capability_reason(backend, call)
+    if reason is not None:
+        return reason
     missing = backend.missing_packages()
     if missing:
         hint = f" (pip install 'leanmoe[{backend.extra}]')" if backend.extra else ""
         return f"needs {', '.join(missing)}{hint}"
     return backend.auto_unsupported_reason(call) if auto else backend.unsupported_reason(call)
+
+
+_reason = unsupported_reason
 
 
 def select_backend(name: str, call: ExpertsCall) -> tuple[ExpertsBackend, str]:
@@ -138,6 +264,10 @@ def select_backend(name: str, call: ExpertsCall) -> tuple[ExpertsBackend, str]:
     """
     if name != "auto":
         backend = get_backend(name)
+        reason = capability_reason(backend, call)
+        if reason is not None:
+            what = "lora" if call.has_lora and not backend.takes_lora else "per-expert scales"
+            raise ValueError(f"backend {name!r} cannot run a call with {what}: {reason}")
         reason = _reason(backend, call)
         if reason is not None:
             raise ValueError(f"backend {name!r} cannot run this call: {reason}")
@@ -156,7 +286,7 @@ def select_backend(name: str, call: ExpertsCall) -> tuple[ExpertsBackend, str]:
                 why += "; passed over: " + "; ".join(skipped)
             return backend, why
         skipped.append(f"{backend_name!r} ({reason})")
-    raise AssertionError("the reference backend supports every valid call")
+    raise ValueError("no registered backend can run this call: " + "; ".join(skipped))
 
 
 #: Dtypes a module may be cast to after construction: a backend that runs in any of them is not refused then.
@@ -181,7 +311,11 @@ def check_backend_for_module(name: str, call: ExpertsCall) -> None:
         return
     for dtype in dict.fromkeys((call.dtype, *_MODULE_DTYPES)):
         for requires_grad in (True, False):  # a forward-only backend runs under no_grad
-            if _reason(backend, dataclasses.replace(call, dtype=dtype, requires_grad=requires_grad)) is None:
+            # A cast module casts every parameter: weights and biases take the dtype too.
+            cast = dataclasses.replace(call, dtype=dtype, requires_grad=requires_grad,
+                                       weight_dtype=dtype if call.weight_dtype is not None else None,
+                                       bias_dtype=dtype if call.bias_dtype is not None else None)
+            if _reason(backend, cast) is None:
                 return
     raise ValueError(f"backend {name!r} cannot run on this module's device ({call.device}): {first}; pick "
                      f"backend='auto', or build the module on a device the backend runs on (or on 'meta')")

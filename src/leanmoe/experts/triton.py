@@ -53,7 +53,8 @@ import torch
 
 from leanmoe.activations import GATED_ACTIVATIONS, Activation
 from leanmoe.experts.plan import plan_experts
-from leanmoe.experts.registry import ExpertsBackend, ExpertsCall, cuda_capability, register_backend
+from leanmoe.experts.registry import ExpertsBackend, ExpertsCall, cuda_capability, same_dtype_reason
+from leanmoe.experts.weights import ExpertWeights
 from leanmoe.kernels.policy import combine_chunked, saved_rows  # triton-free: importable without triton
 
 Tensor = torch.Tensor
@@ -214,6 +215,9 @@ class TritonBackend(ExpertsBackend):
     def unsupported_reason(self, call: ExpertsCall) -> str | None:
         if call.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return f"dtype {call.dtype} (needs bfloat16, float16 or float32)"
+        reason = same_dtype_reason(call)
+        if reason is not None:
+            return reason
         if call.device.type == "meta":
             return None  # the ops' fake implementations give the output's shape without reading data
         if call.device.type == "cuda":
@@ -241,11 +245,9 @@ class TritonBackend(ExpertsBackend):
             reason = f"auto picks it for CUDA tensors only, got {call.device.type}"
         return reason
 
-    def __call__(self, x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias, *,
-                 activation, gate_up_layout, save_percent, token_mask=None):
-        return triton_moe_experts(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias,
-                                  down_bias, activation=activation, gate_up_layout=gate_up_layout,
-                                  save_percent=save_percent, token_mask=token_mask)
-
-
-register_backend(TritonBackend())
+    def __call__(self, x_TD, topk_ids_TK, topk_weights_TK, weights: ExpertWeights, *, save_percent,
+                 token_mask=None):
+        return triton_moe_experts(x_TD, topk_ids_TK, topk_weights_TK, weights.gate_up_proj, weights.down_proj,
+                                  weights.gate_up_bias, weights.down_bias, activation=weights.activation,
+                                  gate_up_layout=weights.gate_up_layout, save_percent=save_percent,
+                                  token_mask=token_mask)

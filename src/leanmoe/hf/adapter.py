@@ -30,9 +30,9 @@ import torch
 import torch.nn as nn
 
 from leanmoe.activations import Activation
-from leanmoe.experts.functional import moe_experts
-from leanmoe.experts.module import ExpertWeights
-from leanmoe.experts.registry import ExpertsCall, available_backends, check_backend_for_module
+from leanmoe.experts import functional
+from leanmoe.experts.registry import available_backends, check_backend_for_module, describe_weights
+from leanmoe.experts.weights import ExpertWeights
 
 #: Instance attribute holding a patched module's :class:`PatchRecord`.
 PATCH_ATTR = "_leanmoe_patch"
@@ -170,17 +170,18 @@ def expert_weights(module: nn.Module) -> ExpertWeights:
         gate_up_bias = module.gate_up_proj_bias if is_gated(module) else module.up_proj_bias
         down_bias = module.down_proj_bias
     layout = "concatenated" if getattr(module, "is_concatenated", True) else "interleaved"
-    return ExpertWeights(gate_up, down, gate_up_bias, down_bias, activation_of(module), layout)
+    return ExpertWeights(gate_up_proj=gate_up, down_proj=down, gate_up_bias=gate_up_bias, down_bias=down_bias,
+                         activation=activation_of(module), gate_up_layout=layout)
 
 
 def run_experts(weights: ExpertWeights, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor,
                 topk_weights_TK: torch.Tensor, *, backend: str, save_percent: float, lora=None) -> torch.Tensor:
     # The ids come from the family's own router, valid by construction: no range check (a host read).
     # ``lora``: the experts module's ``lora`` submodule (leanmoe.lora.add_expert_lora), or None.
-    return moe_experts(x_TD, topk_ids_TK, topk_weights_TK, weights.gate_up_proj, weights.down_proj,
-                       weights.gate_up_bias, weights.down_bias, activation=weights.activation,
-                       gate_up_layout=weights.gate_up_layout, backend=backend, save_percent=save_percent,
-                       check_ids=False, lora=lora)
+    if lora is not None:
+        weights = dataclasses.replace(weights, lora=lora)
+    return functional.run_experts(x_TD, topk_ids_TK, topk_weights_TK, weights, backend=backend,
+                                  save_percent=save_percent, check_ids=False)
 
 
 def check_backend(backend: str) -> None:
@@ -192,11 +193,7 @@ def check_backend_runs_here(weights: ExpertWeights, backend: str, save_percent: 
     """Raises ``ValueError`` at patch time when ``backend`` can run these experts on their device in no float dtype
     (``"triton"`` on a CPU model without the Triton interpreter, say), as :class:`leanmoe.GroupedExperts` does at
     construction."""
-    E, N, D = weights.gate_up_proj.shape
-    call = ExpertsCall(device=weights.gate_up_proj.device, dtype=weights.gate_up_proj.dtype, num_tokens=1, dim=D,
-                       hidden_dim=weights.down_proj.shape[2], num_experts=E, top_k=1, activation=weights.activation,
-                       gate_up_layout=weights.gate_up_layout, has_gate_up_bias=weights.gate_up_bias is not None,
-                       has_down_bias=weights.down_bias is not None, save_percent=save_percent, requires_grad=True)
+    call = describe_weights(weights, num_tokens=1, top_k=1, save_percent=save_percent, requires_grad=True)
     check_backend_for_module(backend, call)
 
 

@@ -22,15 +22,16 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from leanmoe.experts.module import ExpertWeights
+from leanmoe.experts.weights import ExpertWeights
 from leanmoe.hf.adapter import Family, default_activation, parameters_reason, patch_record, run_experts
 
 _MODULE = "transformers.models.llama4.modeling_llama4"
 
 
 def _expert_weights(self: nn.Module) -> ExpertWeights:
-    return ExpertWeights(self.gate_up_proj.transpose(-2, -1), self.down_proj.transpose(-2, -1), None, None,
-                         default_activation(self), "concatenated")
+    return ExpertWeights(gate_up_proj=self.gate_up_proj.transpose(-2, -1),
+                         down_proj=self.down_proj.transpose(-2, -1), activation=default_activation(self),
+                         gate_up_layout="concatenated")
 
 
 def _experts_forward(self: nn.Module, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor,

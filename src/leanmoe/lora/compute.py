@@ -22,6 +22,9 @@ same steps instead (it keeps the dropout masks and the intermediate rows). The r
 8 inside the call, because ``torch._grouped_mm`` needs 16-byte aligned rows; the padding contributes exact zeros and
 its gradient is dropped.
 
+The grouped_mm and reference backends (``takes_lora``) run these on ``weights.lora`` through :func:`run_lora`;
+``backend="auto"`` reaches them by the registry's normal walk (backends without ``takes_lora`` are passed over).
+
 Rows of masked tokens (contract: past ``offsets_E[-1]``) are never written by a grouped GEMM, so every stage's
 output and the gathered ``x_RD`` go through ``where(valid_R, ., 0)``: masked rows are exactly zero forward, and their
 gradients are exactly zero backward (no stale memory reaches a bias gradient or dx).
@@ -29,80 +32,65 @@ gradients are exactly zero backward (no stale memory reaches a bias gradient or 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
 from leanmoe.activations import Activation, activation_backward, apply_activation
 from leanmoe.experts.plan import ExpertPlan, plan_experts
-from leanmoe.experts.registry import ExpertsCall, get_backend, select_backend
+from leanmoe.experts.registry import ExpertsCall, select_backend, takes_lora_backends
+from leanmoe.experts.weights import ExpertWeights
 from leanmoe.lora.module import ExpertLoRA
 
-#: Backends that take LoRA adapters, best first (``backend="auto"`` takes the first that supports the call).
-LORA_BACKENDS = ("grouped_mm", "reference")
+#: The built-in backends that take LoRA adapters (``takes_lora``), best first: ``backend="auto"`` takes the first
+#: that supports the call, by the registry's normal walk.
+LORA_BACKENDS = tuple(takes_lora_backends())
 _RANK_ALIGN = 8
 
 
-def check_lora(lora: object, call: ExpertsCall) -> ExpertLoRA:
-    """Raises ``TypeError``/``ValueError`` when ``lora`` does not fit the experts of ``call``; reads no data."""
+def check_lora(lora: object, weights: ExpertWeights) -> ExpertLoRA:
+    """Raises ``TypeError``/``ValueError`` when ``lora`` does not fit ``weights``; reads no data."""
     if not isinstance(lora, ExpertLoRA):
         raise TypeError(f"lora must be a leanmoe.ExpertLoRA or None, got {type(lora).__name__}")
-    gated = call.activation.gated
     got = (lora.num_experts, lora.dim, lora.hidden_dim, lora.gated)
-    want = (call.num_experts, call.dim, call.hidden_dim, gated)
+    want = (weights.num_experts, weights.dim, weights.hidden_dim, weights.gated)
     if got != want:
         raise ValueError(f"lora (num_experts, dim, hidden_dim, gated) = {got} does not fit the experts: expected "
-                         f"{want} (activation {call.activation.name!r})")
+                         f"{want} (activation {weights.activation.name!r})")
     for name, p in lora.named_parameters(recurse=False):
         if not p.is_floating_point():
             raise TypeError(f"lora.{name} must be floating point, got dtype {p.dtype}")
-        if p.device != call.device:
-            raise ValueError(f"lora.{name} is on {p.device} but x is on {call.device}")
     return lora
 
 
 def select_lora_backend(name: str, call: ExpertsCall) -> str:
-    """The LoRA-capable backend that ``name`` resolves to for ``call``. A named backend that takes no adapters, or
-    cannot run the call, raises ``ValueError`` with the reason: there is no silent fallback."""
-    if name == "auto":
-        return next(n for n in LORA_BACKENDS
-                    if get_backend(n).auto_unsupported_reason(call) is None and _compile_reason(n, call) is None)
-    get_backend(name)  # an unknown name raises, listing the registered ones
-    if name not in LORA_BACKENDS:
-        raise ValueError(f"backend {name!r} cannot run a call with lora: it takes no LoRA adapters yet; backends "
-                         f"that do: {list(LORA_BACKENDS)} (or 'auto'); see docs/LORA.md")
-    select_backend(name, call)  # raises with the reason when the backend cannot run the call
-    reason = _compile_reason(name, call)
-    if reason is not None:
-        raise ValueError(f"backend {name!r} cannot run this call with lora: {reason}")
-    return name
-
-
-def _compile_reason(name: str, call: ExpertsCall) -> str | None:
-    # The LoRA path calls torch._grouped_mm itself, and its fake (tracing) kernel accepts bfloat16 only.
-    if name == "grouped_mm" and call.dtype != torch.bfloat16 and torch.compiler.is_compiling():
-        return f"under torch.compile the LoRA path's torch._grouped_mm needs bfloat16, got {call.dtype}"
-    return None
+    """The LoRA-capable backend that ``name`` resolves to for ``call`` (described with or without the adapter). A
+    named backend that takes no adapters, or cannot run the call, raises ``ValueError`` with the reason: there is no
+    silent fallback."""
+    return select_backend(name, dataclasses.replace(call, has_lora=True))[0].name
 
 
 def lora_moe_experts(call: ExpertsCall, backend: str, x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj,
                      gate_up_bias, down_bias, *, lora, token_mask=None) -> torch.Tensor:
-    """:func:`leanmoe.moe_experts` with ``lora=``: validated by ``describe_call`` (``call``) and :func:`check_lora`.
+    """:func:`leanmoe.moe_experts` with ``lora=`` and the options of ``call`` (kept for callers of the form
+    before :class:`leanmoe.ExpertWeights`; ``moe_experts(..., lora=)`` is the entry point)."""
+    from leanmoe.experts.functional import moe_experts
 
-    A merged adapter (``lora.merged``) is already in the base weights: the call runs without it, on ``backend``.
-    On meta tensors the output is a meta ``[T, D]`` tensor.
-    """
-    lora = check_lora(lora, call)
-    if lora.merged:
-        impl, _ = select_backend(backend, call)
-        mask_kw = {} if token_mask is None else {"token_mask": token_mask}
-        return impl(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias,
-                    activation=call.activation, gate_up_layout=call.gate_up_layout, save_percent=call.save_percent,
-                    **mask_kw)
-    fn = grouped_mm_lora_experts if select_lora_backend(backend, call) == "grouped_mm" else reference_lora_experts
-    if call.device.type == "meta":
-        return x_TD.new_empty(x_TD.shape)  # shapes only: nothing to read (the backends' meta contract)
-    return fn(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias,
-              activation=call.activation, gate_up_layout=call.gate_up_layout, lora=lora, token_mask=token_mask)
+    return moe_experts(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias,
+                       activation=call.activation, gate_up_layout=call.gate_up_layout, backend=backend,
+                       save_percent=call.save_percent, check_ids=False, token_mask=token_mask, lora=lora)
+
+
+def run_lora(fn, x_TD, topk_ids_TK, topk_weights_TK, weights: ExpertWeights, token_mask=None) -> torch.Tensor:
+    """A LoRA-capable backend's call with ``weights.active_lora``: ``fn`` is :func:`grouped_mm_lora_experts` or
+    :func:`reference_lora_experts`, given the unpacked weights. On meta tensors the output is a meta ``[T, D]``
+    tensor (shapes only: nothing to read, the backends' meta contract)."""
+    if x_TD.device.type == "meta":
+        return x_TD.new_empty(x_TD.shape)
+    return fn(x_TD, topk_ids_TK, topk_weights_TK, weights.gate_up_proj, weights.down_proj, weights.gate_up_bias,
+              weights.down_bias, activation=weights.activation, gate_up_layout=weights.gate_up_layout,
+              lora=weights.active_lora, token_mask=token_mask)
 
 
 def _adapter_input(a: torch.Tensor, lora: ExpertLoRA) -> torch.Tensor:
@@ -130,19 +118,20 @@ def reference_lora_experts(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, dow
             routed_TK = routed_TK & token_mask[:, None]  # masked tokens take no rows
         token_idx, slot_idx = torch.where(routed_TK)
         x_eD = x_TD.index_select(0, token_idx)
-        gate_up_eN = x_eD @ gate_up_proj[e].t()
+        # Weights in another float dtype than x are cast to x's, one expert at a time (as the reference backend).
+        gate_up_eN = x_eD @ gate_up_proj[e].to(x_TD.dtype).t()
         if gate_up is not None:
             A, B = (t[e].to(x_TD.dtype) for t in gate_up)
             gate_up_eN = gate_up_eN + s * ((_adapter_input(x_eD, lora) @ A.t()) @ B.t())
         if gate_up_bias is not None:
-            gate_up_eN = gate_up_eN + gate_up_bias[e]
+            gate_up_eN = gate_up_eN + gate_up_bias[e].to(x_TD.dtype)
         h_eI = apply_activation(gate_up_eN, activation, gate_up_layout)
-        out_eD = h_eI @ down_proj[e].t()
+        out_eD = h_eI @ down_proj[e].to(x_TD.dtype).t()
         if down is not None:
             A, B = (t[e].to(x_TD.dtype) for t in down)
             out_eD = out_eD + s * ((_adapter_input(h_eI, lora) @ A.t()) @ B.t())
         if down_bias is not None:
-            out_eD = out_eD + down_bias[e]
+            out_eD = out_eD + down_bias[e].to(x_TD.dtype)
         weight_e = topk_weights_TK[token_idx, slot_idx].to(acc_dtype)
         y_TD = y_TD.index_add(0, token_idx, out_eD.to(acc_dtype) * weight_e[:, None])
     return y_TD.to(x_TD.dtype)
