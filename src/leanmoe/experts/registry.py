@@ -272,6 +272,12 @@ def select_backend(name: str, call: ExpertsCall) -> tuple[ExpertsBackend, str]:
         if reason is not None:
             raise ValueError(f"backend {name!r} cannot run this call: {reason}")
         return backend, f"{name!r} was asked for"
+    # Weights in another dtype than x are almost always a missing cast: auto raises rather than quietly taking the
+    # reference loop, the only backend that runs them (name backend="reference" to do that on purpose).
+    mismatch = same_dtype_reason(call)
+    if mismatch is not None:
+        raise TypeError(f"backend 'auto': {mismatch.split(' (')[0]}; cast one of them, or name "
+                        f"backend='reference', which computes mixed dtypes in x's dtype")
     if not torch.compiler.is_compiling() and auto_chooser is not None:
         chosen = auto_chooser(call)
         if chosen is not None:
