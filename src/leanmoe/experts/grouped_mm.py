@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 
 from leanmoe.activations import Activation, activation_backward, apply_activation
-from leanmoe.experts.plan import ExpertPlan, check_token_mask, plan_experts
+from leanmoe.experts.plan import ExpertPlan, check_token_mask, combine_routed, plan_experts, sum_per_token
 from leanmoe.experts.registry import ExpertsBackend, ExpertsCall, cuda_capability, same_dtype_reason
 from leanmoe.experts.weights import ExpertWeights
 
@@ -109,9 +109,10 @@ def grouped_mm_experts_fwd(
     del h_RI
     if down_bias is not None:
         _add_expert_bias_(out_RD, down_bias, plan.sorted_experts_R)
-    out_TKD = out_RD.index_select(0, plan.inverse_R()).view(T, K, D)
+    # Rebound before the GEMM, so the sorted rows are freed first (the peak holds one [R, D] buffer, not two).
+    out_TKD = plan.unsort_rows(out_RD).view(T, K, D)
     del out_RD
-    y_TD = torch.bmm(topk_weights_TK.to(x_TD.dtype).unsqueeze(1), out_TKD).squeeze(1)
+    y_TD = combine_routed(out_TKD, topk_weights_TK)
     if token_mask_T is not None:
         # Masked tokens' rows of out_TKD were never written: exact zeros, whatever x or the weights hold.
         y_TD.masked_fill_(~token_mask_T[:, None], 0)
@@ -166,7 +167,7 @@ def grouped_mm_experts_bwd(
     h_RI = dh_RI
     del dh_RI
     # Each routed row appears once in sorted_rows_R: a plain scatter, no accumulation.
-    dweights_TK = torch.empty_like(dweights_R).scatter_(0, plan.sorted_rows_R, dweights_R).view(T, K)
+    dweights_TK = plan.unsort_R(dweights_R).view(T, K)
     del dweights_R
 
     dy_RD *= weights_R[:, None].to(dy_RD.dtype)  # this op's own gather: scaled in place
@@ -180,7 +181,7 @@ def grouped_mm_experts_bwd(
     dgate_up_bias = _segment_sum(dgate_up_RN, plan) if gate_up_bias is not None else None
     dx_RD = torch._grouped_mm(dgate_up_RN, gate_up_proj, offs=plan.offsets_E)
     del dgate_up_RN
-    dx_TD = dx_RD.index_select(0, plan.inverse_R()).view(T, K, D).sum(1)
+    dx_TD = sum_per_token(dx_RD, plan, T, K)
     del dx_RD
 
     if token_mask_T is not None:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from leanmoe.activations import Activation, activation_backward, apply_activation
-from leanmoe.experts.plan import ExpertPlan, plan_experts
+from leanmoe.experts.plan import ExpertPlan, combine, plan_experts, sum_per_token
 from leanmoe.experts.registry import ExpertsCall, select_backend, takes_lora_backends
 from leanmoe.experts.weights import ExpertWeights
 from leanmoe.lora.module import ExpertLoRA
@@ -201,7 +201,6 @@ class _LoRAGroupedMM(torch.autograd.Function):
     def forward(ctx, x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias,
                 gu_A, gu_B, d_A, d_B, token_mask, activation, gate_up_layout, scale):
         T, K = topk_ids_TK.shape
-        D = x_TD.shape[1]
         plan = plan_experts(topk_ids_TK, gate_up_proj.shape[0], token_mask)
         valid_R1 = None if token_mask is None else plan.valid_R()[:, None]
         x_RD = _gathered_x(x_TD, plan, valid_R1)
@@ -211,8 +210,7 @@ class _LoRAGroupedMM(torch.autograd.Function):
         del gate_up_RN
         out_RD, hlow_RP = _stage_fwd(h_RI, down_proj, down_bias, d_A, d_B, scale, plan, valid_R1)
         del h_RI
-        out_TKD = out_RD.index_select(0, plan.inverse_R()).view(T, K, D)
-        y_TD = torch.bmm(topk_weights_TK.to(x_TD.dtype).unsqueeze(1), out_TKD).squeeze(1)
+        y_TD = combine(out_RD, plan, topk_weights_TK)
         ctx.activation, ctx.gate_up_layout, ctx.scale = activation, gate_up_layout, scale
         ctx.save_for_backward(x_TD, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias, gu_A, gu_B,
                               d_A, d_B, token_mask, xlow_RP, hlow_RP, plan.sorted_rows_R, plan.sorted_tokens_R,
@@ -227,7 +225,6 @@ class _LoRAGroupedMM(torch.autograd.Function):
         needs = ctx.needs_input_grad
         s, offs = ctx.scale, plan.offsets_E
         T, K = topk_weights_TK.shape
-        D = x_TD.shape[1]
         valid_R1 = None if token_mask is None else plan.valid_R()[:, None]
 
         x_RD = _gathered_x(x_TD, plan, valid_R1)
@@ -280,10 +277,10 @@ class _LoRAGroupedMM(torch.autograd.Function):
         if dx_RD is not None:
             if valid_R1 is not None:
                 dx_RD = torch.where(valid_R1, dx_RD, 0)  # rows past the last offset are never written
-            dx_TD = dx_RD.index_select(0, plan.inverse_R()).view(T, K, D).sum(1)
+            dx_TD = sum_per_token(dx_RD, plan, T, K)
         if valid_R1 is not None:
             dweights_R = torch.where(valid_R1[:, 0], dweights_R, 0)
-        dweights_TK = torch.empty_like(dweights_R).scatter_(0, plan.sorted_rows_R, dweights_R).view(T, K)
+        dweights_TK = plan.unsort_R(dweights_R).view(T, K)
         # Experts with no rows get exact zeros (the grouped GEMM need not write their output).
         empty_E = plan.counts_E == 0
         grads = [dgate_up_proj, ddown_proj, dgate_up_bias, ddown_bias, dgu_A, dgu_B, dd_A, dd_B]
@@ -296,7 +293,6 @@ def grouped_mm_lora_experts(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, do
                             token_mask=None) -> torch.Tensor:
     """The LoRA expert compute on ``torch._grouped_mm`` (the module docstring gives the steps). ``[T, D]``."""
     T, K = topk_ids_TK.shape
-    D = x_TD.shape[1]
     if T == 0:
         # Nothing routed: an empty output that still connects every input to autograd (zero gradients).
         tensors = [gate_up_proj, down_proj, topk_weights_TK, gate_up_bias, down_bias, *lora.parameters()]
@@ -315,6 +311,4 @@ def grouped_mm_lora_experts(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, do
     gate_up_RN = _expert_linear(x_RD, gate_up_proj, gate_up_bias, lora.factors("gate_up"), plan, valid_R1, lora)
     h_RI = apply_activation(gate_up_RN, activation, gate_up_layout)
     out_RD = _expert_linear(h_RI, down_proj, down_bias, lora.factors("down"), plan, valid_R1, lora)
-    out_TKD = out_RD.index_select(0, plan.inverse_R()).view(T, K, D)
-    weights_T1K = topk_weights_TK.to(x_TD.dtype).unsqueeze(1)
-    return torch.bmm(weights_T1K, out_TKD).squeeze(1)
+    return combine(out_RD, plan, topk_weights_TK)
