@@ -1,6 +1,7 @@
-"""The Triton backend against the reference loop, on the CPU under the Triton interpreter (``TRITON_INTERPRET=1``,
-set by conftest when there is no GPU). float32 and float16 at small shapes; bfloat16 is not supported by the
-interpreter and is covered by ``test_triton_gpu.py``.
+"""The Triton backend against the reference loop: the edge battery at small shapes, on the CPU under the Triton
+interpreter (``TRITON_INTERPRET=1``, set by conftest when there is no GPU) in float32 and float16, and compiled on a
+GPU (``-m gpu``) with autotuning on and off, where the float32 cases run in bfloat16 (the interpreter has none).
+Real model sizes on the GPU: ``test_triton_gpu.py``.
 
 Legend: T tokens, D model dim, I expert hidden dim, E experts, K top-k.
 Every test compares the forward and every gradient (x, routing weights, both weights, both biases) with fresh random
@@ -20,14 +21,43 @@ from tests.helpers import TOLERANCES, assert_close, assert_deterministic, make_p
 
 pytest.importorskip("triton")
 
-if torch.cuda.is_available():
-    pytest.skip("the interpreter tests run on CPU-only machines; GPUs run test_triton_gpu.py", allow_module_level=True)
-
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 import leanmoe.experts.triton as triton_backend  # noqa: E402
 from leanmoe.kernels.moe_common import tile_coords  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+# Tests of the interpreter itself (its block sizes, CPU backend selection): conftest sets it on CPU-only machines.
+interpreter_only = pytest.mark.skipif(ON_GPU, reason="the interpreter runs on CPU-only machines")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where the battery runs: ``cpu`` (the interpreter) or ``cuda`` (compiled), and the dtype a case runs in."""
+
+    device: str
+
+    def dtype(self, cpu_dtype: torch.dtype) -> torch.dtype:
+        return torch.bfloat16 if self.device == "cuda" and cpu_dtype == torch.float32 else cpu_dtype
+
+
+@pytest.fixture(params=[pytest.param("interpreter", id="interp", marks=interpreter_only),
+                        pytest.param(True, id="gpu_tuned", marks=pytest.mark.gpu),
+                        pytest.param(False, id="gpu_untuned", marks=pytest.mark.gpu)])
+def target(request):
+    """The interpreter on the CPU, or the GPU with autotuning on or off: ``LEANMOE_AUTOTUNE`` is read once, when
+    the kernels are defined, so the kernels' config lists are switched for the test and set back after it."""
+    if request.param == "interpreter":
+        yield Target("cpu")
+        return
+    import leanmoe.kernels.moe_bwd  # noqa: F401  (defines the autotuned kernels before they are switched)
+    import leanmoe.kernels.moe_fwd  # noqa: F401
+    from leanmoe.kernels import moe_common
+
+    moe_common.set_autotuning(request.param)
+    yield Target("cuda")
+    moe_common.set_autotuning(moe_common.autotune_enabled())
 
 GRAD_NAMES = ["dx", "dweights", "dgate_up_proj", "ddown_proj", "dgate_up_bias", "ddown_bias"]
 
@@ -78,10 +108,11 @@ PARAMS = [pytest.param(c, torch.float32, True, id=f"fp32-bias-{_act_id(c)}") for
 
 
 @pytest.mark.parametrize("case,dtype,bias", PARAMS)
-def test_activations_and_layouts(case, dtype, bias):
+def test_activations_and_layouts(case, dtype, bias, target):
     activation, layout = case
     # T13-E5-K2, D40 I24: no size is a multiple of a tile, so every dimension's mask is exercised.
-    problem = make_problem(13, 40, 24, 5, 2, activation=activation, layout=layout, bias=bias, dtype=dtype)
+    problem = make_problem(13, 40, 24, 5, 2, activation=activation, layout=layout, bias=bias,
+                           dtype=target.dtype(dtype), device=target.device)
     run_both(problem)
 
 
@@ -101,14 +132,15 @@ EDGE_CASES = {
 
 
 @pytest.mark.parametrize("case", list(EDGE_CASES), ids=list(EDGE_CASES))
-def test_edge_cases(case):
+def test_edge_cases(case, target):
     T, D, I, E, K, routing = EDGE_CASES[case]
-    run_both(make_problem(T, D, I, E, K, routing=routing, bias=True))
+    run_both(make_problem(T, D, I, E, K, routing=routing, bias=True, dtype=target.dtype(torch.float32),
+                          device=target.device))
 
 
-def test_zero_tokens():
+def test_zero_tokens(target):
     # T = 0: an empty output, and zero gradients for weights, biases and routing weights.
-    problem = make_problem(0, 16, 8, 4, 2, bias=True)
+    problem = make_problem(0, 16, 8, 4, 2, bias=True, dtype=target.dtype(torch.float32), device=target.device)
     y = moe_experts(*problem.args(), **problem.kwargs(), backend="triton")
     assert y.shape == (0, 16)
     grads = torch.autograd.grad(y.sum(), problem.inputs(), allow_unused=True)
@@ -118,22 +150,25 @@ def test_zero_tokens():
 
 
 @pytest.mark.parametrize("save_percent", [0, 50, 100])
-def test_save_percent(save_percent):
+def test_save_percent(save_percent, target):
     # T150-E3-K2: 50% splits the sorted rows inside an expert, so a row tile straddles the saved/recomputed boundary.
-    problem = make_problem(150, 40, 24, 3, 2, bias=True, activation=CLAMPED, layout="interleaved")
+    problem = make_problem(150, 40, 24, 3, 2, bias=True, activation=CLAMPED, layout="interleaved",
+                           dtype=target.dtype(torch.float32), device=target.device)
     run_both(problem, save_percent=save_percent)
 
 
-def test_save_percent_same_gradients():
-    # Saving rounds the pre-activation to the I/O dtype exactly as the recompute does: the gradients agree closely.
-    problem = make_problem(60, 32, 24, 3, 2, bias=True)
-    dy = torch.randn(60, 32)
+def test_save_percent_same_gradients(target):
+    # Saving rounds the pre-activation to the I/O dtype exactly as the recompute does: the gradients agree closely
+    # (on a GPU the forward's and the backward's tuned tiles may sum in another order: the dtype's tolerance there).
+    dtype = target.dtype(torch.float32)
+    problem = make_problem(60, 32, 24, 3, 2, bias=True, dtype=dtype, device=target.device)
+    dy = torch.randn(60, 32, dtype=dtype, device=target.device)
     grads = []
     for save_percent in (0, 100):
         y = moe_experts(*problem.args(), **problem.kwargs(), backend="triton", save_percent=save_percent)
         grads.append(torch.autograd.grad(y, problem.inputs(), dy))
     for name, g0, g100 in zip(GRAD_NAMES, *grads, strict=False):
-        assert_close(g100, g0, tol=1e-6, name=name)
+        assert_close(g100, g0, tol=1e-6 if target.device == "cpu" else TOLERANCES[dtype], name=name)
 
 
 def test_saved_rows():
@@ -143,33 +178,36 @@ def test_saved_rows():
     assert triton_backend.saved_rows(7, 50) == 3
 
 
-def test_deterministic():
+def test_deterministic(target):
     # Two runs on the same inputs are bitwise identical (no atomics, fixed-order sums), forward and backward.
-    problem = make_problem(150, 40, 24, 3, 2, bias=True, routing="skewed")
-    assert_deterministic(problem, "triton", torch.randn(150, 40))
+    dtype = target.dtype(torch.float32)
+    problem = make_problem(150, 40, 24, 3, 2, bias=True, routing="skewed", dtype=dtype, device=target.device)
+    assert_deterministic(problem, "triton", torch.randn(150, 40, dtype=dtype, device=target.device))
 
 
-def test_non_contiguous_x_int32_ids_float64_weights():
+def test_non_contiguous_x_int32_ids_float64_weights(target):
     # x is a strided view (every other column of a wider tensor), ids are int32, weights float64: the routing-weight
     # gradient must come back in float64.
-    problem = make_problem(21, 32, 24, 5, 2, bias=True)
-    wide = torch.randn(21, 64)
+    dtype = target.dtype(torch.float32)
+    problem = make_problem(21, 32, 24, 5, 2, bias=True, dtype=dtype, device=target.device)
+    wide = torch.randn(21, 64, dtype=dtype, device=target.device)
     problem.x_TD = wide[:, ::2].detach().requires_grad_()
     assert not problem.x_TD.is_contiguous()
     problem.topk_ids_TK = problem.topk_ids_TK.int()
     problem.topk_weights_TK = problem.topk_weights_TK.detach().double().requires_grad_()
-    run_both(problem)
+    run_both(problem, tol=TOLERANCES[dtype])
 
 
-def test_combine_in_chunks(monkeypatch):
+def test_combine_in_chunks(monkeypatch, target):
     # A tiny chunk budget splits D = 200 into column chunks of 128 + 72 for the forward combine and for dx.
     from leanmoe.kernels import policy
 
     monkeypatch.setattr(policy, "COMBINE_CHUNK_BYTES", 1)
     assert policy.d_chunks(10, 200, 4) == [(0, 128), (128, 200)]
-    run_both(make_problem(11, 200, 16, 3, 2, bias=True))
+    run_both(make_problem(11, 200, 16, 3, 2, bias=True, dtype=target.dtype(torch.float32), device=target.device))
 
 
+@interpreter_only
 @pytest.mark.parametrize("block_n", [32, 64])
 def test_block_sizes(monkeypatch, block_n):
     # Column tiles of 32 and 64 (GPU autotuning runs several on the same buffers): the routing-weight partials
@@ -180,6 +218,7 @@ def test_block_sizes(monkeypatch, block_n):
     run_both(make_problem(40, 40, 72, 3, 2, bias=True))
 
 
+@interpreter_only
 @pytest.mark.parametrize("group_m", [1, 2, 3])
 def test_tile_bands(monkeypatch, group_m):
     # Small row tiles, so every kernel walks several bands of them, the last one partial.
@@ -209,6 +248,7 @@ def _tile_coords_probe(out_ptr, num_m, num_n, GROUP_M: tl.constexpr):
     tl.store(out_ptr + 2 * pid + 1, pid_n)
 
 
+@interpreter_only
 @pytest.mark.parametrize("num_m,num_n,group_m", [(1, 1, 8), (5, 3, 2), (7, 4, 3), (16, 5, 8), (3, 7, 8)])
 def test_tile_coords_visit_every_tile_once(num_m, num_n, group_m):
     out = torch.full((num_m * num_n, 2), -1, dtype=torch.int32)
@@ -219,9 +259,10 @@ def test_tile_coords_visit_every_tile_once(num_m, num_n, group_m):
     assert out[:first].tolist() == [[m, 0] for m in range(first)]
 
 
-def test_compile_fullgraph():
+def test_compile_fullgraph(target):
     # The custom ops' fake implementations let dynamo trace the whole call (aot_eager: no C++ compiler needed).
-    problem = make_problem(13, 32, 24, 5, 2, bias=True)
+    dtype = target.dtype(torch.float32)
+    problem = make_problem(13, 32, 24, 5, 2, bias=True, dtype=dtype, device=target.device)
 
     def fn(x, ids, w, gate_up, down, b1, b2):
         return moe_experts(x, ids, w, gate_up, down, b1, b2, activation="swiglu", backend="triton", check_ids=False)
@@ -229,11 +270,11 @@ def test_compile_fullgraph():
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     out_y = compiled(*problem.args())
     ref_y = moe_experts(*problem.args(), **problem.kwargs(), backend="reference")
-    assert_close(out_y, ref_y, tol=TOLERANCES[torch.float32], name="y")
+    assert_close(out_y, ref_y, tol=TOLERANCES[dtype], name="y")
     dy = torch.randn_like(ref_y)
     for name, out_g, ref_g in zip(GRAD_NAMES, torch.autograd.grad(out_y, problem.inputs(), dy),
                                   torch.autograd.grad(ref_y, problem.inputs(), dy), strict=False):
-        assert_close(out_g, ref_g, tol=TOLERANCES[torch.float32], name=name)
+        assert_close(out_g, ref_g, tol=TOLERANCES[dtype], name=name)
 
 
 def test_fake_shapes():
@@ -252,6 +293,7 @@ def _call(**overrides):
     return ExpertsCall(**fields)
 
 
+@interpreter_only
 def test_backend_selection(monkeypatch):
     backend = get_backend("triton")
     assert (backend.priority, backend.requires, backend.extra) == (20, ("triton",), "triton")
@@ -394,11 +436,11 @@ def run_masked(problem, keep_T, *, save_percent=0.0, tol=None):
 
 
 @pytest.mark.parametrize("case", list(MASK_CASES), ids=list(MASK_CASES))
-def test_token_mask(case, monkeypatch):
+def test_token_mask(case, monkeypatch, target):
     from leanmoe.kernels import moe_fwd
 
     T, D, I, E, K, routing, kind = MASK_CASES[case]
-    keep_T = _mask(kind, T)
+    keep_T = _mask(kind, T).to(target.device)
     # The gate/up GEMM's schedule covers offsets_E[-1] rows: the kept tokens' rows and no others.
     kept_rows = []
     gate_up_fwd = moe_fwd.gate_up_fwd
@@ -408,22 +450,25 @@ def test_token_mask(case, monkeypatch):
         return gate_up_fwd(x_TD, sorted_tokens_R, offsets_E, *args, **kwargs)
 
     monkeypatch.setattr(moe_fwd, "gate_up_fwd", spy)
-    run_masked(make_problem(T, D, I, E, K, routing=routing, bias=True), keep_T)
+    run_masked(make_problem(T, D, I, E, K, routing=routing, bias=True, dtype=target.dtype(torch.float32),
+                            device=target.device), keep_T)
     assert kept_rows == [int(keep_T.sum()) * K]
 
 
 @pytest.mark.parametrize("save_percent", [0, 100])
-def test_token_mask_fp16_and_saved(save_percent):
+def test_token_mask_fp16_and_saved(save_percent, target):
     # float16, interleaved clamped_swiglu, several row tiles per expert; at 100% the saved rows include the masked
     # positions, which are never written and never read. Against the float16 reference (itself rounded), dx's max
-    # error over ~100 rows per expert reaches the float16 tolerance of the small problems: 1.5x it here.
+    # error over ~100 rows per expert reaches 3x the float16 tolerance with some seeds (pre-activations rounded
+    # across the clamp limit flip the clamp's gradient mask for a few elements; the RMS error stays within it).
     problem = make_problem(150, 40, 24, 3, 2, bias=True, activation=CLAMPED, layout="interleaved",
-                           dtype=torch.float16, routing="skewed")
-    run_masked(problem, torch.rand(150) < 0.7, save_percent=save_percent, tol=1.5 * TOLERANCES[torch.float16])
+                           dtype=torch.float16, routing="skewed", device=target.device)
+    run_masked(problem, torch.rand(150, device=target.device) < 0.7, save_percent=save_percent,
+               tol=3 * TOLERANCES[torch.float16])
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "nothing_requires_grad"])
-def test_inference_keeps_nothing(monkeypatch, mode):
+def test_inference_keeps_nothing(monkeypatch, mode, target):
     # save_percent=100 keeps [R, N] pre-activations for backward; when no backward can run none is kept (nor
     # written), and the output is the same.
     import contextlib
@@ -439,7 +484,7 @@ def test_inference_keeps_nothing(monkeypatch, mode):
         return h_RI, saved_SN
 
     monkeypatch.setattr(moe_fwd, "gate_up_fwd", spy)
-    problem = make_problem(30, 32, 24, 4, 2, bias=True)
+    problem = make_problem(30, 32, 24, 4, 2, bias=True, dtype=target.dtype(torch.float32), device=target.device)
     train_y = moe_experts(*problem.args(), **problem.kwargs(), backend="triton", save_percent=100)
     assert saved == [60]  # with a backward to come, every row is kept
     if mode == "nothing_requires_grad":

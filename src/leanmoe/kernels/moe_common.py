@@ -17,6 +17,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.autotuner import Autotuner
 
 # Activation codes: the constexpr ACT of every kernel. The names are leanmoe.activations' names.
 ACT_SWIGLU = tl.constexpr(0)
@@ -102,15 +103,30 @@ def autotune_enabled() -> bool:
     return value == "1"
 
 
+#: Every autotuned kernel of this process with its full config list, for :func:`set_autotuning`.
+_TUNED_KERNELS: list[tuple[Autotuner, list]] = []
+
+
 def autotuned(kernel, configs, key):
     """``kernel`` autotuned over ``configs`` on GPUs, with the results cached on disk per GPU and shape bucket
     where Triton supports it (only the first config with ``LEANMOE_AUTOTUNE=0``); under the interpreter, the plain
     kernel (the caller passes a fixed small config) so tests do not benchmark."""
     if interpreting():
         return None
-    if not autotune_enabled():
-        configs = configs[:1]  # one config: Triton's autotuner launches it without benchmarking
-    return triton.autotune(configs=configs, key=key, **_AUTOTUNE_CACHE_KWARGS)(kernel)
+    tuned = triton.autotune(configs=configs if autotune_enabled() else configs[:1], key=key,
+                            **_AUTOTUNE_CACHE_KWARGS)(kernel)
+    if isinstance(tuned, Autotuner):
+        _TUNED_KERNELS.append((tuned, list(configs)))
+    return tuned
+
+
+def set_autotuning(enabled: bool) -> None:
+    """Tuning on or off from now on, in this process, for every autotuned kernel defined so far: what
+    ``LEANMOE_AUTOTUNE`` chooses when the kernels are defined, switchable afterwards (tests run both ways in one
+    process). Off, each kernel runs the first of its configs: with one config Triton's autotuner launches it
+    without benchmarking (and without reading its tuning cache)."""
+    for tuned, configs in _TUNED_KERNELS:
+        tuned.configs = configs if enabled else configs[:1]
 
 
 #: Row tiles per band of the tile order, for operands too large for L2 (see :func:`tile_coords`, :func:`group_m`).
