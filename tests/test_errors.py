@@ -244,7 +244,8 @@ def test_bad_grouped_experts_arguments(kw, error, match):
 
 def test_bad_router_and_shared_experts_arguments():
     cfg = leanmoe.MoEConfig(dim=8, hidden_dim=4, num_experts=4, top_k=2)
-    with pytest.raises(TypeError, match="config must be a leanmoe.MoEConfig, got dict"):
+    with pytest.raises(TypeError, match=r"config must be a leanmoe.RouterConfig \(with dim=\) or a leanmoe.MoEConfig, "
+                                        r"got dict"):
         leanmoe.TopKRouter({"dim": 8})
     with pytest.raises(TypeError, match="dtype must be a floating-point dtype, got torch.int32"):
         leanmoe.TopKRouter(cfg, dtype=torch.int32)

@@ -407,7 +407,7 @@ def check_disagreement(device) -> None:
     disagreements = {
         "num_experts": {"E": 2 * base.E},
         "dim": {"D": 8},
-        "config.top_k": {"K": 3},
+        "config.router.top_k": {"K": 3},
         "dtype": {"dtype": torch.bfloat16},
         "activation": {"activation": "geglu"},  # gated like swiglu: same shapes, only the activation differs
         "expert biases": {"bias": True},

@@ -1,7 +1,7 @@
 """leanmoe: fast, memory-lean Mixture-of-Experts layers for PyTorch."""
 
 from leanmoe.activations import Activation
-from leanmoe.config import MoEConfig
+from leanmoe.config import ExpertsConfig, MoEConfig, RouterConfig, SharedExpertsConfig
 from leanmoe.experts import (
     ExpertsBackend,
     ExpertsCall,
@@ -24,14 +24,17 @@ __all__ = [
     "Activation",
     "ExpertsBackend",
     "ExpertsCall",
+    "ExpertsConfig",
     "ExpertLoRA",
     "ExpertWeights",
     "GroupedExperts",
     "LocalDispatcher",
     "MoE",
     "MoEConfig",
+    "RouterConfig",
     "RouterOutput",
     "SharedExperts",
+    "SharedExpertsConfig",
     "TopKRouter",
     "available_backends",
     "describe_call",

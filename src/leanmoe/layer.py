@@ -30,8 +30,9 @@ class MoE(nn.Module):
     :func:`leanmoe.parallel.expert_parallel` replaces it).
 
     ``config`` is a :class:`leanmoe.MoEConfig` (every field validated there, and the named backend checked against
-    ``device`` at construction); ``device``/``dtype`` as for any module, ``device="meta"`` included (then
-    ``to_empty(device=...)`` and :meth:`reset_parameters`).
+    ``device`` at construction): ``config.router`` builds the router, ``config.experts`` the experts,
+    ``config.shared_experts`` (if not None) the shared experts, all of width ``config.dim``. ``device``/``dtype`` as
+    for any module, ``device="meta"`` included (then ``to_empty(device=...)`` and :meth:`reset_parameters`).
     """
 
     def __init__(self, config: MoEConfig, *, device=None, dtype=None) -> None:
@@ -39,13 +40,15 @@ class MoE(nn.Module):
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config must be a leanmoe.MoEConfig, got {type(config).__name__}")
         self.config = config
-        self.router = TopKRouter(config, device=device, dtype=dtype)
-        self.experts = GroupedExperts.from_config(config, device=device, dtype=dtype)
+        # Built in this order, so a seed gives the same parameters whichever form built the config.
+        self.router = TopKRouter(config.router, dim=config.dim, device=device, dtype=dtype)
+        self.experts = GroupedExperts.from_config(config.experts, dim=config.dim, device=device, dtype=dtype)
         self.shared_experts = None
-        if config.num_shared_experts:
+        shared = config.shared_experts
+        if shared is not None:
             self.shared_experts = SharedExperts(
-                dim=config.dim, hidden_dim=config.shared_hidden_dim or config.num_shared_experts * config.hidden_dim,
-                gated_output=config.shared_expert_gate, device=device, dtype=dtype)
+                dim=config.dim, hidden_dim=shared.hidden_dim or shared.num_experts * config.experts.hidden_dim,
+                gated_output=shared.gated_output, device=device, dtype=dtype)
         self.dispatcher = LocalDispatcher()
         self.aux_loss: torch.Tensor | None = None
         self.tokens_per_expert: torch.Tensor | None = None

@@ -183,7 +183,7 @@ DEFAULT_AGREEMENT_TIMEOUT_S = 300.0
 #: Size of each rank's encoded fingerprint in the agreement all-gather: fixed, so that ranks built with any
 #: configs exchange buffers of one size (a size mismatch is what aborts gloo).
 _FINGERPRINT_BYTES = 8192
-_FINGERPRINT_FORMAT = 1
+_FINGERPRINT_FORMAT = 2
 #: Config fields that each rank may choose for itself: they change how a rank computes, not what.
 _RANK_LOCAL_CONFIG_FIELDS = ("backend", "save_percent")
 _WEIGHTS_HINT = ("build the layer from the same seed on every rank, or build it on the meta device (or pass "
@@ -214,6 +214,21 @@ def _state_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _config_leaves(config: object, prefix: str) -> list[tuple[str, object]]:
+    """A config dataclass's fields as ``(dotted name, value)``, nested configs walked (``config.router.top_k``), so
+    each setting is compared alone and the rank-local ones (``config.experts.backend``) can be left out."""
+    leaves: list[tuple[str, object]] = []
+    for field in dataclasses.fields(config):  # type: ignore[arg-type]
+        if field.name in _RANK_LOCAL_CONFIG_FIELDS:
+            continue
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            leaves += _config_leaves(value, f"{prefix}.{field.name}")
+        else:
+            leaves.append((f"{prefix}.{field.name}", value))
+    return leaves
+
+
 def _fingerprint(layer: nn.Module, check_weights: bool) -> dict[str, object]:
     """What must be equal on every rank of an expert-parallel group, as a flat ``{what: value}`` of JSON values."""
     experts = layer.experts
@@ -233,12 +248,9 @@ def _fingerprint(layer: nn.Module, check_weights: bool) -> dict[str, object]:
                           getattr(experts, "down_bias", None) is not None],
     }
     config = getattr(layer, "config", None)
-    if dataclasses.is_dataclass(config):
-        for field in dataclasses.fields(config):
-            if field.name not in _RANK_LOCAL_CONFIG_FIELDS:
-                value = getattr(config, field.name)
-                fp[f"config.{field.name}"] = value if isinstance(value, (bool, int, float, str, type(None))) \
-                    else repr(value)
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        for name, value in _config_leaves(config, "config"):
+            fp[name] = value if isinstance(value, (bool, int, float, str, type(None))) else repr(value)
     tensors = _state_tensors(layer)
     for name, t in tensors.items():
         fp[f"shape of {name}"] = f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}"

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from leanmoe.config import MoEConfig
+from leanmoe.config import MoEConfig, RouterConfig, split_config
 from leanmoe.experts.functional import check_token_mask
 from leanmoe.experts.module import check_param_dtype
 from leanmoe.experts.plan import expert_counts
@@ -49,21 +49,22 @@ class TopKRouter(nn.Module):
     Buffers: ``expert_bias [E]`` (fp32, aux-loss-free balancing, with ``balance_bias``) and ``expert_load [E]``, the
     routed-token counts accumulated by training forwards since the last :meth:`update_balance_bias`.
 
-    ``config`` must be a :class:`leanmoe.MoEConfig` (validated there); ``dtype`` None or a floating dtype (the
+    ``TopKRouter(RouterConfig(num_experts=E, top_k=K, ...), dim=D)`` (no expert sizes needed), or
+    ``TopKRouter(moe_config)`` with a :class:`leanmoe.MoEConfig` (its ``router`` and ``dim``). ``config`` holds the
+    :class:`leanmoe.RouterConfig` (validated there), ``dim`` the model dim D; ``dtype`` None or a floating dtype (the
     scoring is fp32 whatever it is). ``device="meta"``, then ``to_empty`` and :meth:`reset_parameters`, gives the
     state construction gives.
     """
 
-    def __init__(self, config: MoEConfig, *, device=None, dtype=None) -> None:
+    def __init__(self, config: RouterConfig | MoEConfig, *, dim: int | None = None, device=None, dtype=None) -> None:
         super().__init__()
-        if not isinstance(config, MoEConfig):
-            raise TypeError(f"config must be a leanmoe.MoEConfig, got {type(config).__name__}")
+        router_config, D = split_config(config, dim, RouterConfig)
         check_param_dtype(dtype)
-        self.config = config
-        E, D = config.num_experts, config.dim
+        self.config, self.dim = router_config, D
+        E = router_config.num_experts
         self.weight = nn.Parameter(torch.empty(E, D, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.empty(E, device=device, dtype=dtype)) if config.router_bias else None
-        if config.balance_bias:
+        self.bias = nn.Parameter(torch.empty(E, device=device, dtype=dtype)) if router_config.bias else None
+        if router_config.balance_bias:
             self.register_buffer("expert_bias", torch.zeros(E, device=device, dtype=torch.float32))
             self.register_buffer("expert_load", torch.zeros(E, device=device, dtype=torch.float32), persistent=False)
         else:
@@ -75,7 +76,7 @@ class TopKRouter(nn.Module):
 
     def reset_parameters(self) -> None:
         """What construction does: ``weight ~ N(0, 1/D)``, zero ``bias``, zero balancing bias and load."""
-        nn.init.normal_(self.weight, std=self.config.dim ** -0.5)
+        nn.init.normal_(self.weight, std=self.dim ** -0.5)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
         if self.expert_bias is not None:
@@ -96,8 +97,8 @@ class TopKRouter(nn.Module):
             raise TypeError(f"x must be a torch.Tensor, got {type(x_TD).__name__}")
         if not x_TD.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got dtype {x_TD.dtype}")
-        if x_TD.dim() != 2 or x_TD.shape[1] != cfg.dim:
-            raise ValueError(f"x must be [T, {cfg.dim}] (the router's dim), got shape {list(x_TD.shape)}")
+        if x_TD.dim() != 2 or x_TD.shape[1] != self.dim:
+            raise ValueError(f"x must be [T, {self.dim}] (the router's dim), got shape {list(x_TD.shape)}")
         T, E, K = x_TD.shape[0], cfg.num_experts, cfg.top_k
         x32_TD = x_TD.float()
         if token_mask_T is not None:
