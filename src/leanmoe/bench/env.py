@@ -1,4 +1,8 @@
-"""The environment every benchmark table carries: device, versions, commit, date and the exact command."""
+"""The environment every benchmark table carries: device, versions, commit, date and the exact command.
+
+The one place for it: ``leanmoe bench``, the HF and LoRA benches and the scripts under benchmarks/ take their device
+name, package versions, commit and date from here (timing is ``leanmoe.bench.harness.time_ms``).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ import torch
 import leanmoe
 
 
-def _package_version(name: str) -> str | None:
+def package_version(name: str) -> str | None:
+    """The installed version of distribution ``name``, or ``None`` when it is not installed."""
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
@@ -33,7 +38,13 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def utc_date() -> str:
+    """Now, as ``YYYY-MM-DD HH:MM UTC``: the date line of every table."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def device_name(device: torch.device) -> str:
+    """The GPU's name on CUDA; ``CPU: <model> (<n> cores)`` otherwise."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU: {_cpu_name()} ({os.cpu_count()} cores)"
@@ -74,11 +85,11 @@ def collect_env(device: torch.device, argv: list[str]) -> dict:
         "device": device_name(device),
         "torch": torch.__version__,
         "cuda": torch.version.cuda if device.type == "cuda" else None,
-        "triton": _package_version("triton"),
+        "triton": package_version("triton"),
         "leanmoe": leanmoe.__version__,
         "git_commit": git_commit(),
         "source_sha256": source_digest(),
         "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": utc_date(),
         "command": shlex.join(["leanmoe", *argv]),
     }

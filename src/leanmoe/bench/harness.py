@@ -44,9 +44,10 @@ from leanmoe.experts import (
     moe_experts,
     select_backend,
 )
+from leanmoe.testing import TOLERANCES_VS_FP32_REFERENCE
 
-#: Relative-error tolerance ``||out - ref|| / ||ref||`` per dtype. fp32 assumes true fp32 math (no TF32).
-TOLERANCES = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+#: Relative-error tolerance ``||out - ref|| / ||ref||`` per dtype against the fp32 reference (leanmoe.testing).
+TOLERANCES = TOLERANCES_VS_FP32_REFERENCE
 
 #: Bytes of fp32 expert weights upcast at once by the chunked reference.
 REFERENCE_CHUNK_BYTES = 1 << 30
