@@ -1,4 +1,4 @@
-"""leanmoe side by side with the MoE expert layers a user would pick instead, in one process (bench-protocol.md).
+"""leanmoe beside the MoE expert layers a user would pick instead, in one process (docs/BENCHMARK_PROTOCOL.md).
 
     PYTHONPATH=src python benchmarks/peers.py [--preset all] [--mode fwd fwdbwd] [--tokens T] [--impl ...]
         [--json FILE] [--markdown FILE] [--plot PNG]

@@ -5,7 +5,7 @@ Run on a GPU machine:  PYTHONUNBUFFERED=1 PYTHONPATH=src python3 benchmarks/trit
 1. prints the environment (GPU, torch, triton, date, commit) and the dense bf16 8192^3 matmul rate;
 2. checks the triton backend against the reference loop in bf16 at real shapes (forward and every gradient);
 3. times fwd and fwd+bwd (``triton.testing.do_bench``, median) for triton (save_percent 0 and 100) and grouped_mm,
-   as ``../shared/bench-protocol.md`` says, and the fwd+bwd activation memory;
+   as ``docs/BENCHMARK_PROTOCOL.md`` says, and the fwd+bwd activation memory;
 4. prints a table last and writes logs under $OUT (when set).
 """
 

@@ -30,7 +30,7 @@ CPU = torch.device("cpu")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# The table of bench-protocol.md: D, I, E, K, T train, T decode.
+# The table of docs/BENCHMARK_PROTOCOL.md: D, I, E, K, T train, T decode.
 PROTOCOL = {
     "qwen3-30b-a3b": (2048, 768, 128, 8, 16384, 64),
     "olmoe-1b-7b": (2048, 1024, 64, 8, 16384, 64),

@@ -77,9 +77,24 @@ def test_device_mismatch_is_reported():
         leanmoe.moe_experts(p.x_TD, meta_ids, p.topk_weights_TK, p.gate_up_proj, p.down_proj)
 
 
-def test_check_ids_false_skips_the_range_check(p):
-    # The caller vouches for the ids (a router's output); the check, a host sync on GPUs, is skipped.
-    call(p, check_ids=False)
+def test_check_ids_false_skips_the_range_check(p, monkeypatch):
+    # The caller vouches for the ids (a router's output); the check, a host sync on GPUs, is skipped. On the CPU
+    # the default (None) checks, and so does True.
+    from leanmoe.experts import functional
+
+    checked = []
+    real = functional.check_expert_ids
+    monkeypatch.setattr(functional, "check_expert_ids", lambda ids, E: checked.append(E) or real(ids, E))
+    ref = call(p, backend="reference")
+    assert checked == [5]
+    out = call(p, backend="reference", check_ids=False)
+    assert checked == [5] and torch.equal(out, ref)
+    call(p, backend="reference", check_ids=True)
+    assert checked == [5, 5]
+    bad_ids = p.topk_ids_TK.clone()
+    bad_ids[0, 0] = 5
+    with pytest.raises(ValueError, match=r"topk_ids must lie in \[0, 5\), got values in \[\d+, 5\]"):
+        call(p, topk_ids_TK=bad_ids)
 
 
 def test_named_backend_that_cannot_run_says_why(p):

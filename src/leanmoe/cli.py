@@ -1,7 +1,7 @@
 """``leanmoe bench | verify | info``: measure, check, and describe the expert backends on this machine.
 
 - ``bench``: for each preset, routing, backend and mode, check the backend against the fp32 reference, then time it
-  and measure its memory (``../shared/bench-protocol.md``); print a table with the environment; optionally write JSON,
+  and measure its memory (``docs/BENCHMARK_PROTOCOL.md``); print a table with the environment; optionally write JSON,
   Markdown and a PNG chart. ``--mode decode`` (alias ``--decode``) is the decode table: the forward at T in
   {1, 4, 16, 64, 256} with the touched weights' bandwidth against a copy on the device (``--hf`` with it: tokens/s
   of greedy generation). ``--mask-fraction F`` masks a fixed random fraction of the tokens (``token_mask``).
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="check, then time and measure the memory of each backend",
                            description="Check each backend against the fp32 reference, then time it and measure "
-                                       "its peak extra memory (bench-protocol.md).")
+                                       "its peak extra memory (docs/BENCHMARK_PROTOCOL.md).")
     _add_run_args(bench)
     bench.set_defaults(command_parser=bench)
     bench.add_argument("--markdown", metavar="FILE", help="write the table, environment and command as Markdown")

@@ -1,8 +1,8 @@
 """Seeded random MoE problems, routings, tolerances per dtype and an error-reporting ``assert_close``.
 
 One public place for what the tests, the benchmarks and a backend author need to check an expert layer against the
-reference backend. Every builder takes ``seed=0`` and draws from its own ``torch.Generator``: the same arguments give
-the same tensors, whatever the global RNG state, and nothing here touches that state.
+reference backend. Every builder takes a ``seed`` and draws from its own ``torch.Generator``: the same arguments give
+the same tensors, whatever the global RNG state. Only ``make_problem(seed=None)`` reads that state, once, for its seed.
 
 Legend: T tokens, D model dim, I expert hidden dim, N gate/up rows (2I gated, I plain), E experts, K top-k.
 """
@@ -164,7 +164,7 @@ class Problem:
 
 
 def make_problem(T: int, D: int, I: int, E: int, K: int, *, activation="swiglu", layout="concatenated",
-                 bias=False, dtype=torch.float32, device="cpu", routing="uniform", seed: int = 0,
+                 bias=False, dtype=torch.float32, device="cpu", routing="uniform", seed: int | None = None,
                  requires_grad=True, keep_fraction: float | None = None) -> Problem:
     """A random ``Problem`` of ``T`` tokens routed to ``K`` of ``E`` experts (``D`` model dim, ``I`` hidden dim).
 
@@ -172,8 +172,12 @@ def make_problem(T: int, D: int, I: int, E: int, K: int, *, activation="swiglu",
     layout (``concatenated`` or ``interleaved``); ``bias``: both biases; ``dtype``/``device``: of every float
     tensor (ids are int64 on ``device``; ``device="meta"`` gives meta tensors); ``routing``: one of ``ROUTINGS``;
     ``keep_fraction``: None for no token mask, else a random ``[T]`` keep-mask with that keep probability.
-    Weights are scaled by ``1/sqrt(fan_in)`` so outputs stay O(1). Reproducible from ``seed``.
+    Weights are scaled by ``1/sqrt(fan_in)`` so outputs stay O(1). Reproducible from ``seed``; ``seed=None`` takes
+    one from torch's default generator, which the test suite seeds per test (``tests/conftest.py``), so each test
+    draws its own inputs and ``LEANMOE_TEST_SEED`` changes them all.
     """
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()).item())
     gen = torch.Generator().manual_seed(seed)
     act = resolve_activation(activation)
     N = 2 * I if act.gated else I

@@ -1,4 +1,4 @@
-"""Verify-then-time harness for one MoE expert layer, as ``../shared/bench-protocol.md`` prescribes.
+"""Verify-then-time harness for one MoE expert layer, as ``docs/BENCHMARK_PROTOCOL.md`` prescribes.
 
 Legend: T tokens, D model dim, I expert hidden dim, N gate/up rows (2I gated, I otherwise), E experts, K top-k,
 R routed rows (T*K), r routed rows of one expert chunk.

@@ -1,4 +1,4 @@
-"""Benchmark shapes taken from real MoE models (``../shared/bench-protocol.md``), and the FLOP count per call.
+"""Benchmark shapes taken from real MoE models (``docs/BENCHMARK_PROTOCOL.md``), and the FLOP count per call.
 
 Legend: T tokens, D model dim, I expert hidden dim, E experts, K top-k.
 """

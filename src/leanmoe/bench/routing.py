@@ -1,4 +1,4 @@
-"""Benchmark routings, exactly as ``../shared/bench-protocol.md`` defines them, reproducible from a seed.
+"""Benchmark routings, exactly as ``docs/BENCHMARK_PROTOCOL.md`` defines them, reproducible from a seed.
 
 Legend: T tokens, E experts, K top-k.
 
