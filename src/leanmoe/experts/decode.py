@@ -23,13 +23,13 @@ torch.compile tracing before any measurement) the priority order takes it for no
 # ruff: noqa: UP045
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
 from leanmoe.experts.plan import plan_experts
-from leanmoe.experts.registry import ExpertsBackend, ExpertsCall, cuda_capability, same_dtype_reason
+from leanmoe.experts.registry import ExpertsBackend, ExpertsCall
+from leanmoe.experts.triton import triton_call_reason
 from leanmoe.experts.weights import ExpertWeights
 
 Tensor = torch.Tensor
@@ -96,26 +96,7 @@ class TritonDecodeBackend(ExpertsBackend):
             return f"activation {call.activation.name!r} has no kernel code yet"
         if call.num_tokens * call.top_k > MAX_ROWS:
             return f"{call.num_tokens * call.top_k} routed rows (T*K) > {MAX_ROWS}: the decode path is for few tokens"
-        if call.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            return f"dtype {call.dtype} (needs bfloat16, float16 or float32)"
-        reason = same_dtype_reason(call)
-        if reason is not None:
-            return reason
-        if call.device.type == "cuda":
-            major, minor = cuda_capability(call.device.index)
-            if major < 8:
-                return f"needs a CUDA GPU of compute capability >= 8.0, got {major}.{minor}"
-            return None
-        if call.device.type == "cpu":
-            if os.environ.get("TRITON_INTERPRET", "0") != "1":
-                return "on CPU tensors it runs only in the Triton interpreter (set TRITON_INTERPRET=1 before " \
-                       "importing triton); use a CUDA GPU"
-            if call.dtype == torch.bfloat16:
-                return "the Triton interpreter does not support bfloat16 (use float32 or float16 on the CPU)"
-            return None
-        if call.device.type == "meta":
-            return None  # the op's fake gives the meta output without reading data
-        return f"device {call.device.type} is not supported (needs a CUDA GPU)"
+        return triton_call_reason(call)
 
     def candidate_reason(self, call: ExpertsCall) -> str | None:
         """Why ``auto`` may not even measure this backend for ``call`` (None: it may)."""

@@ -202,6 +202,31 @@ def triton_moe_experts(x_TD: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tenso
                               float(save_percent), token_mask)[0]
 
 
+def triton_call_reason(call: ExpertsCall) -> str | None:
+    """The dtype and device rules of leanmoe's Triton kernels (this backend and ``triton_decode``): None when they
+    can run ``call``, else why."""
+    if call.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {call.dtype} (needs bfloat16, float16 or float32)"
+    reason = same_dtype_reason(call)
+    if reason is not None:
+        return reason
+    if call.device.type == "meta":
+        return None  # the ops' fake implementations give the output's shape without reading data
+    if call.device.type == "cuda":
+        major, minor = cuda_capability(call.device.index)
+        if major < 8:
+            return f"needs a CUDA GPU of compute capability >= 8.0, got {major}.{minor}"
+        return None
+    if call.device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") != "1":
+            return "on CPU tensors it runs only in the Triton interpreter (set TRITON_INTERPRET=1 before " \
+                   "importing triton); use a CUDA GPU"
+        if call.dtype == torch.bfloat16:
+            return "the Triton interpreter does not support bfloat16 (use float32 or float16 on the CPU)"
+        return None
+    return f"device {call.device.type} is not supported (needs a CUDA GPU)"
+
+
 class TritonBackend(ExpertsBackend):
     """Fused Triton kernels: CUDA GPUs of compute capability >= 8.0 in bfloat16, float16 or float32 (tuned for
     Hopper, bf16). On CPU tensors they run only in the Triton interpreter (``TRITON_INTERPRET=1``, float32/float16),
@@ -213,26 +238,7 @@ class TritonBackend(ExpertsBackend):
     extra = "triton"
 
     def unsupported_reason(self, call: ExpertsCall) -> str | None:
-        if call.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            return f"dtype {call.dtype} (needs bfloat16, float16 or float32)"
-        reason = same_dtype_reason(call)
-        if reason is not None:
-            return reason
-        if call.device.type == "meta":
-            return None  # the ops' fake implementations give the output's shape without reading data
-        if call.device.type == "cuda":
-            major, minor = cuda_capability(call.device.index)
-            if major < 8:
-                return f"needs a CUDA GPU of compute capability >= 8.0, got {major}.{minor}"
-            return None
-        if call.device.type == "cpu":
-            if os.environ.get("TRITON_INTERPRET", "0") != "1":
-                return "on CPU tensors it runs only in the Triton interpreter (set TRITON_INTERPRET=1 before " \
-                       "importing triton); use a CUDA GPU"
-            if call.dtype == torch.bfloat16:
-                return "the Triton interpreter does not support bfloat16 (use float32 or float16 on the CPU)"
-            return None
-        return f"device {call.device.type} is not supported (needs a CUDA GPU)"
+        return triton_call_reason(call)
 
     def auto_unsupported_reason(self, call: ExpertsCall) -> str | None:
         # On CUDA, auto takes triton for every call it runs: in the H100 all-preset run of 2026-11-23
