@@ -11,6 +11,8 @@
 #   decode   leanmoe bench --decode --preset all -> $OUT/h200-decode.json
 #   bench    leanmoe bench --preset qwen3-30b-a3b mixtral-8x7b -> $OUT/bench.json
 #   lora     leanmoe bench --lora 16 (skipped with a note while the option does not exist) -> $OUT/lora.json
+#   retest   the GPU tests matching RETEST_K      peers-decode  peers.py --cuda-graphs at T in DECODE_T (64)
+#   ab       benchmarks/ab_versions.py, .old/leanmoe_v5 against the checkout (carry .old)
 #   hftests | core | all | hf | ep (ep needs 2 GPUs: nvidia-h200-x2) | any other word: scratch/WORD.py, if any
 # Limits of the device call, kept here: the whole script ends within SUITE_BUDGET_S seconds (default 540: a call
 # may run 600), each step under `timeout` for the smaller of its own cap and the time left (a step with under 15 s
@@ -122,11 +124,23 @@ for step in $steps; do
         --json "$OUT/bench.json" ;;
     lora)
       if python3 -m leanmoe bench --help 2>/dev/null | grep -q -- "--lora"; then
-        run lora 240 "FAILED|Error|Traceback" python3 -m leanmoe bench --lora 16 --preset qwen3-30b-a3b \
+        run lora 240 "FAILED|Error|Traceback" python3 -m leanmoe bench --lora 16 --preset qwen3-30b-a3b mixtral-8x7b \
           --json "$OUT/lora.json"
       else
         echo "[lora] SKIPPED: this leanmoe bench has no --lora option yet" | tee -a "$LOG"
       fi ;;
+    retest)  # the GPU tests matching RETEST_K (pytest -k), tuning off
+      LEANMOE_AUTOTUNE=0 run retest 200 "$TEST_PAT" python3 -m pytest -q -rfE -n 4 -m "gpu and not multigpu" \
+        -k "${RETEST_K:?retest needs RETEST_K}" -p no:cacheprovider --timeout 180 --tb=short tests ;;
+    peers-decode)  # the decode figure beside the peers: forward as CUDA-graph replays, one process per T
+      for T in ${DECODE_T:-64}; do
+        run "peers-decode-$T" "${PEERS_PRESET_S:-120}" "ms, first call|FAILED|Error|Traceback" \
+          python3 benchmarks/peers.py --preset ${DECODE_PRESETS:-qwen3-30b-a3b} --tokens "$T" --mode fwd \
+          --cuda-graphs --json "$OUT/peers-decode-$T.json"
+      done ;;
+    ab)  # v5 against the checkout in one process (needs .old/leanmoe_v5, carried; see benchmarks/ab_versions.py)
+      PYTHONPATH=$PYTHONPATH:.old run ab 240 "Traceback|Error|\|" python3 benchmarks/ab_versions.py --old leanmoe_v5 \
+        --backend triton grouped_mm --preset ${AB_PRESETS:-qwen3-30b-a3b mixtral-8x7b} --json "$OUT/ab.json" ;;
     hftests)
       LEANMOE_AUTOTUNE=0 run hftests 200 "$TEST_PAT" python3 -m pytest -q -rfE -n 4 -m gpu -p no:cacheprovider \
         --timeout 180 --tb=short tests/test_hf_families.py tests/test_hf_patching.py tests/test_hf_bench.py ;;

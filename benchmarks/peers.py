@@ -53,7 +53,9 @@ from leanmoe.bench.harness import (
     MIB,
     TOLERANCES,
     Case,
+    copy_gbps,
     dense_matmul_tflops,
+    graph_replay,
     make_case,
     peak_extra_bytes,
     reference_errors,
@@ -225,6 +227,7 @@ IMPLS: dict[str, Impl] = {impl.name: impl for impl in (
     Impl(name="leanmoe-triton-s0", backend="triton", save_percent=0),
     Impl(name="leanmoe-triton-s100", backend="triton", save_percent=100),
     Impl(name="leanmoe-grouped_mm", backend="grouped_mm", save_percent=0),
+    Impl(name="leanmoe-triton_decode", backend="triton_decode", save_percent=0),
     Impl(name="torchtitan-style", reason=_torchtitan_reason,
          build=lambda case: lambda: torchtitan_style_experts(
              case.x_TD, case.topk_ids_TK, case.topk_weights_TK, case.gate_up_proj, case.down_proj,
@@ -312,7 +315,8 @@ def base_row(case: Case, impl: Impl, mode: str, dense_tflops: float | None) -> d
     return row
 
 
-def measure(case: Case, impl: Impl, mode: str, row: dict, *, check_only: bool = False) -> None:
+def measure(case: Case, impl: Impl, mode: str, row: dict, *, check_only: bool = False,
+            cuda_graphs: bool = False) -> None:
     """First call, check, then time and memory (see the module docstring); fills ``row``."""
     device = case.x_TD.device
     if impl.is_leanmoe:
@@ -343,10 +347,22 @@ def measure(case: Case, impl: Impl, mode: str, row: dict, *, check_only: bool = 
     row.update(status="ok", check_ok=True)
     if check_only:
         return
-    ms = time_ms(fn, device, grad_to_none=leaves if mode == "fwdbwd" else None)
+    if cuda_graphs and mode == "fwd":
+        try:
+            replay = graph_replay(fn, device)
+        except Exception as exc:  # noqa: BLE001 - reported in the row
+            row.update(status="FAILED", check_ok=True,
+                       reason=f"CUDA graph capture failed: {type(exc).__name__}: {exc}"[:300])
+            return
+        ms = time_ms(replay, device)
+        del replay
+    else:
+        ms = time_ms(fn, device, grad_to_none=leaves if mode == "fwdbwd" else None)
     tflops = flops(case.preset, case.num_tokens, mode) / (ms * 1e-3) / 1e12
     dense = row["dense_tflops"]
     row.update(ms=ms, tflops=tflops, frac_dense=tflops / dense if dense else None)
+    if mode == "fwd":  # the decode figure: touched expert weights read per forward
+        row.update(weight_bytes=case.touched_weight_bytes(), gbps=case.touched_weight_bytes() / (ms * 1e-3) / 1e9)
     case.clear_grads()
     peak = peak_extra_bytes(fn, device)
     case.clear_grads()
@@ -356,7 +372,7 @@ def measure(case: Case, impl: Impl, mode: str, row: dict, *, check_only: bool = 
 
 
 def run_case(case: Case, impls: list[Impl], modes: list[str], *, named: frozenset[str],
-             dense_tflops: float | None, check_only: bool = False,
+             dense_tflops: float | None, check_only: bool = False, cuda_graphs: bool = False,
              on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """Every (mode, impl) of one case; one row each, never dropped."""
     rows = []
@@ -368,7 +384,7 @@ def run_case(case: Case, impls: list[Impl], modes: list[str], *, named: frozense
                 if skip is not None:
                     row.update(status=skip[0], reason=skip[1])
                 else:
-                    measure(case, impl, mode, row, check_only=check_only)
+                    measure(case, impl, mode, row, check_only=check_only, cuda_graphs=cuda_graphs)
             except Exception as exc:  # a peer that breaks is a row with its reason, and the run goes on
                 row.update(status="FAILED", check_ok=False, ms=None, tflops=None, frac_dense=None,
                            reason=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
@@ -531,6 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="time the forward as CUDA-graph replays (the decode figure: no host launch overhead)")
     parser.add_argument("--check-only", action="store_true", help="check every implementation, time none")
     parser.add_argument("--json", metavar="FILE", help="write the rows and the environment as JSON")
     parser.add_argument("--markdown", metavar="FILE", help="write the report as Markdown")
@@ -580,13 +598,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch.cuda.is_available() is False")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.cuda_graphs and device.type != "cuda":
+        parser.error(f"--cuda-graphs needs a CUDA device, got {device.type}")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     presets = resolve_presets(parser, args.preset, args.small or device.type == "cpu")
-    impls = [IMPLS[n] for n in dict.fromkeys(args.impl or IMPLS)]
+    # The decode backend (forward only, small T) joins the default list when the forward is timed as a server runs it.
+    default = [n for n in IMPLS if args.cuda_graphs or IMPLS[n].backend != "triton_decode"]
+    impls = [IMPLS[n] for n in dict.fromkeys(args.impl or default)]
     env = collect_env(device, argv, dtype)
     if device.type == "cuda" and not args.check_only:
         print("measuring the dense bf16 matmul rate ...", file=sys.stderr, flush=True)
         env["dense_tflops"] = dense_matmul_tflops(device)
+        if args.cuda_graphs:
+            env["copy_gbps"] = copy_gbps(device)  # the decode reference: gbps / copy_gbps is the bandwidth fraction
+            env["timer"] += " of CUDA-graph replays (forward)"
         torch.cuda.empty_cache()
 
     modes = list(dict.fromkeys(args.mode))
@@ -612,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
         case = make_case(preset, args.routing, args.tokens or preset.train_tokens, dtype=dtype, device=device,
                          seed=args.seed)
         run_case(case, impls, modes, named=frozenset(args.impl or ()), dense_tflops=env["dense_tflops"],
-                 check_only=args.check_only, on_row=on_row)
+                 check_only=args.check_only, cuda_graphs=args.cuda_graphs, on_row=on_row)
         del case
         if device.type == "cuda":
             torch.cuda.empty_cache()

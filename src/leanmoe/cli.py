@@ -98,6 +98,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                         f"{{{', '.join(map(str, DECODE_TOKENS))}}} (unless --tokens), with the touched expert "
                         "weights' bandwidth against a copy on the device")
     p.add_argument("--decode", action="store_true", help="the same as --mode decode")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="time the forward as CUDA-graph replays, as a server runs it (no host launch overhead; "
+                        "CUDA only; default: on for the decode table on CUDA, off otherwise)")
     p.add_argument("--routing", action="extend", nargs="+", choices=ROUTINGS, help="default: uniform")
     p.add_argument("--save-percent", type=float, default=0, metavar="S",
                    help="the backends' save_percent in [0, 100] (default 0)")
@@ -275,6 +278,18 @@ def _resolve_modes(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     return modes or list(MODES)
 
 
+def _cuda_graphs(parser: argparse.ArgumentParser, args: argparse.Namespace, device: torch.device,
+                 modes: list[str]) -> bool:
+    """Whether the forward is timed as CUDA-graph replays: ``--cuda-graphs``, else on for the decode table on CUDA."""
+    if args.cuda_graphs is None:
+        return bool(args.decode) and device.type == "cuda" and args.lora is None
+    if args.cuda_graphs and device.type != "cuda":
+        parser.error(f"--cuda-graphs needs a CUDA device, got --device {device.type}")
+    if args.cuda_graphs and "fwd" not in modes:
+        parser.error("--cuda-graphs times the forward: add --mode fwd (or --mode decode)")
+    return bool(args.cuda_graphs)
+
+
 def _hf_tokens(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int | None:
     """The one token count that ``--hf`` takes (None: its default)."""
     if not args.tokens:
@@ -307,6 +322,7 @@ def _plan(parser: argparse.ArgumentParser, args: argparse.Namespace, *, check_on
         seed=args.seed,
         mask_fraction=args.mask_fraction,
         lora_rank=args.lora,
+        cuda_graphs=_cuda_graphs(parser, args, device, modes),
     )
     if args.lora is not None:
         return dataclasses.replace(plan, backends=_lora_backends(parser, args, device)), {}
@@ -351,6 +367,8 @@ def _run_env(plan: BenchPlan, argv: list[str], left_out: dict[str, str]) -> dict
     if not plan.check_only:
         env["timer"] = ("triton.testing.do_bench median" if plan.device.type == "cuda"
                         else "median of perf_counter timings")
+        if plan.cuda_graphs:
+            env["timer"] += " of CUDA-graph replays (forward; captured after 3 warm-up calls)"
     if plan.device.type == "cpu":
         env["summary"] = _summary(plan)
         if left_out:

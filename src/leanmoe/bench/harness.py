@@ -409,6 +409,23 @@ def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none: list[t
     return statistics.median(times_s) * 1e3
 
 
+def graph_replay(fn: Callable[[], object], device: torch.device, *, warmup: int = 3) -> Callable[[], None]:
+    """``fn`` captured in a ``torch.cuda.CUDAGraph`` after ``warmup`` eager calls on a side stream (where Triton tunes
+    and compiles), returned as the graph's ``replay``: the step as a server runs it, without host launch overhead.
+    Raises what capture raises (a backend that cannot be captured is reported, never timed eagerly instead)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize(device)
+    return graph.replay
+
+
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
     """``max_memory_allocated`` during one call of ``fn`` minus ``memory_allocated`` just before; ``None`` off CUDA."""
     if device.type != "cuda":
@@ -477,6 +494,8 @@ class BenchPlan:
     seed: int = 0
     #: Fraction of each case's tokens masked (``token_mask``), in ``[0, 1)``.
     mask_fraction: float = 0.0
+    #: Time the forward as CUDA-graph replays (:func:`graph_replay`; CUDA only): the decode table's default there.
+    cuda_graphs: bool = False
     #: With a rank, the LoRA run of :mod:`leanmoe.bench.lora` (``backends`` are then LoRA backends or ``auto``).
     lora_rank: int | None = None
 
@@ -543,7 +562,16 @@ def _measure(plan: BenchPlan, case: Case, backend: str, mode: str, row: dict, de
         return
     fn = step_fn(case, backend, mode, plan.save_percent)
     leaves = list(case.leaves().values())
-    ms = time_ms(fn, plan.device, grad_to_none=leaves if mode == "fwdbwd" else None)
+    if plan.cuda_graphs and mode == "fwd":
+        try:
+            replay = graph_replay(fn, plan.device)
+        except Exception as exc:  # noqa: BLE001 - reported in the row, as a failed check is
+            row.update(status="FAILED", reason=f"CUDA graph capture failed: {type(exc).__name__}: {exc}"[:300])
+            return
+        ms = time_ms(replay, plan.device)
+        del replay  # frees the graph's memory pool before the next row
+    else:
+        ms = time_ms(fn, plan.device, grad_to_none=leaves if mode == "fwdbwd" else None)
     tflops = flops(case.preset, case.kept_tokens, mode) / (ms * 1e-3) / 1e12  # masked tokens cost no FLOPs
     row.update(ms=ms, tflops=tflops, frac_dense=tflops / dense_tflops if dense_tflops else None)
     if plan.decode and mode == "fwd":

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from leanmoe.activations import Activation, activation_backward, apply_activation
-from leanmoe.experts.plan import ExpertPlan, combine, plan_experts, sum_per_token
+from leanmoe.experts.plan import combine, plan_experts, sum_per_token
 from leanmoe.experts.registry import ExpertsCall, select_backend, takes_lora_backends
 from leanmoe.experts.weights import ExpertWeights
 from leanmoe.lora.module import ExpertLoRA
@@ -193,8 +193,8 @@ def _gathered_x(x_TD, plan, valid_R1):
 
 
 class _LoRAGroupedMM(torch.autograd.Function):
-    """The LoRA fast path with a hand-written backward that keeps only the caller's tensors, the plan and the two
-    ``[R, P]`` low-rank row blocks: ``gate_up_RN`` and ``h_RI`` are recomputed in backward (as the grouped_mm
+    """The LoRA fast path with a hand-written backward that keeps only the caller's tensors and the two ``[R, P]``
+    low-rank row blocks: the routing plan, ``gate_up_RN`` and ``h_RI`` are recomputed in backward (as the grouped_mm
     backend does at ``save_percent=0``), and gradients of inputs that do not require grad are never computed."""
 
     @staticmethod
@@ -213,15 +213,15 @@ class _LoRAGroupedMM(torch.autograd.Function):
         y_TD = combine(out_RD, plan, topk_weights_TK)
         ctx.activation, ctx.gate_up_layout, ctx.scale = activation, gate_up_layout, scale
         ctx.save_for_backward(x_TD, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias, gu_A, gu_B,
-                              d_A, d_B, token_mask, xlow_RP, hlow_RP, plan.sorted_rows_R, plan.sorted_tokens_R,
-                              plan.sorted_experts_R, plan.counts_E, plan.offsets_E)
+                              d_A, d_B, token_mask, xlow_RP, hlow_RP, topk_ids_TK)
         return y_TD
 
     @staticmethod
     def backward(ctx, dy_TD):
         (x_TD, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias, gu_A, gu_B, d_A, d_B, token_mask,
-         xlow_RP, hlow_RP, *plan_tensors) = ctx.saved_tensors
-        plan = ExpertPlan(*plan_tensors)
+         xlow_RP, hlow_RP, topk_ids_TK) = ctx.saved_tensors
+        # The plan is recomputed (a sort of T*K ids), as the grouped_mm backend does, rather than kept: 3 [R] int64.
+        plan = plan_experts(topk_ids_TK, gate_up_proj.shape[0], token_mask)
         needs = ctx.needs_input_grad
         s, offs = ctx.scale, plan.offsets_E
         T, K = topk_weights_TK.shape
