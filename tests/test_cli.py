@@ -728,3 +728,28 @@ def test_lora_bench_on_the_gpu_reports_ratios_and_activation_memory(tmp_path):
     for row in rows[1:]:
         assert row["backend"] == "grouped_mm" and row["status"] == "ok"
         assert row["lora_ratio"] > 0 and row["act_mem_ratio"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", *TINY, "--decode", "--cuda-graphs"], "--cuda-graphs needs a CUDA device"),
+], ids=["cpu"])
+def test_bad_cuda_graph_arguments_are_usage_errors(argv, message, capsys, no_work):
+    assert message in _usage_error(capsys, argv)
+
+
+def test_the_decode_table_times_eagerly_off_cuda(tmp_path):
+    # --cuda-graphs is the decode table's default on CUDA only; on the CPU the timer says eager perf_counter runs.
+    out_json = tmp_path / "d.json"
+    assert main(["bench", *TINY, "--decode", "--json", str(out_json)]) == 0
+    env = json.loads(out_json.read_text())["env"]
+    assert "CUDA-graph" not in env["timer"]
+
+
+@pytest.mark.gpu
+def test_the_decode_table_times_cuda_graph_replays_on_the_gpu(tmp_path):
+    out_json = tmp_path / "d.json"
+    assert main(["bench", "--decode", "--preset", "olmoe-1b-7b", "--tokens", "4", "--backend", "triton_decode",
+                 "grouped_mm", "--json", str(out_json)]) == 0
+    data = json.loads(out_json.read_text())
+    assert "CUDA-graph replays" in data["env"]["timer"]
+    assert all(r["status"] == "ok" and r["ms"] > 0 and r["frac_copy"] > 0 for r in data["rows"])

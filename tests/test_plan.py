@@ -79,9 +79,9 @@ def test_plan_random_mask_matches_filtered_sort(seed):
 
 
 @pytest.mark.parametrize(("mask", "exc", "match"), [
-    ([1, 0, 1], TypeError, r"token_mask: expected dtype torch.bool, got torch.int64"),
-    ([True, False], ValueError, r"token_mask: expected shape \[3\] .*got \[2\]"),
-    ([[True], [False], [True]], ValueError, r"token_mask: expected shape \[3\] .*got \[3, 1\]"),
+    ([1, 0, 1], TypeError, r"token_mask must be a bool tensor \(True = keep\), got dtype torch.int64"),
+    ([True, False], ValueError, r"token_mask must have shape \[3\] .*got \[2\]"),
+    ([[True], [False], [True]], ValueError, r"token_mask must have shape \[3\] .*got \[3, 1\]"),
 ], ids=["int-mask", "short-mask", "2d-mask"])
 def test_plan_rejects_bad_masks(mask, exc, match):
     with pytest.raises(exc, match=match):
@@ -89,7 +89,7 @@ def test_plan_rejects_bad_masks(mask, exc, match):
 
 
 def test_plan_rejects_non_tensor_mask():
-    with pytest.raises(TypeError, match=r"token_mask: expected a bool tensor .* got list"):
+    with pytest.raises(TypeError, match=r"token_mask must be a bool tensor of shape \[3\] or None, got list"):
         plan_experts(torch.zeros(3, 2, dtype=torch.int64), 4, token_mask_T=[True, True, True])
 
 

@@ -532,3 +532,36 @@ def test_meta_tensors():
     grads = torch.autograd.grad(y, meta.inputs(), torch.empty_like(y))
     for name, g, t in zip(GRAD_NAMES, grads, meta.inputs(), strict=True):
         assert g.device.type == "meta" and g.shape == t.shape and g.dtype == t.dtype, name
+
+
+@pytest.mark.parametrize("frozen", ["experts", "gate_up", "down", "x"])
+def test_gradients_not_asked_for_run_no_kernel(monkeypatch, frozen, target):
+    # Frozen expert weights (LoRA, partial fine-tuning) or an x without grad: those gradients are not computed (no
+    # weight-gradient kernel runs for a frozen projection) and the others match the reference.
+    from leanmoe.kernels import moe_bwd
+
+    calls = []
+    weight_grad = moe_bwd.expert_weight_grad
+
+    def spy(*args, **kwargs):
+        calls.append(args[3].shape)
+        return weight_grad(*args, **kwargs)
+
+    monkeypatch.setattr(moe_bwd, "expert_weight_grad", spy)
+    problem = make_problem(40, 32, 24, 5, 2, bias=True, dtype=target.dtype(torch.float32), device=target.device)
+    frozen_names = {"experts": ("gate_up_proj", "gate_up_bias", "down_proj", "down_bias"),
+                    "gate_up": ("gate_up_proj", "gate_up_bias"), "down": ("down_proj", "down_bias"),
+                    "x": ("x_TD",)}[frozen]
+    for name in frozen_names:
+        getattr(problem, name).requires_grad_(False)
+    inputs = [t for t in problem.inputs() if t.requires_grad]
+    ref_y = moe_experts(*problem.args(), **problem.kwargs(), backend="reference")
+    out_y = moe_experts(*problem.args(), **problem.kwargs(), backend="triton")
+    dy = torch.randn_like(ref_y)
+    ref_grads = torch.autograd.grad(ref_y, inputs, dy)
+    out_grads = torch.autograd.grad(out_y, inputs, dy)
+    for i, (out_g, ref_g) in enumerate(zip(out_grads, ref_grads, strict=True)):
+        assert_close(out_g, ref_g, tol=TOLERANCES[out_g.dtype], name=f"grad {i}")
+    expected = {"experts": [], "gate_up": [problem.down_proj.shape], "down": [problem.gate_up_proj.shape],
+                "x": [problem.down_proj.shape, problem.gate_up_proj.shape]}[frozen]
+    assert calls == expected

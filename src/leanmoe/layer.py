@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 
 from leanmoe.config import MoEConfig
-from leanmoe.experts.functional import check_token_mask
 from leanmoe.experts.module import GroupedExperts, SharedExperts
+from leanmoe.experts.weights import check_token_mask
 from leanmoe.parallel.dispatcher import LocalDispatcher
 from leanmoe.routers.topk import TopKRouter
 

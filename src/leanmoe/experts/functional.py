@@ -10,28 +10,10 @@ import torch
 from leanmoe.activations import Activation
 from leanmoe.config import check_save_percent
 from leanmoe.experts.registry import ExpertsCall, describe_weights, select_backend
-from leanmoe.experts.weights import ExpertWeights, require_tensor, shape_str
+from leanmoe.experts.weights import ExpertWeights, check_token_mask, require_tensor, shape_str
 
 # The names before weights.py held them; kept for importers.
 _shape, _require_tensor = shape_str, require_tensor
-
-
-def check_token_mask(token_mask: object, shape: tuple[int, ...], device: torch.device,
-                     name: str = "token_mask") -> torch.Tensor:
-    """Checks that ``token_mask`` is a bool tensor of exactly ``shape`` on ``device`` (no broadcasting); returns it.
-
-    Raises ``TypeError`` (not a tensor, not bool) or ``ValueError`` (shape, device); never reads tensor data.
-    """
-    expected = "[" + ", ".join(str(s) for s in shape) + "]"
-    if not isinstance(token_mask, torch.Tensor):
-        raise TypeError(f"{name} must be a bool tensor of shape {expected} or None, got {type(token_mask).__name__}")
-    if token_mask.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor (True = keep), got dtype {token_mask.dtype}")
-    if tuple(token_mask.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {expected} (one flag per token), got {_shape(token_mask)}")
-    if token_mask.device != device:
-        raise ValueError(f"{name} is on {token_mask.device} but x is on {device}")
-    return token_mask
 
 
 def describe_call(x_TD, topk_ids_TK, topk_weights_TK, weights, *legacy_args, save_percent: float = 0,

@@ -39,9 +39,9 @@ from typing import Optional
 import torch
 
 from leanmoe.activations import Activation, activation_backward, apply_activation
-from leanmoe.experts.plan import ExpertPlan, check_token_mask, combine_routed, plan_experts, sum_per_token
+from leanmoe.experts.plan import ExpertPlan, combine_routed, plan_experts, sum_per_token
 from leanmoe.experts.registry import ExpertsBackend, ExpertsCall, cuda_capability, same_dtype_reason
-from leanmoe.experts.weights import ExpertWeights
+from leanmoe.experts.weights import ExpertWeights, check_token_mask
 
 Tensor = torch.Tensor
 
@@ -240,7 +240,7 @@ def grouped_mm_moe_experts(x_TD: Tensor, topk_ids_TK: Tensor, topk_weights_TK: T
     gradient rows are exact zeros.
     """
     if token_mask is not None:
-        check_token_mask(token_mask, topk_ids_TK)
+        check_token_mask(token_mask, (topk_ids_TK.shape[0],), topk_ids_TK.device, device_of="topk_ids")
     if x_TD.shape[0] == 0:
         # Nothing routed: an empty output that still connects every input to autograd (zero gradients).
         zero = (gate_up_proj.sum() + down_proj.sum() + topk_weights_TK.sum()) * 0

@@ -37,6 +37,8 @@ import dataclasses
 
 import torch
 
+from leanmoe.experts.weights import check_token_mask
+
 
 @dataclasses.dataclass(frozen=True)
 class ExpertPlan:
@@ -133,27 +135,12 @@ class RankPlan:
         return self.plan.inverse_R()
 
 
-def check_token_mask(token_mask_T: torch.Tensor, topk_ids_TK: torch.Tensor) -> None:
-    """Raises ``TypeError`` (not a tensor, not bool) or ``ValueError`` (shape other than ``[T]``, device other than
-    the ids') for a token mask; reads no data, so it costs no sync and traces under torch.compile."""
-    if not isinstance(token_mask_T, torch.Tensor):
-        raise TypeError(f"token_mask: expected a bool tensor of shape [T] or None, got {type(token_mask_T).__name__}")
-    if token_mask_T.dtype != torch.bool:
-        raise TypeError(f"token_mask: expected dtype torch.bool, got {token_mask_T.dtype}")
-    T = topk_ids_TK.shape[0]
-    if token_mask_T.shape != (T,):
-        raise ValueError(f"token_mask: expected shape [{T}] (one flag per token), got {list(token_mask_T.shape)}")
-    if token_mask_T.device != topk_ids_TK.device:
-        raise ValueError(f"token_mask: expected device {topk_ids_TK.device} (that of topk_ids), "
-                         f"got {token_mask_T.device}")
-
-
 def _keys_R(topk_ids_TK: torch.Tensor, E: int, token_mask_T: torch.Tensor | None, drop_invalid_ids: bool
             ) -> torch.Tensor:
     """``[R]`` sort keys: each row's expert id, E for a row in no count. Without a mask or ``drop_invalid_ids`` it
     is a view of the ids; otherwise one new ``[T, K]`` tensor (R long, like the ids: not an expanded copy)."""
     if token_mask_T is not None:
-        check_token_mask(token_mask_T, topk_ids_TK)
+        check_token_mask(token_mask_T, (topk_ids_TK.shape[0],), topk_ids_TK.device, device_of="topk_ids")
     keep_TK = None
     if drop_invalid_ids:
         keep_TK = (topk_ids_TK >= 0) & (topk_ids_TK < E)

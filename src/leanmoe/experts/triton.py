@@ -106,11 +106,14 @@ def triton_experts_bwd(
     dy_TD: Tensor, x_TD: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor, gate_up_proj: Tensor,
     down_proj: Tensor, gate_up_bias: Optional[Tensor], down_bias: Optional[Tensor], sorted_rows_R: Tensor,
     sorted_tokens_R: Tensor, offsets_E: Tensor, scale_R: Tensor, saved_SN: Tensor, activation: str, alpha: float,
-    limit: float, gate_up_layout: str, token_mask: Optional[Tensor] = None,
+    limit: float, gate_up_layout: str, token_mask: Optional[Tensor] = None, need_dx: bool = True,
+    need_dgate_up: bool = True, need_ddown: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(dx, dweights, dgate_up_proj, ddown_proj, dgate_up_bias, ddown_bias)``; a missing bias's gradient
-    is an empty tensor. Masked tokens (``token_mask`` False) get zero ``dx`` and ``dweights`` rows and add nothing
-    to the weight gradients: their rows lie past ``offsets_E[-1]``, where no kernel reads."""
+    """Returns ``(dx, dweights, dgate_up_proj, ddown_proj, dgate_up_bias, ddown_bias)``; a missing bias's gradient,
+    and a gradient not asked for (``need_dx``; ``need_dgate_up`` for gate_up_proj and its bias, ``need_ddown`` for
+    down_proj and its bias: frozen expert weights), is an empty tensor, and no kernel runs for it.
+    Masked tokens (``token_mask`` False) get zero ``dx`` and ``dweights`` rows and add nothing to the weight
+    gradients: their rows lie past ``offsets_E[-1]``, where no kernel reads."""
     from leanmoe.kernels.moe_bwd import expert_weight_grad, gate_up_bwd
     from leanmoe.kernels.moe_common import ACTIVATION_CODES
 
@@ -136,35 +139,42 @@ def triton_experts_bwd(
     dweights_TK = torch.zeros(R, device=x_TD.device, dtype=torch.float32).scatter_(0, sorted_rows_R, dweights_R)
     dweights_TK = dweights_TK.view(T, K).to(topk_weights_TK.dtype)
 
-    ddown_proj = torch.empty_like(down_proj, memory_format=torch.contiguous_format)
-    ddown_bias = torch.empty(E, D, device=x_TD.device, dtype=down_proj.dtype) if down_bias is not None else None
-    expert_weight_grad(dy_TD, hw_RI, offsets_E, ddown_proj, a_rows_R=sorted_tokens_R, dbias_EM=ddown_bias,
-                       bias_scale_R=scale_R)
+    ddown_proj = ddown_bias = dgate_up_proj = dgate_up_bias = None
+    if need_ddown:
+        ddown_proj = torch.empty_like(down_proj, memory_format=torch.contiguous_format)
+        ddown_bias = torch.empty(E, D, device=x_TD.device, dtype=down_proj.dtype) if down_bias is not None else None
+        expert_weight_grad(dy_TD, hw_RI, offsets_E, ddown_proj, a_rows_R=sorted_tokens_R, dbias_EM=ddown_bias,
+                           bias_scale_R=scale_R)
     del hw_RI
-    dgate_up_proj = torch.empty_like(gate_up_proj, memory_format=torch.contiguous_format)
-    dgate_up_bias = torch.empty(E, N, device=x_TD.device, dtype=gate_up_proj.dtype) if gate_up_bias is not None \
-        else None
-    expert_weight_grad(dgate_up_RN, x_TD, offsets_E, dgate_up_proj, b_rows_R=sorted_tokens_R, dbias_EM=dgate_up_bias)
+    if need_dgate_up:
+        dgate_up_proj = torch.empty_like(gate_up_proj, memory_format=torch.contiguous_format)
+        dgate_up_bias = torch.empty(E, N, device=x_TD.device, dtype=gate_up_proj.dtype) \
+            if gate_up_bias is not None else None
+        expert_weight_grad(dgate_up_RN, x_TD, offsets_E, dgate_up_proj, b_rows_R=sorted_tokens_R,
+                           dbias_EM=dgate_up_bias)
 
-    dx_TD = torch.empty(T, D, device=x_TD.device, dtype=x_TD.dtype)
-    if R:
+    dx_TD = torch.empty(T, D, device=x_TD.device, dtype=x_TD.dtype) if need_dx else x_TD.new_empty(0)
+    if R and need_dx:
         # dx_r = dgate_up_r @ gate_up_proj[e]: the grouped GEMM with b[e, d, n] = gate_up_proj[e, n, d].
         combine_chunked(dgate_up_RN, gate_up_proj.transpose(1, 2), None, None, sorted_rows_R, offsets_E, T, K,
                          dx_TD, token_mask)
     # Distinct empty tensors for missing biases: a custom op's outputs may not alias each other.
-    return (dx_TD, dweights_TK, dgate_up_proj, ddown_proj,
-            dgate_up_bias if dgate_up_bias is not None else x_TD.new_empty(0),
-            ddown_bias if ddown_bias is not None else x_TD.new_empty(0))
+    def given(t: Optional[Tensor]) -> Tensor:
+        return t if t is not None else x_TD.new_empty(0)
+
+    return dx_TD, dweights_TK, given(dgate_up_proj), given(ddown_proj), given(dgate_up_bias), given(ddown_bias)
 
 
 @triton_experts_bwd.register_fake
 def _(dy_TD, x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias, sorted_rows_R,
-      sorted_tokens_R, offsets_E, scale_R, saved_SN, activation, alpha, limit, gate_up_layout, token_mask=None):
+      sorted_tokens_R, offsets_E, scale_R, saved_SN, activation, alpha, limit, gate_up_layout, token_mask=None,
+      need_dx=True, need_dgate_up=True, need_ddown=True):
     E, N, D = gate_up_proj.shape
-    return (x_TD.new_empty(x_TD.shape), topk_weights_TK.new_empty(topk_weights_TK.shape),
-            gate_up_proj.new_empty(gate_up_proj.shape), down_proj.new_empty(down_proj.shape),
-            gate_up_proj.new_empty((E, N) if gate_up_bias is not None else (0,)),
-            down_proj.new_empty((E, D) if down_bias is not None else (0,)))
+    return (x_TD.new_empty(x_TD.shape if need_dx else (0,)), topk_weights_TK.new_empty(topk_weights_TK.shape),
+            x_TD.new_empty(gate_up_proj.shape if need_dgate_up else (0,)),
+            x_TD.new_empty(down_proj.shape if need_ddown else (0,)),
+            x_TD.new_empty((E, N) if gate_up_bias is not None and need_dgate_up else (0,)),
+            x_TD.new_empty((E, D) if down_bias is not None and need_ddown else (0,)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -179,11 +189,17 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy_TD, *_unused_grads):
     *saved, token_mask = ctx.saved_tensors
+    # Inputs: x, ids, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, ... Frozen expert weights (and an x
+    # that needs no gradient) cost no kernel time: their gradients are not computed at all.
+    needs = ctx.needs_input_grad
+    need_dx, need_dgate_up, need_ddown = needs[0], needs[3] or needs[5], needs[4] or needs[6]
     dx, dweights, dgate_up_proj, ddown_proj, dgate_up_bias, ddown_bias = triton_experts_bwd(
-        dy_TD, *saved, *ctx.options, token_mask=token_mask)
+        dy_TD, *saved, *ctx.options, token_mask=token_mask, need_dx=need_dx, need_dgate_up=need_dgate_up,
+        need_ddown=need_ddown)
     has_gate_up_bias, has_down_bias = ctx.has_bias
-    return (dx, None, dweights, dgate_up_proj, ddown_proj, dgate_up_bias if has_gate_up_bias else None,
-            ddown_bias if has_down_bias else None, None, None, None, None, None, None)
+    return (dx if need_dx else None, None, dweights, dgate_up_proj if need_dgate_up else None,
+            ddown_proj if need_ddown else None, dgate_up_bias if has_gate_up_bias and need_dgate_up else None,
+            ddown_bias if has_down_bias and need_ddown else None, None, None, None, None, None, None)
 
 
 triton_experts_fwd.register_autograd(_backward, setup_context=_setup_context)

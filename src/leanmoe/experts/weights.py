@@ -25,6 +25,26 @@ def shape_str(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
+def check_token_mask(token_mask: object, shape: tuple[int, ...], device: torch.device, *,
+                     name: str = "token_mask", device_of: str = "x") -> torch.Tensor:
+    """Checks that ``token_mask`` is a bool tensor of exactly ``shape`` on ``device`` (that of ``device_of``; no
+    broadcasting); returns it. The one mask check of the layer, the router, ``moe_experts`` and the routing plan.
+
+    Raises ``TypeError`` (not a tensor, not bool) or ``ValueError`` (shape, device); never reads tensor data, so it
+    costs no sync and traces under ``torch.compile``.
+    """
+    expected = "[" + ", ".join(str(s) for s in shape) + "]"
+    if not isinstance(token_mask, torch.Tensor):
+        raise TypeError(f"{name} must be a bool tensor of shape {expected} or None, got {type(token_mask).__name__}")
+    if token_mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True = keep), got dtype {token_mask.dtype}")
+    if tuple(token_mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {expected} (one flag per token), got {shape_str(token_mask)}")
+    if token_mask.device != device:
+        raise ValueError(f"{name} is on {token_mask.device} but {device_of} is on {device}")
+    return token_mask
+
+
 def require_tensor(name: str, t: object) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

@@ -24,9 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from leanmoe.config import MoEConfig, RouterConfig, split_config
-from leanmoe.experts.functional import check_token_mask
 from leanmoe.experts.module import check_param_dtype
 from leanmoe.experts.plan import expert_counts
+from leanmoe.experts.weights import check_token_mask
 
 
 @dataclasses.dataclass(frozen=True)
