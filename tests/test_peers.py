@@ -208,7 +208,7 @@ def test_from_json_merges_runs_and_recomputes_the_ratios(cpu_run, tmp_path, caps
 def test_a_run_stopped_early_lists_the_rows_it_did_not_reach(tmp_path, monkeypatch, fast_cpu_timer):
     calls = []
 
-    def measure_then_stop(case, impl, mode, row, *, check_only=False):
+    def measure_then_stop(case, impl, mode, row, *, check_only=False, cuda_graphs=False):
         if calls:
             raise KeyboardInterrupt  # what a time limit looks like from inside: nothing after it runs
         calls.append(impl.name)

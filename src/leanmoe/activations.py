@@ -91,7 +91,8 @@ class Activation:
 
 #: One instance per name with default parameters: resolving a name builds nothing (and validates nothing again)
 #: on the hot path, also under torch.compile.
-_DEFAULT_ACTIVATIONS: dict[str, Activation] = {name: Activation(name=name) for name in ACTIVATIONS}
+_DEFAULT_ACTIVATIONS: dict[str, Activation] = {
+    name: Activation(name=name) for name in ACTIVATIONS}  # type: ignore[arg-type]  # ACTIVATIONS lists the Literal
 
 
 def resolve_activation(activation: str | Activation) -> Activation:

@@ -26,6 +26,7 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -130,7 +131,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line usage errors (``leanmoe bench: error: ...``, exit status 2): a mistake on the command
     line reads as one sentence, never as a traceback or a screen of usage."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -577,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     """The ``leanmoe`` console script; returns the exit status (2 for a usage error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    parser = args.command_parser
+    parser: argparse.ArgumentParser = args.command_parser
     try:
         if args.command == "info":
             return _info(parser, args, argv)

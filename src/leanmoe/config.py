@@ -56,7 +56,7 @@ def check_real(name: str, value: object, *, minimum: float, strict: bool = False
 def check_save_percent(save_percent: object) -> None:
     if isinstance(save_percent, bool) or not isinstance(save_percent, numbers.Real):
         raise TypeError(f"save_percent must be a number in [0, 100], got {type(save_percent).__name__}")
-    if not 0 <= save_percent <= 100:  # NaN fails this too
+    if not 0 <= float(save_percent) <= 100:  # NaN fails this too
         raise ValueError(f"save_percent must be in [0, 100], got {save_percent}")
 
 

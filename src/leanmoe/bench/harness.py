@@ -224,12 +224,13 @@ def cpu_default_backends(backends: list[str], calls: list[ExpertsCall]) -> tuple
     kept, left_out = [], {}
     for backend in backends:
         reasons = [call_unsupported(call, backend, named=False) for call in calls]
-        if calls and all(r is not None for r in reasons):
-            status, reason = reasons[0]
+        given = [r for r in reasons if r is not None]
+        if calls and len(given) == len(reasons):
+            status, reason = given[0]
             if "triton" in get_backend(backend).requires:
                 reason = "needs a CUDA GPU (on the CPU, Triton kernels run only in its interpreter, too slow to time)"
             elif status == "skipped":
-                reason = _cpu_pass_over_reason(backend, calls[0])
+                reason = _cpu_pass_over_reason(backend, calls[0]) or reason
             left_out[backend] = reason
         else:
             kept.append(backend)
@@ -351,6 +352,8 @@ def reference_errors(case: Case, outs: dict[str, torch.Tensor], *, chunk_bytes: 
                 ref_y_TD.index_add_(0, tokens_r, y_rD.detach())
                 if with_grads:
                     y_rD.backward(dy_TD.index_select(0, tokens_r))
+                    assert x_rD.grad is not None and weights_r1.grad is not None  # leaves of this backward
+                    assert ref_grad_x_TD is not None and ref_grad_weights_R is not None  # with_grads
                     ref_grad_x_TD.index_add_(0, tokens_r, x_rD.grad)
                     ref_grad_weights_R[rows_r] = weights_r1.grad.squeeze(1)
                 del x_rD, weights_r1, y_rD
@@ -364,6 +367,7 @@ def reference_errors(case: Case, outs: dict[str, torch.Tensor], *, chunk_bytes: 
 
     errors = {"out": _relative(*_squared_norms(outs["out"], ref_y_TD))}
     if with_grads:
+        assert ref_grad_x_TD is not None and ref_grad_weights_R is not None
         errors["grad_x"] = _relative(*_squared_norms(outs["grad_x"], ref_grad_x_TD))
         errors["grad_topk_weights"] = _relative(*_squared_norms(outs["grad_topk_weights"].reshape(-1),
                                                                 ref_grad_weights_R))

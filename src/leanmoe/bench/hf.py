@@ -196,8 +196,9 @@ def environment(device: torch.device) -> dict:
 
     import leanmoe
 
-    env = {"torch": torch.__version__, "transformers": transformers.__version__, "leanmoe": leanmoe.__version__,
-           "python": platform.python_version(), "device": str(device)}
+    env: dict[str, str | None] = {
+        "torch": torch.__version__, "transformers": transformers.__version__, "leanmoe": leanmoe.__version__,
+        "python": platform.python_version(), "device": str(device)}
     if device.type == "cuda":
         env["gpu"] = bench_env.device_name(device)
     env["triton"] = bench_env.package_version("triton")
@@ -265,7 +266,7 @@ def run_hf_bench(model_type: str, *, device, dtype, tokens: int, layers: int, sa
     leanmoe.hf.unpatch(model)
     impls = [(name, None) for name in hf_impls] + [("leanmoe:auto", "auto")] + [(f"leanmoe:{b}", b) for b in others]
 
-    rows = []
+    rows: list[dict] = []
     for impl, backend in impls:
         note = ""
         leanmoe.hf.unpatch(model)

@@ -61,7 +61,7 @@ def make_lora(case: Case, rank: int, *, seed: int = 0) -> ExpertLoRA:
     gen = torch.Generator(device=x_TD.device).manual_seed(seed + 2)  # not the inputs' or the mask's stream
     with torch.no_grad():
         for target in lora.targets:
-            A, B = lora.factors(target)
+            A, B = lora.adapted(target)
             bound = 1 / math.sqrt(A.shape[-1])
             A.copy_(torch.rand(A.shape, generator=gen, device=A.device, dtype=A.dtype).mul_(2 * bound).sub_(bound))
             B.copy_(torch.randn(B.shape, generator=gen, device=B.device, dtype=B.dtype)
@@ -142,6 +142,7 @@ def lora_reference_errors(case: Case, lora: ExpertLoRA | None, outs: dict[str, t
             y_TD.backward(case.dy_TD.float())
     refs = {"out": y_TD.detach()}
     if with_grads:
+        assert x_TD.grad is not None and weights_TK.grad is not None  # leaves of this backward
         refs.update(grad_x=x_TD.grad, grad_topk_weights=weights_TK.grad)
         for name, p in (ref_lora.named_parameters() if ref_lora is not None else ()):
             refs[f"grad_{name}"] = p.grad if p.grad is not None else torch.zeros_like(p)

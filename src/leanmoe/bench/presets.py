@@ -6,6 +6,7 @@ Legend: T tokens, D model dim, I expert hidden dim, E experts, K top-k.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from leanmoe.activations import Activation
 
@@ -47,7 +48,8 @@ class Preset:
         return numel * element_size
 
 
-_GPT_OSS = dict(dim=2880, hidden_dim=2880, num_experts=32, top_k=4, train_tokens=16384, decode_tokens=64)
+_GPT_OSS: dict[str, Any] = dict(dim=2880, hidden_dim=2880, num_experts=32, top_k=4, train_tokens=16384,
+                                decode_tokens=64)
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset(name="qwen3-30b-a3b", dim=2048, hidden_dim=768, num_experts=128, top_k=8, train_tokens=16384,

@@ -11,7 +11,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from leanmoe.bench.harness import Progress
 
@@ -20,16 +20,16 @@ def _fmt(fmt: str) -> Callable[[object], str]:
     return lambda v: "" if v is None else format(v, fmt)
 
 
-def _pct(v: object) -> str:
+def _pct(v: Any) -> str:
     return "" if v is None else f"{100 * v:.0f}%"
 
 
-def _lora(v: object) -> str:
+def _lora(v: Any) -> str:
     # 0: the baseline row of a LoRA run, the same layer without adapters.
     return "" if v is None else "none" if v == 0 else f"r={v}"
 
 
-def _rate(v: object) -> str:
+def _rate(v: Any) -> str:
     # Three significant digits for CPU-sized rates, no decimals for GPU-sized ones.
     if v is None:
         return ""
@@ -99,9 +99,9 @@ def tabulate(rows: list[dict], columns=BENCH_COLUMNS) -> tuple[list[str], list[l
 
 
 def _code_id(env: dict) -> str:
-    parts = [f"commit {env['git_commit']}" if env.get("git_commit") else None,
+    given = [f"commit {env['git_commit']}" if env.get("git_commit") else None,
              f"source {env['source_sha256']}" if env.get("source_sha256") else None]
-    parts = [p for p in parts if p]
+    parts = [p for p in given if p]
     return f" ({', '.join(parts)})" if parts else ""
 
 
@@ -138,7 +138,10 @@ _TEXT_HEADERS = frozenset({"preset", "routing", "mode", "backend", "LoRA", "stat
 
 def cpu_columns(columns=BENCH_COLUMNS) -> list[tuple[str, str, Callable[[object], str]]]:
     """``columns`` for rows measured on the CPU: rates in GFLOP/s, where a CPU reaches thousandths of a TFLOP/s."""
-    return [("GFLOP/s", key, lambda v: _rate(None if v is None else 1e3 * v)) if key == "tflops" else (h, key, f)
+    def gflops(v: Any) -> str:
+        return _rate(None if v is None else 1e3 * v)
+
+    return [("GFLOP/s", key, gflops) if key == "tflops" else (h, key, f)
             for h, key, f in columns]
 
 
@@ -164,8 +167,8 @@ def print_table(rows: list[dict], env: dict, *, columns=BENCH_COLUMNS, title: st
                          for h, c, w in zip(headers, line, widths, strict=True)).rstrip()
 
     print(title, file=file)
-    for line in env_lines(env):
-        print(line, file=file)
+    for env_line in env_lines(env):
+        print(env_line, file=file)
     print(aligned(headers), file=file)
     print("  ".join("-" * w for w in widths), file=file)
     for line in cells:
@@ -297,7 +300,7 @@ class RichProgress(Progress):
 
         self._progress = _Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                    TimeElapsedColumn(), console=Console(stderr=True), transient=True)
-        self._task = None
+        self._task: Any = None  # rich's TaskID, from start()
 
     def start(self, total: int) -> None:
         self._progress.start()

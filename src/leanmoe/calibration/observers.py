@@ -98,12 +98,13 @@ class HessianObserver:
     def _product(self, rows_RC: torch.Tensor) -> torch.Tensor:
         """``rows_RCᵀ rows_RC`` in fp32; the same tensor object, unmodified since, reuses the last product."""
         version = 0 if rows_RC.is_inference() else rows_RC._version  # inference tensors keep no version counter
-        if self._last_rows is not None and self._last_rows() is rows_RC and self._last_version == version:
+        if self._last_xtx is not None and self._last_rows is not None and self._last_rows() is rows_RC \
+                and self._last_version == version:
             return self._last_xtx
         r = rows_RC.detach().float()
-        self._last_xtx = r.T @ r
-        self._last_rows, self._last_version = weakref.ref(rows_RC), version
-        return self._last_xtx
+        xtx_CC = r.T @ r
+        self._last_xtx, self._last_rows, self._last_version = xtx_CC, weakref.ref(rows_RC), version
+        return xtx_CC
 
     def results(self) -> dict[Key, Hessian]:
         return {key: Hessian(xtx_CC=xtx, nsamples=self._n[key]) for key, xtx in self._xtx.items()}

@@ -166,6 +166,7 @@ class CalibrationSession:
                         hook = self._shared_pre_hook(t, s, projection)
                         stack.callback(linear.register_forward_pre_hook(hook).remove)
                 if self.mode == "override":
+                    assert self.top_k is not None  # checked in __init__: override mode needs top_k
                     override_top_k(t, self.top_k, stack)
             self._stack = stack.pop_all()
         return self

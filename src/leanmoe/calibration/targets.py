@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from contextlib import ExitStack
+from typing import Any
 
 import torch.nn as nn
 
@@ -23,16 +24,18 @@ from leanmoe.routers.topk import TopKRouter
 @dataclasses.dataclass
 class SharedTarget:
     name: str
-    module: nn.Module
+    module: Any  # duck-typed: a transformers shared-expert MLP (gate_proj, up_proj, down_proj)
 
 
 @dataclasses.dataclass
 class ExpertsTarget:
     name: str
-    module: nn.Module
+    # Duck-typed: leanmoe.GroupedExperts or a patched transformers experts module (expert_weights()), its block
+    # and router as the family defines them.
+    module: Any
     num_experts: int
-    block: nn.Module | None
-    router: nn.Module | None
+    block: Any
+    router: Any
     shared: list[SharedTarget]
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from leanmoe.activations import Activation
+from leanmoe.activations import Activation, resolve_activation
 from leanmoe.config import check_save_percent
 from leanmoe.experts.registry import ExpertsCall, describe_weights, select_backend
 from leanmoe.experts.weights import ExpertWeights, check_token_mask, require_tensor, shape_str
@@ -77,7 +77,7 @@ def describe_call(x_TD, topk_ids_TK, topk_weights_TK, weights, *legacy_args, sav
 def _legacy_weights(gate_up_proj, down_proj, gate_up_bias=None, down_bias=None, *,
                     activation: str | Activation = "swiglu", gate_up_layout: str = "concatenated") -> ExpertWeights:
     return ExpertWeights(gate_up_proj=gate_up_proj, down_proj=down_proj, gate_up_bias=gate_up_bias,
-                         down_bias=down_bias, activation=activation, gate_up_layout=gate_up_layout)
+                         down_bias=down_bias, activation=resolve_activation(activation), gate_up_layout=gate_up_layout)
 
 
 def check_expert_ids(topk_ids_TK: torch.Tensor, num_experts: int) -> None:
@@ -132,7 +132,8 @@ def moe_experts(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: 
             and the expected one; ``ValueError`` when the named backend cannot run the call (with its reason).
     """
     weights = ExpertWeights(gate_up_proj=gate_up_proj, down_proj=down_proj, gate_up_bias=gate_up_bias,
-                            down_bias=down_bias, activation=activation, gate_up_layout=gate_up_layout, lora=lora)
+                            down_bias=down_bias, activation=resolve_activation(activation),
+                            gate_up_layout=gate_up_layout, lora=lora)
     return run_experts(x_TD, topk_ids_TK, topk_weights_TK, weights, backend=backend, save_percent=save_percent,
                        check_ids=check_ids, token_mask=token_mask)
 

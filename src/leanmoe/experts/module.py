@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -24,6 +25,10 @@ from leanmoe.config import (
 from leanmoe.experts.functional import describe_call, moe_experts
 from leanmoe.experts.registry import ExpertsCall, check_backend_for_module, describe_weights, explain_backend
 from leanmoe.experts.weights import ExpertWeights  # also importable from here, where it was defined first
+
+if TYPE_CHECKING:  # leanmoe.lora imports this package: no import at run time (a cycle)
+    from leanmoe.lora.module import ExpertLoRA
+    from leanmoe.parallel.expert_parallel import ExpertShard
 
 
 def check_param_dtype(dtype: object) -> None:
@@ -50,6 +55,11 @@ class GroupedExperts(nn.Module):
     :meth:`reset_parameters` initialise it as construction does. Each bad value raises ``TypeError``/``ValueError``
     naming it.
     """
+
+    #: Set by :func:`leanmoe.lora.add_expert_lora`; a registered submodule (or None).
+    lora: ExpertLoRA | None
+    #: Set by :func:`leanmoe.parallel.expert_parallel` on a sharded layer's experts; absent otherwise.
+    expert_shard: ExpertShard
 
     def __init__(self, *, num_experts: int, dim: int, hidden_dim: int, activation: str | Activation = "swiglu",
                  gate_up_layout: str = "concatenated", bias: bool = False, backend: str = "auto",

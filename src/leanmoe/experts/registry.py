@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import importlib.util
 import inspect
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -161,14 +162,14 @@ class ExpertsBackend(abc.ABC):
             return
         params = list(inspect.signature(fn).parameters)
         legacy = len(params) > 4 and params[4] == "gate_up_proj"
-        cls.__call__ = _adapt_call(fn, legacy)
+        cls.__call__ = _adapt_call(fn, legacy)  # type: ignore[method-assign]  # the contract's form, adapted once
         if legacy:
             own_reason = cls.unsupported_reason
 
             def unsupported_reason(self, call: ExpertsCall) -> str | None:
                 return same_dtype_reason(call) or own_reason(self, call)
 
-            cls.unsupported_reason = unsupported_reason
+            cls.unsupported_reason = unsupported_reason  # type: ignore[method-assign]
 
     def missing_packages(self) -> list[str]:
         return [m for m in self.requires if not _importable(m)]
@@ -202,7 +203,7 @@ class ExpertsBackend(abc.ABC):
 _BACKENDS: dict[str, ExpertsBackend] = {}
 #: ``call -> (backend, why) | None``: asked first under ``auto``, outside torch.compile tracing; set by
 #: :mod:`leanmoe.experts.autoselect` (the measured choice). None: the priority order alone.
-auto_chooser = None
+auto_chooser: Callable[[ExpertsCall], tuple[ExpertsBackend, str] | None] | None = None
 
 
 def register_backend(backend: ExpertsBackend) -> ExpertsBackend:
@@ -282,7 +283,7 @@ def select_backend(name: str, call: ExpertsCall) -> tuple[ExpertsBackend, str]:
         chosen = auto_chooser(call)
         if chosen is not None:
             return chosen
-    skipped = []
+    skipped: list[str] = []
     for backend_name in available_backends():
         backend = _BACKENDS[backend_name]
         reason = _reason(backend, call, auto=True)

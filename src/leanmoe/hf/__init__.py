@@ -24,6 +24,7 @@ model = AutoModelForCausalLM.from_pretrained(..., experts_implementation="leanmo
 from __future__ import annotations
 
 import importlib.util
+from typing import Any
 
 import torch.nn as nn
 
@@ -187,7 +188,7 @@ def is_patched(model: nn.Module) -> bool:
     return any(adapter.patch_record(m) is not None for m in model.modules())
 
 
-def experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def experts_modules(model: nn.Module) -> list[tuple[str, Any]]:
     """``(qualified name, module)`` of every patched experts module: each has ``forward(x_TD, topk_ids_TK,
     topk_weights_TK) -> y_TD`` and ``expert_weights()`` (the experts-module protocol)."""
     _check_model(model)

@@ -25,6 +25,7 @@ import dataclasses
 import sys
 import types
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -63,7 +64,7 @@ def _act_fn_name(act_fn: nn.Module) -> str | None:
     """The leanmoe name of an element-wise HF activation module, or None when leanmoe has no exact match."""
     # Read per forward, also inside torch.compile, which cannot trace an import of transformers' lazy modules; a
     # model that holds an HF activation module has imported the module already.
-    hf_act = sys.modules.get("transformers.activations")
+    hf_act: Any = sys.modules.get("transformers.activations")
     if hf_act is None:
         from transformers import activations as hf_act
 
@@ -158,7 +159,7 @@ def activation_of(module: nn.Module) -> Activation:
     return reader(module)
 
 
-def expert_weights(module: nn.Module) -> ExpertWeights:
+def expert_weights(module: Any) -> ExpertWeights:
     """A transformers experts module's weights as leanmoe-layout views (``[E, N, D]``, ``[E, D, I]``), no copy."""
     transposed = getattr(module, "is_transposed", False)
     gate_up = module.gate_up_proj if is_gated(module) else module.up_proj
@@ -276,15 +277,16 @@ def uninstall(module: nn.Module) -> bool:
 # --- the patched methods of a standard experts module ------------------------------------------------------------
 
 
-def patched_expert_weights(self: nn.Module) -> ExpertWeights:
+def patched_expert_weights(self: Any) -> ExpertWeights:
     """``expert_weights()`` of a patched transformers experts module (the experts-module protocol)."""
     return expert_weights(self)
 
 
-def patched_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+def patched_experts_forward(self: Any, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                             top_k_weights: torch.Tensor) -> torch.Tensor:
     """``forward(x_TD, topk_ids_TK, topk_weights_TK) -> y_TD`` of a patched transformers experts module."""
     record = patch_record(self)
+    assert record is not None  # this forward is installed with its record
     return run_experts(expert_weights(self), hidden_states, top_k_index, top_k_weights,
                        backend=record.backend, save_percent=record.save_percent, lora=self._modules.get("lora"))
 

@@ -9,7 +9,7 @@ weights as ``transpose(-2, -1)`` views with ``gate_up_layout="interleaved"`` and
 The block also returns the router scores, unchanged. Top-k lives in ``block.router.top_k``.
 """
 
-import torch.nn as nn
+from typing import Any
 
 from leanmoe.activations import Activation
 from leanmoe.hf.adapter import Family, register_experts_class
@@ -17,7 +17,7 @@ from leanmoe.hf.adapter import Family, register_experts_class
 _MODULE = "transformers.models.gpt_oss.modeling_gpt_oss"
 
 
-def _activation(experts: nn.Module) -> Activation:
+def _activation(experts: Any) -> Activation:
     # transformers <= 5.17 hard-codes alpha=1.702, limit=7.0 on the module; later versions read them from the config.
     return Activation(name="clamped_swiglu", alpha=float(experts.alpha), limit=float(experts.limit))
 

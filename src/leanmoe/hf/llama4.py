@@ -19,6 +19,8 @@ For K = 1 this is exactly the original arithmetic minus the zero rows. The exper
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 
@@ -28,20 +30,21 @@ from leanmoe.hf.adapter import Family, default_activation, parameters_reason, pa
 _MODULE = "transformers.models.llama4.modeling_llama4"
 
 
-def _expert_weights(self: nn.Module) -> ExpertWeights:
+def _expert_weights(self: Any) -> ExpertWeights:
     return ExpertWeights(gate_up_proj=self.gate_up_proj.transpose(-2, -1),
                          down_proj=self.down_proj.transpose(-2, -1), activation=default_activation(self),
                          gate_up_layout="concatenated")
 
 
-def _experts_forward(self: nn.Module, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor,
+def _experts_forward(self: Any, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor,
                      topk_weights_TK: torch.Tensor) -> torch.Tensor:
     record = patch_record(self)
+    assert record is not None  # this forward is installed with its record
     return run_experts(_expert_weights(self), x_TD, topk_ids_TK, topk_weights_TK, backend=record.backend,
                        save_percent=record.save_percent, lora=self._modules.get("lora"))
 
 
-def _moe_forward(self: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _moe_forward(self: Any, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x_TD = hidden_states.reshape(-1, self.hidden_dim)
     router_scores_TE, router_logits_TE = self.router(x_TD)
     T, D = x_TD.shape

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from leanmoe.activations import Activation, activation_backward, apply_activation, split_gate_up
+from leanmoe.activations import Activation, activation_backward, apply_activation, resolve_activation, split_gate_up
 
 
 def _expert_rows(offsets_E: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -29,7 +29,8 @@ def _activation(act_code: int, alpha: float, limit: float) -> Activation:
     from leanmoe.kernels.moe_common import ACTIVATION_CODES
 
     name = {code: name for name, code in ACTIVATION_CODES.items()}[act_code]
-    return Activation(name=name, alpha=alpha, limit=limit) if name == "clamped_swiglu" else Activation(name=name)
+    return resolve_activation(name) if name != "clamped_swiglu" else \
+        Activation(name="clamped_swiglu", alpha=alpha, limit=limit)
 
 
 def _layout(interleaved: bool) -> str:

@@ -10,6 +10,7 @@ experts module patched by :func:`leanmoe.hf.patch`. :func:`add_expert_lora` give
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -25,20 +26,21 @@ def _is_hf_patched_experts(module: nn.Module) -> bool:
     return adapter is not None and adapter.patch_record(module) is not None and "expert_weights" in module.__dict__
 
 
-def _backend_of(module: nn.Module) -> str:
+def _backend_of(module: Any) -> str:
     if _is_hf_patched_experts(module):
         return sys.modules["leanmoe.hf.adapter"].patch_record(module).backend
     return module.backend
 
 
-def experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def experts_modules(model: nn.Module) -> list[tuple[str, Any]]:
     """``(qualified name, module)`` of every experts module of ``model`` that can take adapters (``model`` itself
-    included): :class:`leanmoe.GroupedExperts` and transformers experts patched by :func:`leanmoe.hf.patch`."""
+    included): :class:`leanmoe.GroupedExperts` and transformers experts patched by :func:`leanmoe.hf.patch` (duck-typed:
+    both have ``expert_weights()`` and a ``lora`` submodule slot)."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, GroupedExperts) or
             _is_hf_patched_experts(m)]
 
 
-def lora_modules(model: nn.Module) -> list[tuple[str, nn.Module, ExpertLoRA]]:
+def lora_modules(model: nn.Module) -> list[tuple[str, Any, ExpertLoRA]]:
     """``(name, experts module, adapter)`` of every experts module of ``model`` that has an adapter."""
     return [(name, m, m.lora) for name, m in experts_modules(model) if isinstance(m._modules.get("lora"), ExpertLoRA)]
 

@@ -90,10 +90,17 @@ class ExpertLoRA(nn.Module):
     def factors(self, target: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(A [E, r, in], B [E, out, r])`` of ``target`` (``"gate_up"`` or ``"down"``), or None if not adapted."""
         A, B = (self.gate_up_A, self.gate_up_B) if target == "gate_up" else (self.down_A, self.down_B)
-        return None if A is None else (A, B)
+        return None if A is None or B is None else (A, B)
+
+    def adapted(self, target: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`factors` of a target this adapter has; a ``ValueError`` for one it does not."""
+        factors = self.factors(target)
+        if factors is None:
+            raise ValueError(f"target {target!r} is not adapted; this adapter's targets are {self.targets}")
+        return factors
 
     def reset_parameters(self) -> None:
-        for A, B in (self.factors(t) for t in self.targets):
+        for A, B in (self.adapted(t) for t in self.targets):
             # kaiming_uniform_(a=sqrt(5)) over one expert's [r, in] is uniform in +-1/sqrt(in) (nn.Linear's bound).
             bound = 1 / math.sqrt(A.shape[-1])
             nn.init.uniform_(A, -bound, bound)
@@ -101,7 +108,7 @@ class ExpertLoRA(nn.Module):
 
     def delta(self, target: str) -> torch.Tensor:
         """``s * B @ A`` of ``target`` in fp32 (at least): ``[E, N, D]`` for gate_up, ``[E, D, I]`` for down."""
-        A, B = self.factors(target)
+        A, B = self.adapted(target)
         compute = torch.promote_types(A.dtype, torch.float32)
         return torch.bmm(B.to(compute), A.to(compute)) * self.scale
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -40,7 +41,7 @@ def _param_names(lora_gated: bool) -> dict[str, str]:
     return {"gate_up": "gate_up_proj" if lora_gated else "up_proj", "down": "down_proj"}
 
 
-def _orientation(module: nn.Module, target: str, param: torch.Tensor) -> bool:
+def _orientation(module: Any, target: str, param: torch.Tensor) -> bool:
     """True when PEFT's ``B_e A_e`` is leanmoe's ``B A`` (False: it is its transpose)."""
     w = module.expert_weights()
     view = w.gate_up_proj if target == "gate_up" else w.down_proj
@@ -82,7 +83,7 @@ def peft_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
         E, r = lora.num_experts, lora.rank
         for target in lora.targets:
             pname = names[target]
-            A, B = (t.detach() for t in lora.factors(target))
+            A, B = (t.detach() for t in lora.adapted(target))
             if not _orientation(module, target, getattr(module, pname)):
                 A, B = B.transpose(-2, -1), A.transpose(-2, -1)
             key = f"{_PREFIX}{path + '.' if path else ''}{prefixes[pname]}"
@@ -147,7 +148,7 @@ def load_peft_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
     if not plan:
         raise ValueError(f"target_parameters={targets!r} matches no expert parameter of {type(model).__name__}")
     for path, module, wanted in plan:
-        lora = module._modules.get("lora")
+        lora: Any = module._modules.get("lora")
         if lora is None:
             add_expert_lora(module, rank=r, alpha=alpha, targets=tuple(wanted))
             lora = module.lora
@@ -165,7 +166,7 @@ def load_peft_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
             if missing:
                 raise ValueError(f"the PEFT state dict has no {missing} for {path}.{pname}")
             wA, wB = state[key + "lora_A.weight"], state[key + "lora_B.weight"]
-            A_dst, B_dst = lora.factors(target)
+            A_dst, B_dst = lora.adapted(target)
             A = wA.reshape(E, r, wA.shape[-1])
             B = wB.reshape(wB.shape[0], r, E).permute(2, 0, 1)
             if not _orientation(module, target, getattr(module, pname)):

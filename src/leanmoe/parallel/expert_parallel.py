@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 import time
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
@@ -44,6 +45,9 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from leanmoe.experts.plan import RankPlan, combine, plan_experts, received_expert_ids
 from leanmoe.parallel.dispatcher import DispatchMeta, LocalDispatcher
+
+if TYPE_CHECKING:  # leanmoe.layer imports this package
+    from leanmoe.layer import MoE
 
 #: The ``layer.experts`` parameters that are split along dim 0 (the expert dim); absent biases are skipped.
 EXPERT_PARAM_NAMES = ("gate_up_proj", "down_proj", "gate_up_bias", "down_bias")
@@ -147,7 +151,8 @@ class ExpertParallelDispatcher(LocalDispatcher):
                                   input_splits=input_splits, output_splits=output_splits, source_mask_T=token_mask_T)
         return x_SD, ids_S1, weights_S1, meta
 
-    def combine(self, y_SD: torch.Tensor, meta: ExpertParallelMeta) -> torch.Tensor:
+    def combine(self, y_SD: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+        assert isinstance(meta, ExpertParallelMeta), type(meta)  # what this dispatcher's dispatch returned
         T, K = meta.topk_weights_TK.shape
         D = y_SD.shape[-1]
         y_RD = _all_to_all_rows(y_SD, meta.input_splits, meta.output_splits, self.shard.group)
@@ -167,7 +172,7 @@ def _resolve_group(mesh_or_group: DeviceMesh | dist.ProcessGroup | None) -> dist
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("expert_parallel needs torch.distributed initialised (dist.init_process_group or torchrun)")
     if mesh_or_group is None:
-        return dist.group.WORLD
+        return cast(dist.ProcessGroup, dist.group.WORLD)  # set once the process group is initialised
     if isinstance(mesh_or_group, DeviceMesh):
         if mesh_or_group.ndim != 1:
             raise ValueError(f"expert_parallel needs a 1-D device mesh (e.g. mesh['ep']), got a {mesh_or_group.ndim}-D "
@@ -206,7 +211,7 @@ def _bit_sums(tensors: list[torch.Tensor]) -> list[int]:
 def _state_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
     """Parameters and persistent buffers of ``layer`` by name (``state_dict``'s tensors, without its hooks: on a
     sharded layer ``state_dict()`` is a collective)."""
-    tensors = dict(layer.named_parameters())
+    tensors: dict[str, torch.Tensor] = dict(layer.named_parameters())
     for module_name, module in layer.named_modules():
         for name, buf in module.named_buffers(recurse=False):
             if buf is not None and name not in module._non_persistent_buffers_set:
@@ -229,7 +234,7 @@ def _config_leaves(config: object, prefix: str) -> list[tuple[str, object]]:
     return leaves
 
 
-def _fingerprint(layer: nn.Module, check_weights: bool) -> dict[str, object]:
+def _fingerprint(layer: MoE, check_weights: bool) -> dict[str, object]:
     """What must be equal on every rank of an expert-parallel group, as a flat ``{what: value}`` of JSON values."""
     experts = layer.experts
     shard = getattr(experts, "expert_shard", None)
@@ -312,7 +317,7 @@ def _disagreement(fps: list[dict[str, object]], ranks: list[int]) -> str | None:
             + "\n  ".join(shown))
 
 
-def _collective_device(group: dist.ProcessGroup, layer: nn.Module) -> torch.device:
+def _collective_device(group: dist.ProcessGroup, layer: MoE) -> torch.device:
     backend = str(dist.get_backend(group))
     if "gloo" in backend:
         return torch.device("cpu")
@@ -322,7 +327,7 @@ def _collective_device(group: dist.ProcessGroup, layer: nn.Module) -> torch.devi
     return torch.device("cpu") if device.type == "meta" else device
 
 
-def check_ranks_agree(layer: nn.Module, group: dist.ProcessGroup, *, timeout_s: float = DEFAULT_AGREEMENT_TIMEOUT_S,
+def check_ranks_agree(layer: MoE, group: dist.ProcessGroup, *, timeout_s: float = DEFAULT_AGREEMENT_TIMEOUT_S,
                       check_weights: bool = True) -> None:
     """Checks that every rank of ``group`` holds the same full layer, with one all-gather of a fixed-size fingerprint
     (sizes, dtype, activation, layout, biases, config, every tensor's shape and, with ``check_weights``, an exact
@@ -372,7 +377,7 @@ def _check_timeout(timeout: float | datetime.timedelta) -> float:
 
 def _gather_full_experts(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
     # state_dict post-hook: replace each local shard [L, ...] by the full [E, ...] tensor (a collective).
-    shard: ExpertShard = module.expert_shard
+    shard = cast(ExpertShard, module.expert_shard)  # set with the hooks, by expert_parallel
     for name in EXPERT_PARAM_NAMES:
         key = prefix + name
         if key not in state_dict:
@@ -387,7 +392,7 @@ def _gather_full_experts(module: nn.Module, state_dict: dict, prefix: str, local
 
 def _slice_full_experts(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
     # load_state_dict pre-hook: a full [E, ...] tensor is cut to this rank's [L, ...] rows; a local one is kept.
-    shard: ExpertShard = module.expert_shard
+    shard = cast(ExpertShard, module.expert_shard)
     lo, hi = shard.first_expert, shard.first_expert + shard.num_local_experts
     for name in EXPERT_PARAM_NAMES:
         key = prefix + name
@@ -402,7 +407,7 @@ def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
             for n, p in m.named_parameters(recurse=False) if n in EXPERT_PARAM_NAMES]
 
 
-def expert_parallel(layer: nn.Module, mesh_or_group: DeviceMesh | dist.ProcessGroup | None = None, *,
+def expert_parallel(layer: MoE, mesh_or_group: DeviceMesh | dist.ProcessGroup | None = None, *,
                     balance_group: dist.ProcessGroup | None = None,
                     timeout: float | datetime.timedelta = DEFAULT_AGREEMENT_TIMEOUT_S,
                     check_weights: bool = True) -> nn.Module:
