@@ -58,11 +58,11 @@ from leanmoe.bench.harness import (
     graph_replay,
     make_case,
     peak_extra_bytes,
+    record_check,
     reference_errors,
     time_ms,
     unsupported,
     unsupported_reason,
-    worst_error,
 )
 from leanmoe.bench.presets import MODES, PRESETS, ROUTINGS, Preset, cpu_scaled, flops
 from leanmoe.bench.report import env_lines, load_json, tabulate, write_json
@@ -338,14 +338,7 @@ def measure(case: Case, impl: Impl, mode: str, row: dict, *, check_only: bool = 
     outs = run_once(case, call, mode)
     errors = reference_errors(case, outs)
     del outs
-    worst_name, worst = worst_error(errors)
-    row.update(errors=errors, max_error=worst)
-    if not worst <= row["tolerance"]:  # NaN fails too
-        row.update(status="FAILED", check_ok=False,
-                   reason=f"{worst_name} relative error {worst:.2e} > tolerance {row['tolerance']:.0e}")
-        return
-    row.update(status="ok", check_ok=True)
-    if check_only:
+    if not record_check(row, errors, row["tolerance"]) or check_only:
         return
     if cuda_graphs and mode == "fwd":
         try:

@@ -533,7 +533,8 @@ def _base_row(plan: BenchPlan, case: Case, backend: str, mode: str) -> dict:
         "tokens": case.num_tokens, "mask_fraction": plan.mask_fraction, "kept_tokens": case.kept_tokens,
         "decode": plan.decode, "routing": case.routing, "mode": mode, "backend": backend,
         "save_percent": plan.save_percent, "dtype": str(plan.dtype).removeprefix("torch."),
-        "device": plan.device.type, "status": None, "reason": None, "errors": None, "max_error": None,
+        "device": plan.device.type, "status": None, "reason": None, "check_ok": None, "errors": None,
+        "max_error": None,
         "tolerance": plan.tolerance, "ms": None, "tflops": None, "frac_dense": None, "weight_bytes": None,
         "gbps": None, "frac_copy": None, "peak_mem_mb": None, "act_mem_mb": None, "speedup_vs_grouped_mm": None,
         # LoRA runs only (leanmoe.bench.lora): the rank (0 on the no-adapter baseline row) and the baseline ratios.
@@ -550,19 +551,26 @@ def _result_text(row: dict) -> str:
     return f"ok {row['ms']:.3f} ms, {row['tflops']:.3g} TFLOP/s, max error {row['max_error']:.1e}"
 
 
+def record_check(row: dict, errors: dict[str, float], tolerance: float) -> bool:
+    """Puts a check's ``errors`` and worst error in ``row`` with its status (``ok``, or ``FAILED`` with the reason)
+    and ``check_ok``; True when the row passed (every error within ``tolerance``; NaN fails)."""
+    worst_name, worst = worst_error(errors)
+    row.update(errors=errors, max_error=worst)
+    if not worst <= tolerance:
+        row.update(status="FAILED", check_ok=False,
+                   reason=f"{worst_name} relative error {worst:.2e} > tolerance {tolerance:.0e}")
+        return False
+    row.update(status="ok", check_ok=True)
+    return True
+
+
 def _measure(plan: BenchPlan, case: Case, backend: str, mode: str, row: dict, dense_tflops: float | None,
              copy_rate_gbps: float | None) -> None:
     """Check, then (unless ``plan.check_only``) time and measure memory; fills ``row``."""
     outs = run_once(case, backend, mode, plan.save_percent)
     errors = reference_errors(case, outs)
     del outs
-    worst_name, worst = worst_error(errors)
-    row.update(errors=errors, max_error=worst)
-    if not worst <= plan.tolerance:  # NaN fails too
-        row.update(status="FAILED", reason=f"{worst_name} relative error {worst:.2e} > tolerance {plan.tolerance:.0e}")
-        return
-    row["status"] = "ok"
-    if plan.check_only:
+    if not record_check(row, errors, plan.tolerance) or plan.check_only:
         return
     fn = step_fn(case, backend, mode, plan.save_percent)
     leaves = list(case.leaves().values())

@@ -26,6 +26,7 @@ import json
 import platform
 import statistics
 import time
+from typing import Any
 
 import torch
 
@@ -207,6 +208,15 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def _resolve_model(model_type: str, layers: int, config_overrides: dict | None, device: torch.device | str,
+                   dtype: torch.dtype | str) -> tuple[torch.device, torch.dtype, Any]:
+    """The device, dtype and transformers config of a bench model (``config_overrides`` may hold ``tiny``)."""
+    resolved: torch.dtype = getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
+    overrides = dict(config_overrides or {})
+    tiny = bool(overrides.pop("tiny", False))
+    return torch.device(device), resolved, model_config(model_type, layers=layers, tiny=tiny, **overrides)
+
+
 def run_hf_bench(model_type: str, *, device, dtype, tokens: int, layers: int, save_percent: float = 0,
                  json_path=None, config_overrides: dict | None = None) -> list[dict]:
     """Benchmarks one transformers MoE family on its own experts implementations and on leanmoe.
@@ -229,12 +239,7 @@ def run_hf_bench(model_type: str, *, device, dtype, tokens: int, layers: int, sa
     """
     import leanmoe.hf
 
-    device = torch.device(device)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.removeprefix("torch."))
-    overrides = dict(config_overrides or {})
-    tiny = bool(overrides.pop("tiny", False))
-    config = model_config(model_type, layers=layers, tiny=tiny, **overrides)
+    device, dtype, config = _resolve_model(model_type, layers, config_overrides, device, dtype)
     model = build_model(config, device=device, dtype=dtype)
     model.train()  # dropout is 0 in these configs; train mode exercises the training paths
     generator = torch.Generator(device="cpu").manual_seed(0)
@@ -370,12 +375,7 @@ def run_hf_decode_bench(model_type: str, *, device, dtype, batch: int, layers: i
 
     if new_tokens < 2:
         raise ValueError(f"new_tokens must be >= 2 (a decode step is timed between 1 and new_tokens), got {new_tokens}")
-    device = torch.device(device)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.removeprefix("torch."))
-    overrides = dict(config_overrides or {})
-    tiny = bool(overrides.pop("tiny", False))
-    config = model_config(model_type, layers=layers, tiny=tiny, **overrides)
+    device, dtype, config = _resolve_model(model_type, layers, config_overrides, device, dtype)
     if config.max_position_embeddings < prompt_len + new_tokens:
         config.max_position_embeddings = prompt_len + new_tokens
     model = build_model(config, device=device, dtype=dtype).eval()

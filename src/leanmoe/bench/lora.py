@@ -40,9 +40,9 @@ from leanmoe.bench.harness import (
     _squared_norms,
     make_case,
     peak_extra_bytes,
+    record_check,
     time_ms,
     unsupported_reason,
-    worst_error,
 )
 from leanmoe.experts import moe_experts, select_backend
 from leanmoe.lora import LORA_BACKENDS, TARGETS, ExpertLoRA, select_lora_backend
@@ -159,13 +159,7 @@ def _measure(plan: BenchPlan, case: Case, backend: str, lora: ExpertLoRA | None,
     outs = run_lora_once(case, backend, lora, mode, plan.save_percent)
     errors = lora_reference_errors(case, lora, outs)
     del outs
-    worst_name, worst = worst_error(errors)
-    row.update(errors=errors, max_error=worst)
-    if not worst <= plan.tolerance:  # NaN fails too
-        row.update(status="FAILED", reason=f"{worst_name} relative error {worst:.2e} > tolerance {plan.tolerance:.0e}")
-        return
-    row["status"] = "ok"
-    if plan.check_only:
+    if not record_check(row, errors, plan.tolerance) or plan.check_only:
         return
     leaves = _leaves(case, lora)
     fn = _step(case, backend, lora, mode, plan.save_percent)
