@@ -12,6 +12,7 @@
 #   bench    leanmoe bench --preset qwen3-30b-a3b mixtral-8x7b -> $OUT/bench.json
 #   lora     leanmoe bench --lora 16 (skipped with a note while the option does not exist) -> $OUT/lora.json
 #   retest   the GPU tests matching RETEST_K      peers-decode  peers.py --cuda-graphs at T in DECODE_T (64)
+#   hf-lora  leanmoe bench --hf M --lora 16 for M in HF_LORA_MODELS (qwen3_moe mixtral)
 #   ab       benchmarks/ab_versions.py, .old/leanmoe_v5 against the checkout (carry .old)
 #   hftests | core | all | hf | ep (ep needs 2 GPUs: nvidia-h200-x2) | any other word: scratch/WORD.py, if any
 # Limits of the device call, kept here: the whole script ends within SUITE_BUDGET_S seconds (default 540: a call
@@ -141,6 +142,11 @@ for step in $steps; do
     ab)  # v5 against the checkout in one process (needs .old/leanmoe_v5, carried; see benchmarks/ab_versions.py)
       PYTHONPATH=$PYTHONPATH:.old run ab 240 "Traceback|Error|\|" python3 benchmarks/ab_versions.py --old leanmoe_v5 \
         --backend triton grouped_mm --preset ${AB_PRESETS:-qwen3-30b-a3b mixtral-8x7b} --json "$OUT/ab.json" ;;
+    hf-lora)  # the model's LoRA step, leanmoe's adapters against transformers grouped_mm + PEFT (issue 15's target)
+      for m in ${HF_LORA_MODELS:-qwen3_moe mixtral}; do
+        run "hf-lora-$m" 200 "FAILED|Error|Traceback" python3 -m leanmoe bench --hf "$m" --lora 16 \
+          --json "$OUT/hf_lora_$m.json"
+      done ;;
     hftests)
       LEANMOE_AUTOTUNE=0 run hftests 200 "$TEST_PAT" python3 -m pytest -q -rfE -n 4 -m gpu -p no:cacheprovider \
         --timeout 180 --tb=short tests/test_hf_families.py tests/test_hf_patching.py tests/test_hf_bench.py ;;

@@ -5,6 +5,8 @@
   Markdown and a PNG chart. ``--mode decode`` (alias ``--decode``) is the decode table: the forward at T in
   {1, 4, 16, 64, 256} with the touched weights' bandwidth against a copy on the device (``--hf`` with it: tokens/s
   of greedy generation). ``--mask-fraction F`` masks a fixed random fraction of the tokens (``token_mask``).
+  ``--hf MODEL --lora RANK``: the model's LoRA step, leanmoe's adapters against transformers + PEFT's
+  (:mod:`leanmoe.bench.hf_lora`).
   ``--lora RANK``: the layer with ExpertLoRA adapters on frozen base weights against the same frozen layer without
   them (:mod:`leanmoe.bench.lora`).
   ``--hf MODEL_TYPE`` benchmarks a Hugging Face model family instead (or as well, with ``--preset``). Exit status 1
@@ -114,7 +116,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="the layer with ExpertLoRA adapters of this rank (alpha 2*RANK, gate_up and down) on frozen "
                         "base weights, against the same frozen layer without adapters on leanmoe's fastest backend "
                         "(triton on CUDA); fwdbwd unless --mode; backends: auto's pick and grouped_mm (and the "
-                        f"reference on the CPU), or any of {', '.join(LORA_BACKENDS)}, auto")
+                        f"reference on the CPU), or any of {', '.join(LORA_BACKENDS)}, auto; with --hf MODEL: the "
+                        "model's LoRA training step with leanmoe's adapters against transformers + PEFT's")
 
 
 def _lora_rank(text: str) -> int:
@@ -427,8 +430,6 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list
         return _report(args, rows, env, hf_rows, title="leanmoe bench", check_only=False)
     plan, left_out = _plan(parser, args, check_only=check_only)
     hf_only = not check_only and args.hf is not None and args.preset is None
-    if args.lora is not None and getattr(args, "hf", None) is not None:
-        parser.error("--lora runs the expert-layer rows (--preset), not --hf")
     if hf_only and args.mask_fraction:
         parser.error("--mask-fraction applies to the expert-layer rows (--preset), not to --hf")
     if not check_only and args.hf is not None:
@@ -472,6 +473,15 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list
             print(f"benchmarking Hugging Face model type {args.hf!r} in decode ...", file=sys.stderr, flush=True)
             hf_rows = run_hf_decode_bench(args.hf, device=plan.device, dtype=plan.dtype, layers=args.hf_layers,
                                           batch=hf_tokens or HF_DECODE_BATCH[plan.device.type])
+        elif run_hf_bench is not None and args.lora is not None:
+            # The LoRA step of the model: leanmoe's expert adapters against transformers + PEFT, same adapter.
+            from leanmoe.bench.hf_lora import run_hf_lora_bench
+
+            print(f"benchmarking Hugging Face model type {args.hf!r} with LoRA rank {args.lora} ...",
+                  file=sys.stderr, flush=True)
+            hf_rows = run_hf_lora_bench(args.hf, device=plan.device, dtype=plan.dtype,
+                                        tokens=hf_tokens or HF_DEFAULT_TOKENS[plan.device.type],
+                                        layers=args.hf_layers, rank=args.lora)
         elif run_hf_bench is not None:
             print(f"benchmarking Hugging Face model type {args.hf!r} ...", file=sys.stderr, flush=True)
             hf_rows = run_hf_bench(args.hf, device=plan.device, dtype=plan.dtype,

@@ -107,6 +107,7 @@ class HessianObserver:
         return xtx_CC
 
     def results(self) -> dict[Key, Hessian]:
+        """Every ``(layer, expert, projection)`` seen: its fp32 ``XᵀX [C, C]`` and row count."""
         return {key: Hessian(xtx_CC=xtx, nsamples=self._n[key]) for key, xtx in self._xtx.items()}
 
 
@@ -121,6 +122,7 @@ class StatsObserver:
         self._absmax: dict[Key, torch.Tensor] = {}
 
     def observe_routing(self, layer_name: str, tokens_per_expert_E: torch.Tensor) -> None:
+        """Adds a forward's ``[E]`` routed-token counts of ``layer_name`` (called by the calibration session)."""
         counts_E = tokens_per_expert_E.detach().to("cpu", torch.int64)
         prev = self._routed.get(layer_name)
         self._routed[layer_name] = counts_E if prev is None else prev + counts_E
@@ -139,6 +141,7 @@ class StatsObserver:
         return int(counts_E[expert_idx]) if counts_E is not None else 0
 
     def results(self) -> dict[Key, ExpertStats]:
+        """Every ``(layer, expert, projection)`` seen: routed and seen token counts and the per-channel absmax."""
         return {key: ExpertStats(routed_tokens=self.routed_tokens(key[0], key[1]), tokens_seen=seen,
                                  absmax_C=self._absmax[key])
                 for key, seen in self._seen.items()}

@@ -172,6 +172,7 @@ class ExpertsBackend(abc.ABC):
             cls.unsupported_reason = unsupported_reason  # type: ignore[method-assign]
 
     def missing_packages(self) -> list[str]:
+        """The modules of :attr:`requires` that cannot be imported here (empty: the backend can load)."""
         return [m for m in self.requires if not _importable(m)]
 
     def unsupported_reason(self, call: ExpertsCall) -> str | None:

@@ -100,6 +100,7 @@ class ExpertLoRA(nn.Module):
         return factors
 
     def reset_parameters(self) -> None:
+        """A uniform in ``+-1/sqrt(in)`` per expert (``nn.Linear``'s law), B zero: a fresh adapter adds nothing."""
         for A, B in (self.adapted(t) for t in self.targets):
             # kaiming_uniform_(a=sqrt(5)) over one expert's [r, in] is uniform in +-1/sqrt(in) (nn.Linear's bound).
             bound = 1 / math.sqrt(A.shape[-1])

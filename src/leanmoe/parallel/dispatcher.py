@@ -32,7 +32,9 @@ class LocalDispatcher:
     def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor, *,
                  token_mask_T: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DispatchMeta]:
+        """``(x, ids, weights, meta)`` the experts run on: here the inputs themselves (``[T, D]``, ``[T, K]``)."""
         return x_TD, topk_ids_TK, topk_weights_TK, DispatchMeta(num_tokens=x_TD.shape[0], token_mask_T=token_mask_T)
 
     def combine(self, y: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+        """The experts' output back on the source tokens, ``[T, D]``: here the output itself."""
         return y

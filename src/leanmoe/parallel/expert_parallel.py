@@ -128,6 +128,9 @@ class ExpertParallelDispatcher(LocalDispatcher):
     def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor, *,
                  token_mask_T: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ExpertParallelMeta]:
+        """Sends each kept routed row to the rank that owns its expert: returns the ``[S, D]`` rows this rank
+        received, their local expert ids ``[S, 1]``, unit weights ``[S, 1]`` (the routing weights are applied on
+        the source rank, in :meth:`combine`) and the metadata of the way back."""
         shard = self.shard
         T = topk_ids_TK.shape[0]
         plan = plan_dispatch(topk_ids_TK, shard.num_experts, shard.ep_size, token_mask_T)
@@ -152,6 +155,8 @@ class ExpertParallelDispatcher(LocalDispatcher):
         return x_SD, ids_S1, weights_S1, meta
 
     def combine(self, y_SD: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+        """Returns the ``[S, D]`` expert outputs to their source ranks and sums each token's K rows with its routing
+        weights, ``[T, D]`` (masked tokens: exact zeros)."""
         assert isinstance(meta, ExpertParallelMeta), type(meta)  # what this dispatcher's dispatch returned
         T, K = meta.topk_weights_TK.shape
         D = y_SD.shape[-1]
