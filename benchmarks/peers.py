@@ -55,12 +55,11 @@ from leanmoe.bench.harness import (
     Case,
     copy_gbps,
     dense_matmul_tflops,
-    graph_replay,
     make_case,
     peak_extra_bytes,
     record_check,
     reference_errors,
-    time_ms,
+    time_row,
     unsupported,
     unsupported_reason,
 )
@@ -340,17 +339,10 @@ def measure(case: Case, impl: Impl, mode: str, row: dict, *, check_only: bool = 
     del outs
     if not record_check(row, errors, row["tolerance"]) or check_only:
         return
-    if cuda_graphs and mode == "fwd":
-        try:
-            replay = graph_replay(fn, device)
-        except Exception as exc:  # noqa: BLE001 - reported in the row
-            row.update(status="FAILED", check_ok=True,
-                       reason=f"CUDA graph capture failed: {type(exc).__name__}: {exc}"[:300])
-            return
-        ms = time_ms(replay, device)
-        del replay
-    else:
-        ms = time_ms(fn, device, grad_to_none=leaves if mode == "fwdbwd" else None)
+    ms = time_row(row, fn, device, cuda_graphs=cuda_graphs and mode == "fwd",
+                  grad_to_none=leaves if mode == "fwdbwd" else None)
+    if ms is None:
+        return
     tflops = flops(case.preset, case.num_tokens, mode) / (ms * 1e-3) / 1e12
     dense = row["dense_tflops"]
     row.update(ms=ms, tflops=tflops, frac_dense=tflops / dense if dense else None)

@@ -430,6 +430,20 @@ def graph_replay(fn: Callable[[], object], device: torch.device, *, warmup: int 
     return graph.replay
 
 
+def time_row(row: dict, fn: Callable[[], object], device: torch.device, *, cuda_graphs: bool,
+             grad_to_none: list[torch.Tensor] | None = None) -> float | None:
+    """:func:`time_ms` of ``fn``, or with ``cuda_graphs`` of its :func:`graph_replay`; None when capture fails, the
+    row then marked ``FAILED`` with the reason (never timed eagerly instead)."""
+    if not cuda_graphs:
+        return time_ms(fn, device, grad_to_none=grad_to_none)
+    try:
+        replay = graph_replay(fn, device)
+    except Exception as exc:  # noqa: BLE001 - reported in the row, as a failed check is
+        row.update(status="FAILED", reason=f"CUDA graph capture failed: {type(exc).__name__}: {exc}"[:300])
+        return None
+    return time_ms(replay, device)  # the graph, and its memory pool, go with ``replay`` on return
+
+
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
     """``max_memory_allocated`` during one call of ``fn`` minus ``memory_allocated`` just before; ``None`` off CUDA."""
     if device.type != "cuda":
@@ -574,16 +588,10 @@ def _measure(plan: BenchPlan, case: Case, backend: str, mode: str, row: dict, de
         return
     fn = step_fn(case, backend, mode, plan.save_percent)
     leaves = list(case.leaves().values())
-    if plan.cuda_graphs and mode == "fwd":
-        try:
-            replay = graph_replay(fn, plan.device)
-        except Exception as exc:  # noqa: BLE001 - reported in the row, as a failed check is
-            row.update(status="FAILED", reason=f"CUDA graph capture failed: {type(exc).__name__}: {exc}"[:300])
-            return
-        ms = time_ms(replay, plan.device)
-        del replay  # frees the graph's memory pool before the next row
-    else:
-        ms = time_ms(fn, plan.device, grad_to_none=leaves if mode == "fwdbwd" else None)
+    ms = time_row(row, fn, plan.device, cuda_graphs=plan.cuda_graphs and mode == "fwd",
+                  grad_to_none=leaves if mode == "fwdbwd" else None)
+    if ms is None:
+        return
     tflops = flops(case.preset, case.kept_tokens, mode) / (ms * 1e-3) / 1e12  # masked tokens cost no FLOPs
     row.update(ms=ms, tflops=tflops, frac_dense=tflops / dense_tflops if dense_tflops else None)
     if plan.decode and mode == "fwd":

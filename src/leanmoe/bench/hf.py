@@ -26,6 +26,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -157,6 +158,28 @@ def _peak_mb(fn, device: torch.device) -> float | None:
     fn()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def _measure_step(fn, params: Sequence[torch.Tensor], device: torch.device, *, train: bool
+                  ) -> tuple[float | None, float | None]:
+    """``(ms, peak MiB)`` of ``fn``: one warm-up call (Triton autotuning, lazy allocations) outside the peak-memory
+    run, then the peak and the timing; ``params``' gradients are reset around each (every call when ``train``)."""
+    fn()
+    for p in params:
+        p.grad = None
+    peak = _peak_mb(fn, device)
+    ms = _time_ms(fn, device, grad_to_none=params if train else None)
+    for p in params:
+        p.grad = None
+    return ms, peak
+
+
+def _write_json(json_path, device: torch.device, config: dict, rows: list[dict]) -> None:
+    """``{"env", "config", "rows"}`` of an HF bench run, to ``json_path`` (nothing when it is None)."""
+    if json_path is None:
+        return
+    with open(json_path, "w") as f:
+        json.dump({"env": environment(device), "config": config, "rows": rows}, f, indent=2)
 
 
 def _batched_mm_bytes(config, tokens: int, dtype: torch.dtype) -> int:
@@ -297,24 +320,12 @@ def run_hf_bench(model_type: str, *, device, dtype, tokens: int, layers: int, sa
         if not ok:
             note = (note + "; " if note else "") + f"logits off the fp32 model by {rel_err:.2e} > {tol:.1e}: not timed"
         for mode, fn in (("train", train_step), ("prefill", prefill)):
-            ms = peak = None
-            if ok:
-                fn()  # warm-up (Triton autotuning, lazy allocations) outside the peak-memory run
-                for p in params:
-                    p.grad = None
-                peak = _peak_mb(fn, device)
-                ms = _time_ms(fn, device, grad_to_none=params if mode == "train" else None)
-                for p in params:
-                    p.grad = None
+            ms, peak = _measure_step(fn, params, device, train=mode == "train") if ok else (None, None)
             rows.append(dict(model_type=model_type, implementation=impl, mode=mode, ms=ms, peak_mem_mb=peak, ok=ok,
                              rel_err=rel_err, note=note))
     leanmoe.hf.unpatch(model)
-    if json_path is not None:
-        with open(json_path, "w") as f:
-            json.dump({"env": environment(device), "config": {"model_type": model_type, "tokens": tokens,
-                                                              "layers": layers, "dtype": str(dtype),
-                                                              "save_percent": save_percent},
-                       "rows": rows}, f, indent=2)
+    _write_json(json_path, device, {"model_type": model_type, "tokens": tokens, "layers": layers, "dtype": str(dtype),
+                                    "save_percent": save_percent}, rows)
     return rows
 
 
@@ -432,11 +443,7 @@ def run_hf_decode_bench(model_type: str, *, device, dtype, batch: int, layers: i
                          batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, peak_mem_mb=None, ok=ok,
                          rel_err=err, note=note))
     leanmoe.hf.unpatch(model)
-    if json_path is not None:
-        with open(json_path, "w") as f:
-            json.dump({"env": environment(device), "config": {"model_type": model_type, "batch": batch,
-                                                              "prompt_len": prompt_len, "new_tokens": new_tokens,
-                                                              "layers": layers, "dtype": str(dtype),
-                                                              "compiled": compiled},
-                       "rows": rows}, f, indent=2)
+    _write_json(json_path, device, {"model_type": model_type, "batch": batch, "prompt_len": prompt_len,
+                                    "new_tokens": new_tokens, "layers": layers, "dtype": str(dtype),
+                                    "compiled": compiled}, rows)
     return rows

@@ -55,19 +55,16 @@ def run_hf_lora_bench(model_type: str, *, device, dtype, tokens: int, layers: in
     Raises:
         ValueError: ``rank`` is not an int >= 1, or peft is not installed (``pip install 'leanmoe[lora]'``).
     """
-    import json
-
     import leanmoe.hf
     import leanmoe.lora
     from leanmoe.bench.hf import (
         _LOGITS_TOL,
-        _peak_mb,
+        _measure_step,
         _rel_rms,
         _resolve_model,
         _supports_hf_experts_implementation,
-        _time_ms,
+        _write_json,
         build_model,
-        environment,
     )
 
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
@@ -116,21 +113,9 @@ def run_hf_lora_bench(model_type: str, *, device, dtype, tokens: int, layers: in
             rel_err = _rel_rms(model(input_ids).logits.float(), ref_logits)
         ok = rel_err <= tol
         note = "" if ok else f"logits off the fp32 reference by {rel_err:.2e} > {tol:.1e}: not timed"
-        ms = peak = None
-        if ok:
-            train_step()  # warm-up (Triton autotuning, lazy allocations) outside the peak-memory run
-            for p in params:
-                p.grad = None
-            peak = _peak_mb(train_step, device)
-            ms = _time_ms(train_step, device, grad_to_none=params)
-            for p in params:
-                p.grad = None
+        ms, peak = _measure_step(train_step, params, device, train=True) if ok else (None, None)
         rows.append(dict(model_type=model_type, implementation=impl, mode="train", ms=ms, peak_mem_mb=peak, ok=ok,
                          rel_err=rel_err, note=note, lora_rank=rank))
-    if json_path is not None:
-        with open(json_path, "w") as f:
-            json.dump({"env": environment(device), "config": {"model_type": model_type, "tokens": tokens,
-                                                              "layers": layers, "dtype": str(dtype),
-                                                              "lora_rank": rank},
-                       "rows": rows}, f, indent=2)
+    _write_json(json_path, device, {"model_type": model_type, "tokens": tokens, "layers": layers, "dtype": str(dtype),
+                                    "lora_rank": rank}, rows)
     return rows
