@@ -197,6 +197,8 @@ class Impl:
     #: leanmoe backend and save_percent (leanmoe rows only).
     backend: str | None = None
     save_percent: float = 0
+    #: The triton backend's backward engine to force (``leanmoe.kernels.policy.set_backward_engine``; None: auto).
+    backward_engine: str | None = None
     #: For the others: a builder of the call on a case, and why it cannot run a case (None: it can).
     build: Callable[[Case], Callable[[], torch.Tensor]] | None = None
     reason: Callable[[Case, str], tuple[str, str] | None] | None = None
@@ -225,6 +227,8 @@ class Impl:
 IMPLS: dict[str, Impl] = {impl.name: impl for impl in (
     Impl(name="leanmoe-triton-s0", backend="triton", save_percent=0),
     Impl(name="leanmoe-triton-s100", backend="triton", save_percent=100),
+    # The same call with the all-Triton backward forced: an engine A/B in one process.
+    Impl(name="leanmoe-triton-s0-fused", backend="triton", save_percent=0, backward_engine="fused"),
     Impl(name="leanmoe-grouped_mm", backend="grouped_mm", save_percent=0),
     Impl(name="leanmoe-triton_decode", backend="triton_decode", save_percent=0),
     Impl(name="torchtitan-style", reason=_torchtitan_reason,
@@ -244,6 +248,8 @@ LEANMOE_BASELINE = "leanmoe-triton-s0"
 def why_not(impl: Impl, case: Case, mode: str, *, named: bool) -> tuple[str, str] | None:
     """``(status, reason)`` when ``impl`` is not to run ``case`` in ``mode``, else None."""
     if impl.is_leanmoe:
+        if impl.backward_engine is not None and mode == "fwd":
+            return "skipped", "the backward engine changes no forward: see the row without it"
         return unsupported(case, impl.backend, mode, impl.save_percent, named=named)
     if impl.module is not None and importlib.util.find_spec(impl.module) is None:
         return "not installed", f"pip install {impl.package}"
@@ -317,6 +323,16 @@ def base_row(case: Case, impl: Impl, mode: str, dense_tflops: float | None) -> d
 def measure(case: Case, impl: Impl, mode: str, row: dict, *, check_only: bool = False,
             cuda_graphs: bool = False) -> None:
     """First call, check, then time and memory (see the module docstring); fills ``row``."""
+    from leanmoe.kernels.policy import set_backward_engine
+
+    set_backward_engine(impl.backward_engine)
+    try:
+        _measure(case, impl, mode, row, check_only=check_only, cuda_graphs=cuda_graphs)
+    finally:
+        set_backward_engine(None)
+
+
+def _measure(case: Case, impl: Impl, mode: str, row: dict, *, check_only: bool, cuda_graphs: bool) -> None:
     device = case.x_TD.device
     if impl.is_leanmoe:
         def call() -> torch.Tensor:

@@ -23,7 +23,7 @@ from tests.helpers import TOLERANCES, assert_close
 pytest.importorskip("triton")
 
 from leanmoe.kernels import reference  # noqa: E402
-from leanmoe.kernels.moe_bwd import expert_weight_grad, gate_up_bwd  # noqa: E402
+from leanmoe.kernels.moe_bwd import activation_bwd_rows, expert_bias_grad, expert_weight_grad, gate_up_bwd  # noqa: E402,E501
 from leanmoe.kernels.moe_common import ACTIVATION_CODES  # noqa: E402
 from leanmoe.kernels.moe_fwd import combine, gate_up_fwd, grouped_gemm  # noqa: E402
 from leanmoe.kernels.policy import saved_rows  # noqa: E402
@@ -230,6 +230,82 @@ def test_gate_up_bwd_activations(name, interleaved, n_saved):
     for field, out_t, ref_t in zip(["dgate_up_RN", "hw_RI", "dweights_R"], gate_up_bwd(*args, **kwargs),
                                    reference.gate_up_bwd_reference(*args, **kwargs), strict=True):
         assert_close(out_t, ref_t, tol=TOLERANCES[torch.float32], name=field)
+
+
+def _rows_inputs(case, dtype, gated=True, hidden=I):
+    """Pre-activations ``[gate | up]`` and ``dh`` of a routing's sorted rows, NaN past the kept rows."""
+    T, K, counts_E, n_masked = ROUTINGS[case]
+    routing = make_routing(T, K, counts_E, n_masked)
+    N = 2 * hidden if gated else hidden
+    pre_RN = rand(routing.R, N, dtype=dtype)
+    dh_RI = rand(routing.R, hidden, dtype=dtype)
+    pre_RN[routing.kept:] = float("nan")
+    dh_RI[routing.kept:] = float("nan")
+    return routing, pre_RN, dh_RI, torch.rand(routing.R, device=DEVICE)
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["new", "in_place"])
+@pytest.mark.parametrize("case,dtype,_strided", CASES)
+def test_activation_bwd_rows(case, dtype, _strided, in_place):
+    routing, pre_RN, dh_RI, scale_R = _rows_inputs(case, dtype)
+    kwargs = dict(act_code=SWIGLU, gated=True, interleaved=False, alpha=1.702, limit=7.0)
+    ref = reference.activation_bwd_rows_reference(pre_RN.clone(), dh_RI.clone(), scale_R, routing.offsets_E,
+                                                  **kwargs)
+    out = activation_bwd_rows(pre_RN, dh_RI, scale_R, routing.offsets_E, **kwargs,
+                              dgate_up_RN=pre_RN if in_place else None)
+    assert (out[0] is pre_RN) == in_place and out[1] is dh_RI
+    tol = TOLERANCES[dtype]
+    assert_rows(out[0], ref[0], routing.kept, tol=tol, name="dgate_up_RN")
+    assert_rows(out[1], ref[1], routing.kept, tol=tol, name="hw_RI")
+    assert out[2].dtype == torch.float32
+    assert_close(out[2], ref[2], tol=tol, name="dweights_R")
+    assert (out[2][routing.kept:] == 0).all(), "masked rows' routing-weight gradient is not exact zero"
+
+
+@pytest.mark.parametrize("name,interleaved", GATE_UP_ACTIVATIONS,
+                         ids=[f"{n}-{'inter' if il else 'concat'}" for n, il in GATE_UP_ACTIVATIONS])
+def test_activation_bwd_rows_activations(name, interleaved):
+    gated = name in GATED_ACTIVATIONS
+    # 72 hidden columns: three column blocks of the interpreter's row kernel, the last one partial.
+    routing, pre_RN, dh_RI, scale_R = _rows_inputs("E3-one_expert_all_rows", torch.float32, gated, hidden=72)
+    kwargs = dict(act_code=ACTIVATION_CODES[name], gated=gated, interleaved=interleaved, alpha=1.702,
+                  limit=0.75 if name == "clamped_swiglu" else 7.0)
+    ref = reference.activation_bwd_rows_reference(pre_RN.clone(), dh_RI.clone(), scale_R, routing.offsets_E,
+                                                  **kwargs)
+    for field, out_t, ref_t in zip(["dgate_up_RN", "hw_RI", "dweights_R"],
+                                   activation_bwd_rows(pre_RN, dh_RI, scale_R, routing.offsets_E, **kwargs), ref,
+                                   strict=True):
+        assert_close(out_t, ref_t, tol=TOLERANCES[torch.float32], name=field)
+
+
+def test_activation_bwd_rows_rejects():
+    routing, pre_RN, dh_RI, scale_R = _rows_inputs("E4-empty_expert", torch.float32)
+    kwargs = dict(act_code=SWIGLU, gated=True, alpha=1.702, limit=7.0)
+    with pytest.raises(ValueError, match="interleaved"):
+        activation_bwd_rows(pre_RN, dh_RI, scale_R, routing.offsets_E, interleaved=True, dgate_up_RN=pre_RN,
+                            **kwargs)
+    with pytest.raises(ValueError, match="dh_RI"):
+        activation_bwd_rows(pre_RN, dh_RI[:, :-1], scale_R, routing.offsets_E, interleaved=False, **kwargs)
+    with pytest.raises(ValueError, match="pre_RN"):
+        activation_bwd_rows(pre_RN[:, :-1], dh_RI, scale_R, routing.offsets_E, interleaved=False, **kwargs)
+    with pytest.raises(ValueError, match="scale_R"):
+        activation_bwd_rows(pre_RN, dh_RI, scale_R.double(), routing.offsets_E, interleaved=False, **kwargs)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("case,dtype,_strided", CASES)
+def test_expert_bias_grad(case, dtype, _strided, scaled):
+    T, K, counts_E, n_masked = ROUTINGS[case]
+    routing = make_routing(T, K, counts_E, n_masked)
+    E = routing.offsets_E.numel()
+    a_RM = rand(routing.R, D, dtype=dtype)
+    a_RM[routing.kept:] = float("nan")
+    scale_R = torch.rand(routing.R, device=DEVICE) if scaled else None
+    out = expert_bias_grad(a_RM, routing.offsets_E, torch.empty(E, D, dtype=dtype, device=DEVICE), scale_R=scale_R)
+    ref = torch.zeros(E, D, dtype=dtype, device=DEVICE)
+    reference.expert_weight_grad_reference(a_RM, a_RM[:, :1], routing.offsets_E, torch.empty(E, D, 1, dtype=dtype,
+                                           device=DEVICE), dbias_EM=ref, bias_scale_R=scale_R)
+    assert_close(out, ref, tol=TOLERANCES[dtype], name="dbias_EM")
 
 
 @pytest.mark.parametrize("use", ["d_down_proj", "d_gate_up_proj"])

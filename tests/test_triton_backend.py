@@ -59,6 +59,28 @@ def target(request):
     yield Target("cuda")
     moe_common.set_autotuning(moe_common.autotune_enabled())
 
+@dataclasses.dataclass(frozen=True)
+class Engine:
+    """The backward engine a test runs (``leanmoe.kernels.policy.backward_engine``): ``fused`` or ``split``."""
+
+    name: str
+
+    def skip_unsupported(self, dtype: torch.dtype, device: str) -> None:
+        # torch._grouped_mm on CUDA takes bfloat16 only: the split engine's float16 cases run on the CPU.
+        if self.name == "split" and device == "cuda" and dtype != torch.bfloat16:
+            pytest.skip("the split engine runs bfloat16 on CUDA")
+
+
+@pytest.fixture(params=["fused", "split"])
+def engine(request):
+    """Both backward engines, forced for the test (``auto`` picks split on Hopper GPUs, fused on the CPU)."""
+    from leanmoe.kernels import policy
+
+    policy.set_backward_engine(request.param)
+    yield Engine(request.param)
+    policy.set_backward_engine(None)
+
+
 GRAD_NAMES = ["dx", "dweights", "dgate_up_proj", "ddown_proj", "dgate_up_bias", "ddown_bias"]
 
 # A clamp limit small enough that clamped_swiglu's clamps are hit by N(0, 1)-ish pre-activations (and not a
@@ -132,8 +154,9 @@ PARAMS = [pytest.param(c, torch.float32, True, id=f"fp32-bias-{_act_id(c)}") for
 
 
 @pytest.mark.parametrize("case,dtype,bias", PARAMS)
-def test_activations_and_layouts(case, dtype, bias, target):
+def test_activations_and_layouts(case, dtype, bias, target, engine):
     activation, layout = case
+    engine.skip_unsupported(target.dtype(dtype), target.device)
     # T13-E5-K2, D40 I24: no size is a multiple of a tile, so every dimension's mask is exercised.
     problem = make_problem(13, 40, 24, 5, 2, activation=activation, layout=layout, bias=bias,
                            dtype=target.dtype(dtype), device=target.device)
@@ -156,13 +179,13 @@ EDGE_CASES = {
 
 
 @pytest.mark.parametrize("case", list(EDGE_CASES), ids=list(EDGE_CASES))
-def test_edge_cases(case, target):
+def test_edge_cases(case, target, engine):
     T, D, I, E, K, routing = EDGE_CASES[case]
     run_both(make_problem(T, D, I, E, K, routing=routing, bias=True, dtype=target.dtype(torch.float32),
                           device=target.device))
 
 
-def test_zero_tokens(target):
+def test_zero_tokens(target, engine):
     # T = 0: an empty output, and zero gradients for weights, biases and routing weights.
     problem = make_problem(0, 16, 8, 4, 2, bias=True, dtype=target.dtype(torch.float32), device=target.device)
     y = moe_experts(*problem.args(), **problem.kwargs(), backend="triton")
@@ -174,14 +197,14 @@ def test_zero_tokens(target):
 
 
 @pytest.mark.parametrize("save_percent", [0, 50, 100])
-def test_save_percent(save_percent, target):
+def test_save_percent(save_percent, target, engine):
     # T150-E3-K2: 50% splits the sorted rows inside an expert, so a row tile straddles the saved/recomputed boundary.
     problem = make_problem(150, 40, 24, 3, 2, bias=True, activation=CLAMPED, layout="interleaved",
                            dtype=target.dtype(torch.float32), device=target.device)
     run_both(problem, save_percent=save_percent)
 
 
-def test_save_percent_same_gradients(target):
+def test_save_percent_same_gradients(target, engine):
     # Saving rounds the pre-activation to the I/O dtype exactly as the recompute does: the gradients agree closely
     # (on a GPU the forward's and the backward's tuned tiles may sum in another order: the dtype's tolerance there).
     dtype = target.dtype(torch.float32)
@@ -202,14 +225,14 @@ def test_saved_rows():
     assert triton_backend.saved_rows(7, 50) == 3
 
 
-def test_deterministic(target):
+def test_deterministic(target, engine):
     # Two runs on the same inputs are bitwise identical (no atomics, fixed-order sums), forward and backward.
     dtype = target.dtype(torch.float32)
     problem = make_problem(150, 40, 24, 3, 2, bias=True, routing="skewed", dtype=dtype, device=target.device)
     assert_deterministic(problem, "triton", torch.randn(150, 40, dtype=dtype, device=target.device))
 
 
-def test_non_contiguous_x_int32_ids_float64_weights(target):
+def test_non_contiguous_x_int32_ids_float64_weights(target, engine):
     # x is a strided view (every other column of a wider tensor), ids are int32, weights float64: the routing-weight
     # gradient must come back in float64.
     dtype = target.dtype(torch.float32)
@@ -222,7 +245,7 @@ def test_non_contiguous_x_int32_ids_float64_weights(target):
     run_both(problem, tol=TOLERANCES[dtype])
 
 
-def test_combine_in_chunks(monkeypatch, target):
+def test_combine_in_chunks(monkeypatch, target, engine):
     # A tiny chunk budget splits D = 200 into column chunks of 128 + 72 for the forward combine and for dx.
     from leanmoe.kernels import policy
 
@@ -461,7 +484,7 @@ def run_masked(problem, keep_T, *, save_percent=0.0, tol=None):
 
 
 @pytest.mark.parametrize("case", list(MASK_CASES), ids=list(MASK_CASES))
-def test_token_mask(case, monkeypatch, target):
+def test_token_mask(case, monkeypatch, target, engine):
     from leanmoe.kernels import moe_fwd
 
     T, D, I, E, K, routing, kind = MASK_CASES[case]
@@ -477,13 +500,15 @@ def test_token_mask(case, monkeypatch, target):
     monkeypatch.setattr(moe_fwd, "gate_up_fwd", spy)
     run_masked(make_problem(T, D, I, E, K, routing=routing, bias=True, dtype=target.dtype(torch.float32),
                             device=target.device), keep_T)
-    assert kept_rows == [int(keep_T.sum()) * K]
+    # The split engine's backward recomputes the pre-activations with the same kernel: a second call, same rows.
+    assert kept_rows == [int(keep_T.sum()) * K] * (2 if engine.name == "split" and T else 1)  # T=0: no backward
 
 
 @pytest.mark.parametrize("save_percent", [0, 100])
-def test_token_mask_fp16_and_saved(save_percent, target):
+def test_token_mask_fp16_and_saved(save_percent, target, engine):
     # float16, interleaved clamped_swiglu, several row tiles per expert; at 100% the saved rows include the masked
     # positions, which are never written and never read. The pre-activations lie on on_exact_grid's grid.
+    engine.skip_unsupported(torch.float16, target.device)
     problem = make_problem(150, 40, 24, 3, 2, bias=True, activation=CLAMPED, layout="interleaved",
                            dtype=torch.float16, routing="skewed", device=target.device)
     run_masked(problem, torch.rand(150, device=target.device) < 0.7, save_percent=save_percent)
@@ -535,19 +560,21 @@ def test_meta_tensors():
 
 
 @pytest.mark.parametrize("frozen", ["experts", "gate_up", "down", "x"])
-def test_gradients_not_asked_for_run_no_kernel(monkeypatch, frozen, target):
+def test_gradients_not_asked_for_run_no_kernel(monkeypatch, frozen, target, engine):
     # Frozen expert weights (LoRA, partial fine-tuning) or an x without grad: those gradients are not computed (no
     # weight-gradient kernel runs for a frozen projection) and the others match the reference.
     from leanmoe.kernels import moe_bwd
 
     calls = []
-    weight_grad = moe_bwd.expert_weight_grad
 
-    def spy(*args, **kwargs):
-        calls.append(args[3].shape)
-        return weight_grad(*args, **kwargs)
+    def spying(fn):  # both engines' weight-gradient launchers take the output (or its model) 4th
+        def spy(*args, **kwargs):
+            calls.append(args[3].shape)
+            return fn(*args, **kwargs)
+        return spy
 
-    monkeypatch.setattr(moe_bwd, "expert_weight_grad", spy)
+    monkeypatch.setattr(moe_bwd, "expert_weight_grad", spying(moe_bwd.expert_weight_grad))
+    monkeypatch.setattr(triton_backend, "_grouped_weight_grad", spying(triton_backend._grouped_weight_grad))
     problem = make_problem(40, 32, 24, 5, 2, bias=True, dtype=target.dtype(torch.float32), device=target.device)
     frozen_names = {"experts": ("gate_up_proj", "gate_up_bias", "down_proj", "down_bias"),
                     "gate_up": ("gate_up_proj", "gate_up_bias"), "down": ("down_proj", "down_bias"),
@@ -565,3 +592,64 @@ def test_gradients_not_asked_for_run_no_kernel(monkeypatch, frozen, target):
     expected = {"experts": [], "gate_up": [problem.down_proj.shape], "down": [problem.gate_up_proj.shape],
                 "x": [problem.down_proj.shape, problem.gate_up_proj.shape]}[frozen]
     assert calls == expected
+
+
+def test_backward_engine_choice(monkeypatch):
+    # auto: split on Hopper GPUs in bfloat16 (torch._grouped_mm's CUDA path), fused elsewhere; forced split raises
+    # where it cannot run; bad names are refused.
+    from leanmoe.kernels import policy
+
+    monkeypatch.delenv("LEANMOE_TRITON_BACKWARD", raising=False)
+    x = torch.zeros(4, 32)
+    down = torch.zeros(3, 32, 24)
+    assert policy.backward_engine(x, down) == "fused"  # the CPU: split only when asked
+    monkeypatch.setenv("LEANMOE_TRITON_BACKWARD", "split")
+    assert policy.backward_engine(x, down) == "split"
+    with pytest.raises(ValueError, match="multiples of 4"):
+        policy.backward_engine(x, torch.zeros(3, 32, 10))  # I = 10 fp32: rows not 16-byte aligned
+    with pytest.raises(ValueError, match="unit stride"):
+        policy.backward_engine(x, torch.zeros(3, 32, 48)[:, ::2, ::2])
+    monkeypatch.setenv("LEANMOE_TRITON_BACKWARD", "fast")
+    with pytest.raises(ValueError, match="LEANMOE_TRITON_BACKWARD.*'fast'"):
+        policy.backward_engine(x, down)
+    policy.set_backward_engine("fused")  # the in-process choice wins over the environment
+    try:
+        assert policy.backward_engine(x, down) == "fused"
+    finally:
+        policy.set_backward_engine(None)
+    with pytest.raises(ValueError, match="engine.*'fast'"):
+        policy.set_backward_engine("fast")
+    if ON_GPU and torch.cuda.get_device_capability() >= (9, 0):
+        monkeypatch.delenv("LEANMOE_TRITON_BACKWARD")
+        assert policy.backward_engine(x.cuda().bfloat16(), down.cuda().bfloat16()) == "split"
+        assert policy.backward_engine(x.cuda().half(), down.cuda().half()) == "fused"
+
+
+def test_forced_split_engine_on_unaligned_rows_raises(monkeypatch):
+    # I = 10 in float32: torch._grouped_mm needs 16-byte aligned rows; the error names the sizes, no fallback.
+    from leanmoe.kernels import policy
+
+    problem = make_problem(8, 32, 10, 3, 2, device="cuda" if ON_GPU else "cpu",
+                           dtype=torch.bfloat16 if ON_GPU else torch.float32)
+    if ON_GPU:
+        problem = make_problem(8, 32, 12, 3, 2, device="cuda", dtype=torch.bfloat16)  # 12 % 8: unaligned in bf16
+    policy.set_backward_engine("split")
+    try:
+        y = moe_experts(*problem.args(), **problem.kwargs(), backend="triton")
+        with pytest.raises(ValueError, match="16-byte aligned"):
+            y.sum().backward()
+    finally:
+        policy.set_backward_engine(None)
+
+
+def test_int32_offsets_flag():
+    # The kernels take int32 column offsets (the faster loop) unless an operand's reachable offset passes 2^31.
+    from leanmoe.kernels.moe_common import offsets_fit_int32
+
+    x = torch.empty(4, 8)
+    assert offsets_fit_int32((x, (1,)), (torch.empty(3, 8, 5), (1, 2)))
+    t = torch.empty(3, 2**30, device="meta").t()  # [2^30, 3], column stride 2^30: column 2 is at 2^31
+    assert offsets_fit_int32((t, (0,)))  # unit row stride: row offsets stay small (and rows are int64 anyway)
+    assert not offsets_fit_int32((t, (1,)))
+    assert offsets_fit_int32((t[:, :2], (1,)))  # 2^30 fits
+    assert offsets_fit_int32((torch.empty(0, 5), (0, 1)))

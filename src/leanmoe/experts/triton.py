@@ -55,7 +55,7 @@ from leanmoe.activations import GATED_ACTIVATIONS, Activation
 from leanmoe.experts.plan import plan_experts
 from leanmoe.experts.registry import ExpertsBackend, ExpertsCall, cuda_capability, same_dtype_reason
 from leanmoe.experts.weights import ExpertWeights
-from leanmoe.kernels.policy import combine_chunked, saved_rows  # triton-free: importable without triton
+from leanmoe.kernels.policy import backward_engine, combine_chunked, saved_rows  # triton-free
 
 Tensor = torch.Tensor
 
@@ -101,6 +101,43 @@ def _(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias,
             x_TD.new_empty(saved_rows(R, save_percent), N))
 
 
+def _split_gate_up_bwd(x_TD: Tensor, dy_TD: Tensor, sorted_tokens_R: Tensor, offsets_E: Tensor, scale_R: Tensor,
+                       gate_up_proj: Tensor, gate_up_bias: Optional[Tensor], down_proj: Tensor, saved_SN: Tensor,
+                       act: dict, *, keep_dy: bool) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """The split engine's gate/up backward: ``(dgate_up_RN, hw_RI, dweights_R, dy_RD)`` (``dy_RD``, the gathered
+    ``dy`` rows, only with ``keep_dy``, for ``d down_proj``).
+
+    The pre-activations are the saved ones when every row was saved, else the forward kernel recomputes all of
+    them (bitwise the forward's sums: the same kernel and tuning key); ``W_down^T dy`` is a ``torch._grouped_mm``
+    on the gathered dy rows; the activation backward runs row by row in place (dgate_up over the recomputed
+    pre-activations for the concatenated layout, ``w h`` over ``W_down^T dy``).
+    """
+    from leanmoe.kernels.moe_bwd import activation_bwd_rows
+    from leanmoe.kernels.moe_fwd import gate_up_fwd
+
+    R = sorted_tokens_R.numel()
+    I = down_proj.shape[2]
+    recomputed = saved_SN.shape[0] < R
+    if recomputed:
+        _, pre_RN = gate_up_fwd(x_TD, sorted_tokens_R, offsets_E, gate_up_proj, gate_up_bias, n_saved=R,
+                                store_h=False, **act)
+    else:
+        pre_RN = saved_SN
+    dy_RD = dy_TD.index_select(0, sorted_tokens_R)
+    dh_RI = torch._grouped_mm(dy_RD, down_proj, offs=offsets_E) if R else dy_RD.new_empty(0, I)
+    in_place = recomputed and not act["interleaved"]
+    dgate_up_RN, hw_RI, dweights_R = activation_bwd_rows(pre_RN, dh_RI, scale_R, offsets_E, **act,
+                                                         dgate_up_RN=pre_RN if in_place else None)
+    return dgate_up_RN, hw_RI, dweights_R, dy_RD if keep_dy else None
+
+
+def _grouped_weight_grad(a_RM: Tensor, b_RN: Tensor, offsets_E: Tensor, like_EMN: Tensor) -> Tensor:
+    """``out[e] = a_RM[rows of e]^T b_RN[rows of e]``, ``[E, M, N]`` contiguous, zeros for experts without rows."""
+    if a_RM.shape[0] == 0:
+        return torch.zeros(like_EMN.shape, device=like_EMN.device, dtype=like_EMN.dtype)
+    return torch._grouped_mm(a_RM.t(), b_RN, offs=offsets_E)
+
+
 @torch.library.custom_op("leanmoe::triton_experts_bwd", mutates_args=())
 def triton_experts_bwd(
     dy_TD: Tensor, x_TD: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor, gate_up_proj: Tensor,
@@ -114,17 +151,24 @@ def triton_experts_bwd(
     down_proj and its bias: frozen expert weights), is an empty tensor, and no kernel runs for it.
     Masked tokens (``token_mask`` False) get zero ``dx`` and ``dweights`` rows and add nothing to the weight
     gradients: their rows lie past ``offsets_E[-1]``, where no kernel reads."""
-    from leanmoe.kernels.moe_bwd import expert_weight_grad, gate_up_bwd
+    from leanmoe.kernels.moe_bwd import expert_bias_grad, expert_weight_grad, gate_up_bwd
     from leanmoe.kernels.moe_common import ACTIVATION_CODES
 
     T, D = x_TD.shape
     K = topk_ids_TK.shape[1]
     E, N, _ = gate_up_proj.shape
     R = T * K
-    dgate_up_RN, hw_RI, dweights_R = gate_up_bwd(
-        x_TD, dy_TD, sorted_tokens_R, offsets_E, scale_R, gate_up_proj, gate_up_bias, down_proj, saved_SN,
-        act_code=ACTIVATION_CODES[activation], gated=activation in GATED_ACTIVATIONS,
-        interleaved=gate_up_layout == "interleaved", alpha=alpha, limit=limit)
+    act = dict(act_code=ACTIVATION_CODES[activation], gated=activation in GATED_ACTIVATIONS,
+               interleaved=gate_up_layout == "interleaved", alpha=alpha, limit=limit)
+    split = backward_engine(x_TD, down_proj) == "split"
+    dy_RD: Optional[Tensor] = None
+    if split:
+        dgate_up_RN, hw_RI, dweights_R, dy_RD = _split_gate_up_bwd(
+            x_TD, dy_TD, sorted_tokens_R, offsets_E, scale_R, gate_up_proj, gate_up_bias, down_proj, saved_SN,
+            act, keep_dy=need_ddown)
+    else:
+        dgate_up_RN, hw_RI, dweights_R = gate_up_bwd(
+            x_TD, dy_TD, sorted_tokens_R, offsets_E, scale_R, gate_up_proj, gate_up_bias, down_proj, saved_SN, **act)
     if down_bias is not None and R:
         # <dy_t, b_down[e]> for every (token, expert) is a small [T, E] GEMM; pick each routed row's entry.
         bias_dot_TE = dy_TD.float() @ down_bias.float().t()
@@ -141,17 +185,30 @@ def triton_experts_bwd(
 
     ddown_proj = ddown_bias = dgate_up_proj = dgate_up_bias = None
     if need_ddown:
-        ddown_proj = torch.empty_like(down_proj, memory_format=torch.contiguous_format)
         ddown_bias = torch.empty(E, D, device=x_TD.device, dtype=down_proj.dtype) if down_bias is not None else None
-        expert_weight_grad(dy_TD, hw_RI, offsets_E, ddown_proj, a_rows_R=sorted_tokens_R, dbias_EM=ddown_bias,
-                           bias_scale_R=scale_R)
-    del hw_RI
+        if split:
+            assert dy_RD is not None
+            ddown_proj = _grouped_weight_grad(dy_RD, hw_RI, offsets_E, down_proj)
+            if ddown_bias is not None:
+                expert_bias_grad(dy_RD, offsets_E, ddown_bias, scale_R=scale_R)
+        else:
+            ddown_proj = torch.empty_like(down_proj, memory_format=torch.contiguous_format)
+            expert_weight_grad(dy_TD, hw_RI, offsets_E, ddown_proj, a_rows_R=sorted_tokens_R, dbias_EM=ddown_bias,
+                               bias_scale_R=scale_R)
+    del hw_RI, dy_RD
     if need_dgate_up:
-        dgate_up_proj = torch.empty_like(gate_up_proj, memory_format=torch.contiguous_format)
         dgate_up_bias = torch.empty(E, N, device=x_TD.device, dtype=gate_up_proj.dtype) \
             if gate_up_bias is not None else None
-        expert_weight_grad(dgate_up_RN, x_TD, offsets_E, dgate_up_proj, b_rows_R=sorted_tokens_R,
-                           dbias_EM=dgate_up_bias)
+        if split:
+            x_RD = x_TD.index_select(0, sorted_tokens_R)  # transient: freed before dx
+            dgate_up_proj = _grouped_weight_grad(dgate_up_RN, x_RD, offsets_E, gate_up_proj)
+            del x_RD
+            if dgate_up_bias is not None:
+                expert_bias_grad(dgate_up_RN, offsets_E, dgate_up_bias)
+        else:
+            dgate_up_proj = torch.empty_like(gate_up_proj, memory_format=torch.contiguous_format)
+            expert_weight_grad(dgate_up_RN, x_TD, offsets_E, dgate_up_proj, b_rows_R=sorted_tokens_R,
+                               dbias_EM=dgate_up_bias)
 
     dx_TD = torch.empty(T, D, device=x_TD.device, dtype=x_TD.dtype) if need_dx else x_TD.new_empty(0)
     if R and need_dx:

@@ -36,7 +36,9 @@ from leanmoe.kernels.moe_common import (
     gate_up_preact,
     gate_up_rows,
     group_m,
+    interpreting,
     launch_grouped,
+    offsets_fit_int32,
     rows_bucket,
     source_rows,
     tile_coords,
@@ -58,7 +60,7 @@ def gate_up_bwd_kernel(
     stride_wde, stride_wdd, stride_wdi, stride_sr, stride_dgr, stride_hr, stride_pp,
     # meta-parameters
     ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    E_P2: tl.constexpr, DOT_PREC: tl.constexpr, PART_W: tl.constexpr,
+    E_P2: tl.constexpr, DOT_PREC: tl.constexpr, PART_W: tl.constexpr, OFFS64: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = tile_coords(tl.program_id(0), tl.cdiv(R, BM) + E, tl.cdiv(I, BN), GROUP_M)
@@ -105,7 +107,8 @@ def gate_up_bwd_kernel(
         # Recompute the pre-activations exactly as the forward did (rounded to the I/O dtype).
         acc_g, acc_u = gate_up_preact(x_ptr + tokens[:, None] * stride_xt, row_mask, wgu_ptr + e64 * stride_wge,
                                       bgu_ptr + e64 * stride_bge, g_rows, u_rows, col_mask, D, stride_xd,
-                                      stride_wgd, stride_wgn, stride_bgn, GATED, HAS_BIAS, DOT_PREC, BM, BN, BK)
+                                      stride_wgd, stride_wgn, stride_bgn, GATED, HAS_BIAS, DOT_PREC, BM, BN, BK,
+                                      OFFS64)
         g = acc_g.to(io_dtype).to(tl.float32)
         u = acc_u.to(io_dtype).to(tl.float32)
 
@@ -126,6 +129,50 @@ def gate_up_bwd_kernel(
     tl.store(d_rows + g_rows.to(tl.int64)[None, :], dg.to(io_dtype), mask=out_mask)
     if GATED:
         tl.store(d_rows + u_rows.to(tl.int64)[None, :], du.to(io_dtype), mask=out_mask)
+
+
+@triton.jit(do_not_specialize=["R"])
+def activation_bwd_rows_kernel(
+    # pointers
+    pre_ptr, dh_ptr, scale_ptr, offsets_E_ptr, dgu_ptr, hw_ptr, dw_ptr,
+    # sizes and scalars
+    R, I, E, alpha, limit,
+    # strides
+    stride_pr, stride_dhr, stride_dgr, stride_hwr,
+    # meta-parameters
+    ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, BM: tl.constexpr, BI: tl.constexpr,
+):
+    """One row tile, every hidden column: from the pre-activations (``[gate | up]``) and ``dh_unweighted``, writes
+    ``dgate_up`` (in the weights' layout), ``w_r * h`` and ``dweights_r = sum_i dh_unweighted * h``. Rows past
+    ``offsets_E[E-1]`` (masked tokens; their inputs were never written) get a zero ``dweights`` and nothing else.
+    ``dgu`` may alias ``pre`` (concatenated layout) and ``hw`` may alias ``dh``: each element is read before the
+    same program writes it, and no other program touches it."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    kept = tl.load(offsets_E_ptr + E - 1)
+    row_mask = rows < kept
+    rows64 = rows.to(tl.int64)
+    io_dtype = hw_ptr.dtype.element_ty
+    w_r = tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
+    acc_dw = tl.zeros((BM,), dtype=tl.float32)
+    p_rows = pre_ptr + rows64[:, None] * stride_pr
+    for c0 in range(0, I, BI):
+        cols = c0 + tl.arange(0, BI)
+        mask = row_mask[:, None] & (cols < I)[None, :]
+        cols64 = cols.to(tl.int64)
+        g = tl.load(p_rows + cols64[None, :], mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(p_rows + (cols64 + I)[None, :], mask=mask, other=0.0).to(tl.float32) if GATED else g
+        dh = tl.load(dh_ptr + rows64[:, None] * stride_dhr + cols64[None, :], mask=mask, other=0.0).to(tl.float32)
+        h, dg, du = activation_bwd(g, u, dh * w_r[:, None], alpha, limit, ACT)
+        h = h.to(io_dtype).to(tl.float32)
+        acc_dw += tl.sum(dh * h, axis=1)  # masked columns have g = u = 0, so h = 0 there
+        tl.store(hw_ptr + rows64[:, None] * stride_hwr + cols64[None, :], (h * w_r[:, None]).to(io_dtype),
+                 mask=mask)
+        g_rows, u_rows = gate_up_rows(cols, I, GATED, INTERLEAVED)
+        d_rows = dgu_ptr + rows64[:, None] * stride_dgr
+        tl.store(d_rows + g_rows.to(tl.int64)[None, :], dg.to(io_dtype), mask=mask)
+        if GATED:
+            tl.store(d_rows + u_rows.to(tl.int64)[None, :], du.to(io_dtype), mask=mask)
+    tl.store(dw_ptr + rows, acc_dw, mask=rows < R)
 
 
 @triton.jit
@@ -259,10 +306,74 @@ def gate_up_bwd(x_TD: torch.Tensor, dy_TD: torch.Tensor, sorted_tokens_R: torch.
             h_RI.stride(0), dw_part_PR.stride(0))
     meta = dict(ACT=act_code, GATED=gated, INTERLEAVED=interleaved, HAS_BIAS=gate_up_bias is not None,
                 E_P2=e_p2(E), DOT_PREC=dot_precision(dtype), PART_W=PART_W,
+                OFFS64=not offsets_fit_int32((x_TD, (1,)), (gate_up_proj, (1, 2)), (bias, (1,))),
                 GROUP_M=group_m(dev, (gate_up_proj[0].numel() + down_proj[0].numel()) * gate_up_proj.element_size()))
     launch_grouped(gate_up_bwd_kernel, _gate_up_bwd_tuned, lambda bn: triton.cdiv(I, bn), R, E, args, meta)
     # Fixed-order sum over the column tiles: deterministic.
     return dgate_up_RN, h_RI, dw_part_PR.sum(0)
+
+
+def activation_bwd_rows(pre_RN: torch.Tensor, dh_RI: torch.Tensor, scale_R: torch.Tensor, offsets_E: torch.Tensor,
+                        *, act_code: int, gated: bool, interleaved: bool, alpha: float, limit: float,
+                        dgate_up_RN: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The activation backward of the split engine, row by row: returns ``(dgate_up_RN, hw_RI, dweights_R)``.
+
+    ``pre_RN``: gate/up pre-activations of the sorted rows as ``[gate | up]`` (the saved-copy format, whatever the
+    weight layout); ``dh_RI``: ``dy[sorted_tokens] @ down_proj[e]`` (unweighted); ``scale_R``: fp32 routing weights.
+    ``dgate_up_RN`` (in the weights' layout) is written into the given buffer (which may be ``pre_RN`` itself for
+    the concatenated layout) or a new one; ``hw_RI = w_r * h`` overwrites ``dh_RI``; ``dweights_R`` is fp32 and
+    lacks the down-bias term. Rows past ``offsets_E[-1]`` get ``dweights`` 0 and are otherwise left as they were.
+    """
+    check_tensor("pre_RN", pre_RN, shape=(None, None), dtypes=IO_DTYPES)
+    dev, dtype = pre_RN.device, pre_RN.dtype
+    R, N = pre_RN.shape
+    I = N // 2 if gated else N
+    if gated and N % 2:
+        raise ValueError(f"pre_RN: a gated activation needs an even number of gate/up columns, got N={N}")
+    check_tensor("dh_RI", dh_RI, shape=(R, I), dtypes=(dtype,), device=dev)
+    check_tensor("scale_R", scale_R, shape=(R,), dtypes=(torch.float32,), device=dev)
+    check_tensor("offsets_E", offsets_E, shape=(None,), dtypes=(torch.int32,), device=dev)
+    check_act_code(act_code)
+    for name, t in (("pre_RN", pre_RN), ("dh_RI", dh_RI)):
+        if t.stride(1) != 1 and t.shape[1] > 1:
+            raise ValueError(f"{name}: expected unit column stride, got strides {t.stride()}")
+    if interleaved and dgate_up_RN is not None and dgate_up_RN.data_ptr() == pre_RN.data_ptr():
+        raise ValueError("dgate_up_RN: cannot overwrite pre_RN for the interleaved layout (columns move)")
+    dgu = dgate_up_RN if dgate_up_RN is not None else torch.empty(R, N, device=dev, dtype=dtype)
+    check_tensor("dgate_up_RN", dgu, shape=(R, N), dtypes=(dtype,), device=dev)
+    dweights_R = torch.zeros(R, device=dev, dtype=torch.float32)
+    E = offsets_E.numel()
+    if R == 0 or E == 0:
+        return dgu, dh_RI, dweights_R
+    BM, BI = (16, 32) if interpreting() else (32, 128)
+    activation_bwd_rows_kernel[(triton.cdiv(R, BM),)](
+        pre_RN, dh_RI, scale_R, offsets_E, dgu, dh_RI, dweights_R, R, I, E, float(alpha), float(limit),
+        pre_RN.stride(0), dh_RI.stride(0), dgu.stride(0), dh_RI.stride(0),
+        ACT=act_code, GATED=gated, INTERLEAVED=interleaved, BM=BM, BI=BI)
+    return dgu, dh_RI, dweights_R
+
+
+def expert_bias_grad(a: torch.Tensor, offsets_E: torch.Tensor, dbias_EM: torch.Tensor, *,
+                     a_rows_R: torch.Tensor | None = None, scale_R: torch.Tensor | None = None) -> torch.Tensor:
+    """``dbias_EM[e] = sum_{r of e} scale_R[r] * a[a_rows_R[r]]`` (fp32 sums in row order; ``scale_R`` defaults to
+    ones, ``a_rows_R`` to r itself); zeros for experts with no rows. Returns ``dbias_EM``, written in place."""
+    check_tensor("dbias_EM", dbias_EM, shape=(None, None), dtypes=IO_DTYPES)
+    dev = dbias_EM.device
+    E, M = dbias_EM.shape
+    check_tensor("a", a, shape=(None, M), dtypes=IO_DTYPES, device=dev)
+    check_tensor("offsets_E", offsets_E, shape=(E,), dtypes=(torch.int32,), device=dev)
+    if a_rows_R is not None:
+        check_tensor("a_rows_R", a_rows_R, shape=(None,), dtypes=(torch.int64, torch.int32), device=dev)
+        check_rows("a_rows_R", a_rows_R.numel())
+    if scale_R is not None:
+        check_tensor("scale_R", scale_R, shape=(None,), dtypes=(torch.float32,), device=dev)
+    BR, BM = (64, 64) if interpreting() else (32, 256)
+    expert_bias_grad_kernel[(triton.cdiv(M, BM), E)](
+        a, a_rows_R if a_rows_R is not None else offsets_E, scale_R if scale_R is not None else offsets_E,
+        offsets_E, dbias_EM, M, a.stride(0), a.stride(1), dbias_EM.stride(0), dbias_EM.stride(1),
+        A_GATHER=a_rows_R is not None, SCALE=scale_R is not None, BR=BR, BM=BM)
+    return dbias_EM
 
 
 def expert_weight_grad(a: torch.Tensor, b: torch.Tensor, offsets_E: torch.Tensor, out_EMN: torch.Tensor, *,
@@ -303,12 +414,8 @@ def expert_weight_grad(a: torch.Tensor, b: torch.Tensor, offsets_E: torch.Tensor
     else:
         _weight_grad_tuned[lambda m: (triton.cdiv(M, m["BM"]) * triton.cdiv(N, m["BN"]), E)](*args, **meta)
     if dbias_EM is not None:
-        BR, BM = (64, 64) if _weight_grad_tuned is None else (32, 256)
-        expert_bias_grad_kernel[(triton.cdiv(M, BM), E)](
-            a, a_rows, bias_scale_R if bias_scale_R is not None else offsets_E, offsets_E, dbias_EM, M,
-            a.stride(0), a.stride(1), dbias_EM.stride(0), dbias_EM.stride(1),
-            A_GATHER=a_rows_R is not None, SCALE=bias_scale_R is not None, BR=BR, BM=BM)
+        expert_bias_grad(a, offsets_E, dbias_EM, a_rows_R=a_rows_R, scale_R=bias_scale_R)
     return out_EMN
 
 
-__all__ = ["expert_weight_grad", "gate_up_bwd"]
+__all__ = ["activation_bwd_rows", "expert_bias_grad", "expert_weight_grad", "gate_up_bwd"]

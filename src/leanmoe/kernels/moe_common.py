@@ -74,6 +74,17 @@ def check_rows(name: str, num_rows: int) -> None:
         raise ValueError(f"{name}: {num_rows} routed rows; the kernels index rows in int32 (at most {MAX_ROWS})")
 
 
+def offsets_fit_int32(*operands: tuple[torch.Tensor, tuple[int, ...]]) -> bool:
+    """True when, for every ``(tensor, dims)``, the largest offset reachable along ``dims`` (``sum (size-1) *
+    |stride|``) fits int32: the kernels' ``OFFS64=False`` loops multiply those indices by their strides in int32.
+    Row and expert offsets are int64 in every kernel and are not counted here."""
+    limit = 2**31 - 1
+    for t, dims in operands:
+        if sum((t.shape[d] - 1) * abs(t.stride(d)) for d in dims if t.shape[d] > 0) > limit:
+            return False
+    return True
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -227,41 +238,57 @@ def gate_up_rows(cols, I, GATED: tl.constexpr, INTERLEAVED: tl.constexpr):
 @triton.jit
 def gate_up_preact(x_rows, row_mask, w_base, b_base, g_rows, u_rows, col_mask, D, stride_xd, stride_wd, stride_wn,
                    stride_bn, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, OFFS64: tl.constexpr):
     """fp32 gate and up pre-activations of one tile: ``x_rows`` (row pointers, gathered) times the expert's weight
     rows ``g_rows`` / ``u_rows`` (base ``w_base``), plus its bias (base ``b_base``); up stays zero when not
     ``GATED``. The forward and the recomputing backward share it, so both round the same sums.
 
-    Offsets are int64 (a transposed x has column stride T, so ``d * stride_xd`` passes 2^31 at large T): computed
-    once per tile, then the pointers step by ``BK`` columns, so the loop does no 64-bit multiplies.
+    ``OFFS64`` (see :func:`offsets_fit_int32`): column offsets in int64, computed once per tile, the pointers
+    stepping by ``BK`` columns (a transposed x has column stride T, so ``d * stride_xd`` can pass 2^31). Otherwise
+    int32 offsets recomputed each step, which is the faster loop (fewer live 64-bit pointer registers). Both sum in
+    the same order.
     """
     ks = tl.arange(0, BK)
-    ks64 = ks.to(tl.int64)
-    g64 = g_rows.to(tl.int64)
-    u64 = u_rows.to(tl.int64)
-    a_ptrs = x_rows + ks64[None, :] * stride_xd
-    wg_ptrs = w_base + ks64[:, None] * stride_wd + g64[None, :] * stride_wn
-    wu_ptrs = w_base + ks64[:, None] * stride_wd + u64[None, :] * stride_wn
-    a_step = tl.cast(stride_xd, tl.int64) * BK
-    w_step = tl.cast(stride_wd, tl.int64) * BK
     acc_g = tl.zeros((BM, BN), dtype=tl.float32)
     acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, D, BK):
-        k_mask = k0 + ks < D
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w_mask = k_mask[:, None] & col_mask[None, :]
-        wg = tl.load(wg_ptrs, mask=w_mask, other=0.0)
-        acc_g = tl.dot(a, wg, acc_g, input_precision=DOT_PREC)
-        if GATED:
-            wu = tl.load(wu_ptrs, mask=w_mask, other=0.0)
-            acc_u = tl.dot(a, wu, acc_u, input_precision=DOT_PREC)
-            wu_ptrs += w_step
-        a_ptrs += a_step
-        wg_ptrs += w_step
+    if OFFS64:
+        ks64 = ks.to(tl.int64)
+        g64 = g_rows.to(tl.int64)
+        u64 = u_rows.to(tl.int64)
+        a_ptrs = x_rows + ks64[None, :] * stride_xd
+        wg_ptrs = w_base + ks64[:, None] * stride_wd + g64[None, :] * stride_wn
+        wu_ptrs = w_base + ks64[:, None] * stride_wd + u64[None, :] * stride_wn
+        a_step = tl.cast(stride_xd, tl.int64) * BK
+        w_step = tl.cast(stride_wd, tl.int64) * BK
+        for k0 in range(0, D, BK):
+            k_mask = k0 + ks < D
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w_mask = k_mask[:, None] & col_mask[None, :]
+            wg = tl.load(wg_ptrs, mask=w_mask, other=0.0)
+            acc_g = tl.dot(a, wg, acc_g, input_precision=DOT_PREC)
+            if GATED:
+                wu = tl.load(wu_ptrs, mask=w_mask, other=0.0)
+                acc_u = tl.dot(a, wu, acc_u, input_precision=DOT_PREC)
+                wu_ptrs += w_step
+            a_ptrs += a_step
+            wg_ptrs += w_step
+    else:
+        for k0 in range(0, D, BK):
+            kk = k0 + ks
+            k_mask = kk < D
+            a = tl.load(x_rows + kk[None, :] * stride_xd, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w_mask = k_mask[:, None] & col_mask[None, :]
+            wg = tl.load(w_base + kk[:, None] * stride_wd + g_rows[None, :] * stride_wn, mask=w_mask, other=0.0)
+            acc_g = tl.dot(a, wg, acc_g, input_precision=DOT_PREC)
+            if GATED:
+                wu = tl.load(w_base + kk[:, None] * stride_wd + u_rows[None, :] * stride_wn, mask=w_mask,
+                             other=0.0)
+                acc_u = tl.dot(a, wu, acc_u, input_precision=DOT_PREC)
     if HAS_BIAS:
-        acc_g += tl.load(b_base + g64 * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        acc_g += tl.load(b_base + g_rows.to(tl.int64) * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         if GATED:
-            acc_u += tl.load(b_base + u64 * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            acc_u += tl.load(b_base + u_rows.to(tl.int64) * stride_bn, mask=col_mask,
+                             other=0.0).to(tl.float32)[None, :]
     return acc_g, acc_u
 
 

@@ -36,6 +36,7 @@ from leanmoe.kernels.moe_common import (
     group_m,
     interpreting,
     launch_grouped,
+    offsets_fit_int32,
     rows_bucket,
     tile_coords,
 )
@@ -52,7 +53,7 @@ def gate_up_fwd_kernel(
     stride_xt, stride_xd, stride_we, stride_wn, stride_wd, stride_be, stride_bn, stride_hr, stride_sr,
     # meta-parameters
     ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SAVE: tl.constexpr, E_P2: tl.constexpr, DOT_PREC: tl.constexpr,
+    SAVE: tl.constexpr, STORE_H: tl.constexpr, E_P2: tl.constexpr, DOT_PREC: tl.constexpr, OFFS64: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = tile_coords(tl.program_id(0), tl.cdiv(R, BM) + E, tl.cdiv(I, BN), GROUP_M)
@@ -68,7 +69,7 @@ def gate_up_fwd_kernel(
     e64 = expert.to(tl.int64)
     acc_g, acc_u = gate_up_preact(x_ptr + tokens[:, None] * stride_xt, row_mask, w_ptr + e64 * stride_we,
                                   bias_ptr + e64 * stride_be, g_rows, u_rows, col_mask, D, stride_xd, stride_wd,
-                                  stride_wn, stride_bn, GATED, HAS_BIAS, DOT_PREC, BM, BN, BK)
+                                  stride_wn, stride_bn, GATED, HAS_BIAS, DOT_PREC, BM, BN, BK, OFFS64)
     # Round the pre-activation to the I/O dtype, as the reference does and as a saved copy would be.
     g = acc_g.to(h_ptr.dtype.element_ty)
     u = acc_u.to(h_ptr.dtype.element_ty)
@@ -76,7 +77,9 @@ def gate_up_fwd_kernel(
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
     out_mask = row_mask[:, None] & col_mask[None, :]
-    tl.store(h_ptr + rows64[:, None] * stride_hr + cols64[None, :], h.to(h_ptr.dtype.element_ty), mask=out_mask)
+    if STORE_H:
+        tl.store(h_ptr + rows64[:, None] * stride_hr + cols64[None, :], h.to(h_ptr.dtype.element_ty),
+                 mask=out_mask)
     if SAVE:
         # The saved copy is private: gate then up (concatenated) whatever the weight layout, so stores coalesce.
         save_mask = out_mask & (rows < n_saved)[:, None]
@@ -96,7 +99,7 @@ def grouped_gemm_kernel(
     stride_ar, stride_ak, stride_be, stride_bn, stride_bk, stride_biase, stride_biasn, stride_or, stride_on,
     # meta-parameters
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, E_P2: tl.constexpr, DOT_PREC: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    OFFS64: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = tile_coords(tl.program_id(0), tl.cdiv(R, BM) + E, tl.cdiv(N, BN), GROUP_M)
     expert, row_start, row_end = expert_tile(pid_m, offsets_E_ptr, E, E_P2, BM)
@@ -109,21 +112,33 @@ def grouped_gemm_kernel(
     col_mask = cols < N
     cols64 = cols.to(tl.int64)
     e64 = expert.to(tl.int64)
-    # int64 offsets once per tile (a column stride times a column index can pass 2^31), then BK-column steps.
     ks = tl.arange(0, BK)
-    ks64 = ks.to(tl.int64)
-    a_ptrs = a_ptr + rows64[:, None] * stride_ar + ks64[None, :] * stride_ak
-    b_ptrs = b_ptr + e64 * stride_be + ks64[:, None] * stride_bk + cols64[None, :] * stride_bn
-    a_step = tl.cast(stride_ak, tl.int64) * BK
-    b_step = tl.cast(stride_bk, tl.int64) * BK
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, KD, BK):
-        k_mask = k0 + ks < KD
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
-        a_ptrs += a_step
-        b_ptrs += b_step
+    if OFFS64:
+        # int64 offsets once per tile (a column stride times a column index can pass 2^31), then BK-column steps.
+        ks64 = ks.to(tl.int64)
+        a_ptrs = a_ptr + rows64[:, None] * stride_ar + ks64[None, :] * stride_ak
+        b_ptrs = b_ptr + e64 * stride_be + ks64[:, None] * stride_bk + cols64[None, :] * stride_bn
+        a_step = tl.cast(stride_ak, tl.int64) * BK
+        b_step = tl.cast(stride_bk, tl.int64) * BK
+        for k0 in range(0, KD, BK):
+            k_mask = k0 + ks < KD
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+            a_ptrs += a_step
+            b_ptrs += b_step
+    else:
+        # int32 column offsets recomputed each step: the faster loop, when every column offset fits int32.
+        a_rows = a_ptr + rows64[:, None] * stride_ar
+        b_base = b_ptr + e64 * stride_be
+        for k0 in range(0, KD, BK):
+            kk = k0 + ks
+            k_mask = kk < KD
+            a = tl.load(a_rows + kk[None, :] * stride_ak, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(b_base + kk[:, None] * stride_bk + cols[None, :] * stride_bn,
+                        mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + e64 * stride_biase + cols64 * stride_biasn, mask=col_mask, other=0.0)
         acc += bias.to(tl.float32)[None, :]
@@ -175,9 +190,12 @@ _grouped_gemm_tuned = autotuned(grouped_gemm_kernel, _GEMM_CONFIGS, ["N", "KD", 
 
 def gate_up_fwd(x_TD: torch.Tensor, sorted_tokens_R: torch.Tensor, offsets_E: torch.Tensor,
                 gate_up_proj: torch.Tensor, gate_up_bias: torch.Tensor | None, *, act_code: int, gated: bool,
-                interleaved: bool, alpha: float, limit: float, n_saved: int) -> tuple[torch.Tensor, torch.Tensor]:
+                interleaved: bool, alpha: float, limit: float, n_saved: int, store_h: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``h_RI`` (sorted rows, x's dtype) and ``saved_SN``, the pre-activations of the first ``n_saved``
-    sorted rows (``[n_saved, N]``, gate columns then up columns whatever the layout; empty when 0).
+    sorted rows (``[n_saved, N]``, gate columns then up columns whatever the layout; empty when 0). With
+    ``store_h=False`` only the pre-activations are written (``h_RI`` is empty, ``[0, I]``): the backward's
+    recompute, whose sums are bitwise the forward's.
 
     ``x_TD`` may be strided; ``gate_up_proj`` is ``[E, N, D]`` with any strides; ``offsets_E`` int32 inclusive.
     """
@@ -198,7 +216,7 @@ def gate_up_fwd(x_TD: torch.Tensor, sorted_tokens_R: torch.Tensor, offsets_E: to
     check_act_code(act_code)
     if not 0 <= n_saved <= R:
         raise ValueError(f"n_saved: expected a row count in [0, R={R}], got {n_saved}")
-    h_RI = torch.empty(R, I, device=x_TD.device, dtype=x_TD.dtype)
+    h_RI = torch.empty(R if store_h else 0, I, device=x_TD.device, dtype=x_TD.dtype)
     saved_SN = torch.empty(n_saved, N, device=x_TD.device, dtype=x_TD.dtype)
     if R == 0:
         return h_RI, saved_SN
@@ -206,9 +224,10 @@ def gate_up_fwd(x_TD: torch.Tensor, sorted_tokens_R: torch.Tensor, offsets_E: to
     args = (x_TD, sorted_tokens_R, offsets_E, gate_up_proj, bias, h_RI, saved_SN,
             R, D, I, E, n_saved, float(alpha), float(limit), rows_bucket(R),
             x_TD.stride(0), x_TD.stride(1), *gate_up_proj.stride(), bias.stride(0), bias.stride(1),
-            h_RI.stride(0), saved_SN.stride(0) if n_saved else N)
+            h_RI.stride(0) if store_h else I, saved_SN.stride(0) if n_saved else N)
     meta = dict(ACT=act_code, GATED=gated, INTERLEAVED=interleaved, HAS_BIAS=gate_up_bias is not None,
-                SAVE=n_saved > 0, E_P2=e_p2(E), DOT_PREC=dot_precision(x_TD.dtype),
+                SAVE=n_saved > 0, STORE_H=store_h, E_P2=e_p2(E), DOT_PREC=dot_precision(x_TD.dtype),
+                OFFS64=not offsets_fit_int32((x_TD, (1,)), (gate_up_proj, (1, 2)), (bias, (1,))),
                 GROUP_M=group_m(x_TD.device, gate_up_proj[0].numel() * gate_up_proj.element_size()))
     launch_grouped(gate_up_fwd_kernel, _gate_up_fwd_tuned, lambda bn: triton.cdiv(I, bn), R, E, args, meta)
     return h_RI, saved_SN
@@ -244,6 +263,7 @@ def grouped_gemm(a_RK: torch.Tensor, b_ENK: torch.Tensor, offsets_E: torch.Tenso
             out.stride(0), out.stride(1))
     meta = dict(HAS_BIAS=bias_EN is not None, HAS_SCALE=scale_R is not None, E_P2=e_p2(E),
                 DOT_PREC=dot_precision(a_RK.dtype),
+                OFFS64=not offsets_fit_int32((a_RK, (1,)), (b_ENK, (1, 2)), (bias, (1,)), (out, (1,))),
                 GROUP_M=group_m(a_RK.device, b_ENK[0].numel() * b_ENK.element_size()))
     launch_grouped(grouped_gemm_kernel, _grouped_gemm_tuned, lambda bn: triton.cdiv(N, bn), R, E, args, meta)
     return out

@@ -1,5 +1,5 @@
-"""Launch policy of the MoE kernels: how many pre-activation rows forward keeps, and how the down projection (and
-dX) is split into column chunks so that its transient buffer stays bounded.
+"""Launch policy of the MoE kernels: how many pre-activation rows forward keeps, how the down projection (and
+dX) is split into column chunks so that its transient buffer stays bounded, and which engine runs the backward.
 
 Legend: T tokens, D model dim (the output columns of the chunked GEMM), E experts, K top-k, R routed rows (T*K),
 C the columns of one chunk.
@@ -11,6 +11,7 @@ triton too); :func:`combine_chunked` imports the launchers when it runs.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -60,4 +61,68 @@ def combine_chunked(a_RX: torch.Tensor, b_EDX: torch.Tensor, bias_ED: torch.Tens
     return y_TD
 
 
-__all__ = ["COMBINE_CHUNK_BYTES", "combine_chunked", "d_chunks", "saved_rows"]
+#: Engines of the triton backend's backward (:func:`backward_engine`).
+BACKWARD_ENGINES = ("auto", "fused", "split")
+_engine_override: str | None = None
+
+
+def set_backward_engine(engine: str | None) -> None:
+    """Choose the backward engine for this process from now on (``None``: back to ``LEANMOE_TRITON_BACKWARD``,
+    default ``"auto"``); for A/B measurements and tests in one process. See :func:`backward_engine`."""
+    global _engine_override
+    if engine is not None and engine not in BACKWARD_ENGINES:
+        raise ValueError(f"engine: expected one of {BACKWARD_ENGINES} or None, got {engine!r}")
+    _engine_override = engine
+
+
+def split_unsupported(x_TD: torch.Tensor, down_proj: torch.Tensor) -> str | None:
+    """Why the split engine cannot run these operands (None when it can). Its GEMMs are ``torch._grouped_mm``
+    calls: on CUDA, bfloat16 on compute capability 9.0 or newer; rows 16-byte aligned (D and I multiples of
+    16 bytes); ``down_proj`` ``[E, D, I]`` with a unit stride in one of its last two dims."""
+    if not hasattr(torch, "_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._grouped_mm"
+    if x_TD.device.type == "cuda":
+        if x_TD.dtype != torch.bfloat16:
+            return f"torch._grouped_mm on CUDA takes bfloat16, got {x_TD.dtype}"
+        if torch.cuda.get_device_capability(x_TD.device) < (9, 0):
+            return "torch._grouped_mm on CUDA needs compute capability 9.0 or newer"
+    _, D, I = down_proj.shape
+    per_16_bytes = 16 // x_TD.element_size()
+    if D % per_16_bytes or I % per_16_bytes:
+        return f"D={D} and I={I} must be multiples of {per_16_bytes} (16-byte aligned rows) for torch._grouped_mm"
+    if down_proj.stride(2) != 1 and down_proj.stride(1) != 1:
+        return f"down_proj: expected a unit stride in one of its last two dims, got strides {down_proj.stride()}"
+    return None
+
+
+def backward_engine(x_TD: torch.Tensor, down_proj: torch.Tensor) -> str:
+    """``"fused"`` or ``"split"``: which engine runs the triton backend's backward for these operands.
+
+    - fused: leanmoe's Triton kernels only (the fused gate/up backward recomputes or loads the pre-activations,
+      gathers rows in its loads and keeps ``W_down^T dy`` in registers; per-expert weight-gradient loops).
+    - split: the pre-activations from the forward kernel itself (saved, or recomputed bitwise the same), the
+      GEMMs ``W_down^T dy``, ``d down_proj`` and ``d gate_up_proj`` as ``torch._grouped_mm`` (CUTLASS) calls on
+      gathered ``x`` and ``dy`` rows, the activation backward a row-wise Triton kernel, dx the Triton grouped GEMM
+      and combine as in fused. Faster on every preset on an H200 (the CUTLASS weight gradients run at 1.5x the
+      Triton loops: docs/KERNEL_NOTES.md), at the price of two transient ``[R, D]`` gathered copies (x and dy, not
+      alive together with both of the others: see :mod:`leanmoe.experts.triton`).
+
+    ``set_backward_engine`` (or the environment variable ``LEANMOE_TRITON_BACKWARD``) picks one: ``"auto"`` (the
+    default) takes split where :func:`split_unsupported` allows it on a CUDA device, fused elsewhere (the CPU
+    interpreter: split runs there too when asked, for tests); ``"split"`` raises ``ValueError`` where it cannot run.
+    """
+    engine = _engine_override or os.environ.get("LEANMOE_TRITON_BACKWARD", "auto")
+    if engine not in BACKWARD_ENGINES:
+        raise ValueError(f"LEANMOE_TRITON_BACKWARD: expected one of {BACKWARD_ENGINES}, got {engine!r}")
+    if engine == "fused":
+        return "fused"
+    why = split_unsupported(x_TD, down_proj)
+    if engine == "split":
+        if why is not None:
+            raise ValueError(f"backward engine 'split' cannot run here: {why}")
+        return "split"
+    return "split" if why is None and x_TD.device.type == "cuda" else "fused"
+
+
+__all__ = ["BACKWARD_ENGINES", "COMBINE_CHUNK_BYTES", "backward_engine", "combine_chunked", "d_chunks",
+           "saved_rows", "set_backward_engine", "split_unsupported"]

@@ -106,6 +106,30 @@ def gate_up_bwd_reference(x_TD, dy_TD, sorted_tokens_R, offsets_E, scale_R, gate
     return dgate_up_RN, hw_RI, dweights_R
 
 
+def activation_bwd_rows_reference(pre_RN, dh_RI, scale_R, offsets_E, *, act_code, gated, interleaved, alpha, limit,
+                                  dgate_up_RN=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`~leanmoe.kernels.moe_bwd.activation_bwd_rows`: for each kept row r (``r < offsets_E[-1]``),
+    ``h_r = act(pre_r)`` with ``pre_RN`` as ``[gate | up]``, ``hw_r = w_r h_r``, ``dgate_up_r = act'(pre_r)
+    (w_r dh_r)`` in the weights' layout, ``dweights_r = <dh_r, h_r>``; other rows keep their values (dweights 0).
+    Writes ``hw`` over ``dh_RI`` and ``dgate_up`` into ``dgate_up_RN`` (or a copy of ``pre_RN``)."""
+    activation, dtype = _activation(act_code, alpha, limit), pre_RN.dtype
+    assert activation.gated == gated, "gated must agree with act_code"
+    R = pre_RN.shape[0]
+    kept = int(offsets_E[-1]) if offsets_E.numel() else 0
+    pre, dh, w = pre_RN[:kept].float(), dh_RI[:kept].float(), scale_R[:kept, None]
+    h = apply_activation(pre, activation, "concatenated").to(dtype).float()
+    dgate_up = activation_backward(pre.to(dtype), dh * w, activation, "concatenated").float()
+    if interleaved and gated:  # [gate | up] -> gate_0, up_0, gate_1, up_1, ...
+        half = dgate_up.shape[1] // 2
+        dgate_up = torch.stack([dgate_up[:, :half], dgate_up[:, half:]], dim=-1).flatten(1)
+    dgu = dgate_up_RN if dgate_up_RN is not None else pre_RN.clone()
+    dgu[:kept] = dgate_up.to(dtype)
+    dweights_R = torch.zeros(R, dtype=torch.float32, device=pre_RN.device)
+    dweights_R[:kept] = (dh * h).sum(dim=-1)
+    dh_RI[:kept] = (h * w).to(dtype)
+    return dgu, dh_RI, dweights_R
+
+
 def expert_weight_grad_reference(a, b, offsets_E, out_EMN, *, a_rows_R=None, b_rows_R=None, dbias_EM=None,
                                  bias_scale_R=None) -> torch.Tensor:
     """:func:`~leanmoe.kernels.moe_bwd.expert_weight_grad` (both its kernels): ``out_EMN[e] = sum_{r of e}
@@ -122,5 +146,6 @@ def expert_weight_grad_reference(a, b, offsets_E, out_EMN, *, a_rows_R=None, b_r
     return out_EMN
 
 
-__all__ = ["combine_reference", "expert_weight_grad_reference", "gate_up_bwd_reference", "gate_up_fwd_reference",
+__all__ = ["activation_bwd_rows_reference", "combine_reference", "expert_weight_grad_reference",
+           "gate_up_bwd_reference", "gate_up_fwd_reference",
            "grouped_gemm_reference"]
