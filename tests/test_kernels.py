@@ -170,6 +170,68 @@ def test_grouped_gemm(case, dtype, strided, bias_and_scale):
         assert wide[:, :D].isnan().all() and wide[:, 2 * D:].isnan().all(), "wrote outside the column slice"
 
 
+LORA_CASES = [pytest.param(case, dtype, rank, id=f"{str(dtype)[-7:].replace('float', 'fp')}-{case}-r{rank}")
+              for case, dtype, rank in [("E4-empty_expert", torch.float32, 1), ("E7-masked_tail", torch.float32, 8),
+                                        ("E3-one_expert_all_rows", torch.float32, 24),
+                                        ("E5-fewer_rows_than_tile", torch.float16, 8),
+                                        ("E7-masked_tail", torch.float16, 16), ("E2-no_rows", torch.float32, 4)]]
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["concat", "inter"])
+@pytest.mark.parametrize("case,dtype,rank", LORA_CASES)
+def test_gate_up_fwd_lora_term(case, dtype, rank, interleaved):
+    # pre = x W^T + lo B^T + b: ranks below the MMA's 16 (masked), and one past it (24 -> a 32-wide block); B as a
+    # transposed view (any strides); the saved copy and the store-h-less recompute hold the same pre-activations.
+    routing, x_TD, gate_up_proj, _, gate_up_bias = operands(case, dtype, False)
+    E, N = gate_up_proj.shape[:2]
+    lo_RP = rand(routing.R, rank, dtype=dtype, scale=0.5)
+    lo_RP[routing.kept:] = float("nan")  # masked rows: never read
+    lora_B = rand(E, N, rank, dtype=dtype, scale=rank ** -0.5, strided=True)
+    kwargs = dict(act_code=SWIGLU, gated=True, interleaved=interleaved, alpha=1.702, limit=7.0,
+                  n_saved=routing.R, lora_in_RP=lo_RP, lora_B=lora_B)
+    args = (x_TD, routing.sorted_tokens_R, routing.offsets_E, gate_up_proj, gate_up_bias)
+    out_h, out_saved = gate_up_fwd(*args, **kwargs)
+    ref_h, ref_saved = reference.gate_up_fwd_reference(*args, **kwargs)
+    tol = TOLERANCES[dtype]
+    assert_rows(out_h, ref_h, routing.kept, tol=tol, name="h_RI")
+    assert_rows(out_saved, ref_saved, routing.kept, tol=tol, name="saved_SN")
+    h_none, again = gate_up_fwd(*args, **kwargs, store_h=False)
+    assert h_none.shape == (0, I) and torch.equal(again[:routing.kept], out_saved[:routing.kept])
+
+
+@pytest.mark.parametrize("case,dtype,rank", LORA_CASES)
+def test_grouped_gemm_lora_term(case, dtype, rank):
+    routing, _, _, down_proj, _ = operands(case, dtype, False)
+    E = down_proj.shape[0]
+    h_RI = rand(routing.R, I, dtype=dtype)
+    lo_RP = rand(routing.R, rank, dtype=dtype, scale=0.5)
+    h_RI[routing.kept:] = float("nan")
+    lo_RP[routing.kept:] = float("nan")
+    kwargs = dict(bias_EN=rand(E, D, dtype=dtype), scale_R=torch.rand(routing.R, device=DEVICE), lora_in_RP=lo_RP,
+                  lora_B=rand(E, rank, D, dtype=dtype, scale=rank ** -0.5).transpose(1, 2))  # [E, D, r] view
+    args = (h_RI, down_proj, routing.offsets_E, routing.sorted_rows_R)
+    out_RD = grouped_gemm(*args, torch.empty(routing.R, D, dtype=dtype, device=DEVICE), **kwargs)
+    ref_RD = reference.grouped_gemm_reference(*args, torch.full((routing.R, D), float("nan"), dtype=dtype,
+                                                                device=DEVICE), **kwargs)
+    written = torch.zeros(routing.R, dtype=torch.bool, device=DEVICE)
+    written[routing.sorted_rows_R[:routing.kept]] = True
+    assert_rows(out_RD, ref_RD, written, tol=TOLERANCES[dtype], name="out")
+
+
+def test_lora_term_rejects():
+    routing, x_TD, gate_up_proj, down_proj, _ = operands("E4-empty_expert", torch.float32, False)
+    E, N = gate_up_proj.shape[:2]
+    args = (x_TD, routing.sorted_tokens_R, routing.offsets_E, gate_up_proj, None)
+    kwargs = dict(act_code=SWIGLU, gated=True, interleaved=False, alpha=1.702, limit=7.0, n_saved=0)
+    lo = rand(routing.R, 8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="both"):
+        gate_up_fwd(*args, **kwargs, lora_in_RP=lo)
+    with pytest.raises(ValueError, match="lora_B"):
+        gate_up_fwd(*args, **kwargs, lora_in_RP=lo, lora_B=rand(E, N, 4, dtype=torch.float32))
+    with pytest.raises(ValueError, match="lora_in_RP"):
+        gate_up_fwd(*args, **kwargs, lora_in_RP=lo.half(), lora_B=rand(E, N, 8, dtype=torch.float32))
+
+
 @pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "mask"])
 @pytest.mark.parametrize("case,dtype,strided", CASES)
 def test_combine(case, dtype, strided, masked):
@@ -433,3 +495,16 @@ def test_grouped_gemm_combine_and_weight_grad_reject():
     with pytest.raises(ValueError, match=r"dbias_EM: expected shape \[3, 16\], got \[3, 32\]"):
         expert_weight_grad(torch.randn(8, 16), torch.randn(8, 32), offsets_E, torch.empty(3, 16, 32),
                            dbias_EM=torch.empty(3, 32))
+
+
+def test_zero_empty_experts():
+    # Only the experts without rows are zeroed; the others keep their values (NaN here) untouched.
+    from leanmoe.kernels.moe_bwd import zero_empty_experts_
+
+    routing = make_routing(10, 2, [5, 0, 9, 0, 6, 0, 0], 0)
+    out = torch.full((7, 3, 1500), float("nan"), device=DEVICE)  # 4500 elements: several blocks per expert
+    assert zero_empty_experts_(out, routing.offsets_E) is out
+    empty = torch.tensor([False, True, False, True, False, True, True], device=DEVICE)
+    assert (out[empty] == 0).all() and out[~empty].isnan().all()
+    with pytest.raises(ValueError, match="contiguous expert slices"):
+        zero_empty_experts_(out.transpose(1, 2), routing.offsets_E)

@@ -18,7 +18,7 @@ from tests.helpers import TOLERANCES, assert_close, make_problem
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAST_BACKENDS = ["grouped_mm"]  # the LoRA backends other than the reference
+FAST_BACKENDS = ["grouped_mm", "triton"]  # the LoRA backends other than the reference
 TARGET_SETS = [("gate_up", "down"), ("gate_up",), ("down",)]
 
 
@@ -238,6 +238,10 @@ def test_dropout_in_training_only(backend):
     lora.eval()
     assert_close(leanmoe.moe_experts(*p.args(), **p.kwargs(), backend=backend, lora=lora), nodrop, tol=2e-5)
     lora.train()
+    if backend == "triton":  # dropout is not fused there: named, it refuses; auto passes it over
+        with pytest.raises(ValueError, match="does not fuse LoRA dropout"):
+            leanmoe.moe_experts(*p.args(), **p.kwargs(), backend=backend, lora=lora)
+        return
     dropped = leanmoe.moe_experts(*p.args(), **p.kwargs(), backend=backend, lora=lora)
     assert (dropped - nodrop).abs().max() > 1e-3
     lora.dropout = 1.0  # everything dropped: the base output exactly as without the adapter
@@ -277,8 +281,8 @@ def test_expert_lora_validation(kwargs, error, match):
 def test_call_errors_and_backend_choice():
     p = make_problem(8, 16, 8, 4, 2, seed=12)
     lora = make_lora(p)
-    with pytest.raises(ValueError, match="backend 'triton' cannot run a call with lora"):
-        leanmoe.moe_experts(*p.args(), **p.kwargs(), backend="triton", lora=lora)
+    with pytest.raises(ValueError, match="backend 'triton_decode' cannot run a call with lora"):
+        leanmoe.moe_experts(*p.args(), **p.kwargs(), backend="triton_decode", lora=lora)
     with pytest.raises(ValueError, match="unknown backend"):
         leanmoe.moe_experts(*p.args(), **p.kwargs(), backend="nope", lora=lora)
     with pytest.raises(TypeError, match="lora must be a leanmoe.ExpertLoRA"):
@@ -335,10 +339,10 @@ def test_add_expert_lora_on_moe_layers():
         leanmoe.lora.add_expert_lora(model)
     with pytest.raises(ValueError, match="has no experts module"):
         leanmoe.lora.add_expert_lora(torch.nn.Linear(2, 2))
-    on_triton = _layer()
-    on_triton.experts.backend = "triton"
-    with pytest.raises(ValueError, match="runs on backend 'triton', which takes no LoRA adapters"):
-        leanmoe.lora.add_expert_lora(on_triton)
+    on_decode = _layer()
+    on_decode.experts.backend = "triton_decode"
+    with pytest.raises(ValueError, match="runs on backend 'triton_decode', which takes no LoRA adapters"):
+        leanmoe.lora.add_expert_lora(on_decode)
     # A few optimizer steps reach the adapters only.
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-2)
     frozen = model[0].experts.gate_up_proj.clone()
@@ -379,8 +383,11 @@ def test_merge_unmerge_round_trip(targets):
 
 @pytest.mark.slow
 @pytest.mark.no_poison
-@pytest.mark.parametrize("backend,dtype", [("grouped_mm", torch.bfloat16), ("reference", torch.float32),
-                                           ("auto", torch.float32)])
+@pytest.mark.parametrize("backend,dtype", [
+    ("grouped_mm", torch.bfloat16), ("reference", torch.float32), ("auto", torch.float32),
+    # The triton path's two custom ops trace as their fakes; on the CPU the kernels run in the interpreter.
+    pytest.param("triton", torch.float32, marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="the interpreter runs on CPU-only machines"))])
 def test_lora_compiles_fullgraph(backend, dtype):
     # torch._grouped_mm traces in bfloat16 only (auto takes the reference loop in float32); the reference loop
     # needs dynamic output shapes captured.
@@ -406,26 +413,29 @@ def test_lora_compiles_fullgraph(backend, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("targets", TARGET_SETS, ids="+".join)
-def test_gpu_grouped_mm_bf16_matches_the_fp32_reference(targets):
-    # CUDA's torch._grouped_mm takes bfloat16 only; the ground truth is the fp32 loop on the same values.
+def test_gpu_bf16_matches_the_fp32_reference(targets, backend):
+    # CUDA's torch._grouped_mm takes bfloat16 only; the ground truth is the fp32 loop on the same values. auto takes
+    # the triton backend for a bf16 LoRA call on Hopper.
     p = make_problem(300, 128, 64, 8, 2, bias=True, dtype=torch.bfloat16, device="cuda", seed=15)
     lora = make_lora(p, rank=16, targets=targets).cuda()
     ref_p = make_problem(300, 128, 64, 8, 2, bias=True, device="cuda", seed=15)
     ref_lora = make_lora(ref_p, rank=16, targets=targets).cuda()
     dy = torch.randn(300, 128, device="cuda")
-    out_y, out_grads = run(p, lora, "grouped_mm", dy.bfloat16())
+    out_y, out_grads = run(p, lora, backend, dy.bfloat16())
     ref_y, ref_grads = run(ref_p, ref_lora, "reference", dy)
     assert_close(out_y, ref_y, tol=TOLERANCES[torch.bfloat16], name="y")
     for out, ref in zip(out_grads, ref_grads, strict=True):
         assert_close(out, ref, tol=TOLERANCES[torch.bfloat16])
-    assert leanmoe.lora.select_lora_backend("auto", leanmoe.describe_call(*p.args(), **p.kwargs())) == "grouped_mm"
+    assert leanmoe.lora.select_lora_backend("auto", leanmoe.describe_call(*p.args(), **p.kwargs())) == "triton"
 
 
 @pytest.mark.gpu
-def test_gpu_activation_memory_with_frozen_base_is_close_to_no_lora():
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_gpu_activation_memory_with_frozen_base_is_close_to_no_lora(backend):
     # The memory target: activation memory with rank-16 adapters on both targets <= 1.2x that of the
-    # grouped_mm backend on frozen base weights without adapters (qwen3-30b-a3b layer shapes, 4096 tokens).
+    # same backend on frozen base weights without adapters (qwen3-30b-a3b layer shapes, 4096 tokens).
     T, D, I, E, K = 4096, 2048, 768, 128, 8
     p = make_problem(T, D, I, E, K, dtype=torch.bfloat16, device="cuda", seed=17, requires_grad=False)
     p.x_TD.requires_grad_(True)
@@ -435,12 +445,12 @@ def test_gpu_activation_memory_with_frozen_base_is_close_to_no_lora():
     def kept_bytes(**kw):
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
-        y = leanmoe.moe_experts(*p.args(), **p.kwargs(), backend="grouped_mm", **kw)
+        y = leanmoe.moe_experts(*p.args(), **p.kwargs(), backend=backend, **kw)
         torch.cuda.synchronize()
         kept = torch.cuda.memory_allocated() - before - y.numel() * y.element_size()
         y.sum().backward()
         return max(kept, 1)
 
-    # Without adapters the frozen-base grouped_mm keeps nothing of its own (the plan is recomputed in backward); the
-    # adapters add exactly the two [R, r] bf16 low-rank row blocks.
+    # Without adapters the frozen-base grouped_mm keeps nothing of its own (the plan is recomputed in backward), the
+    # triton backend its routing plan; the adapters add the two [R, r] bf16 low-rank row blocks.
     assert kept_bytes(lora=lora) <= 1.2 * kept_bytes() + 2 * T * K * 16 * 2

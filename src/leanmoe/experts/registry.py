@@ -55,6 +55,8 @@ class ExpertsCall:
     bias_dtype: torch.dtype | None = None
     #: Whether the weights carry an unmerged LoRA adapter (only backends with ``takes_lora`` run it).
     has_lora: bool = False
+    #: Whether that adapter applies dropout in this call (in training, with ``dropout > 0``).
+    has_lora_dropout: bool = False
     #: Whether the weights carry per-expert scales (only backends with ``takes_scales`` run them).
     has_scales: bool = False
 
@@ -71,7 +73,11 @@ def describe_weights(weights: ExpertWeights, *, num_tokens: int, top_k: int, sav
                        has_down_bias=weights.down_bias is not None, save_percent=save_percent,
                        requires_grad=requires_grad, has_token_mask=has_token_mask, weight_dtype=weights.dtype,
                        bias_dtype=weights.bias_dtype, has_lora=weights.active_lora is not None,
-                       has_scales=weights.has_scales)
+                       has_lora_dropout=_applies_dropout(weights.active_lora), has_scales=weights.has_scales)
+
+
+def _applies_dropout(lora) -> bool:
+    return lora is not None and bool(lora.training) and lora.dropout > 0
 
 
 def same_dtype_reason(call: ExpertsCall) -> str | None:

@@ -131,11 +131,26 @@ def _split_gate_up_bwd(x_TD: Tensor, dy_TD: Tensor, sorted_tokens_R: Tensor, off
     return dgate_up_RN, hw_RI, dweights_R, dy_RD if keep_dy else None
 
 
+def _down_bias_term(dy_TD: Tensor, down_bias: Tensor, topk_ids_TK: Tensor, sorted_rows_R: Tensor,
+                    sorted_tokens_R: Tensor, offsets_E: Tensor, token_mask: Optional[Tensor]) -> Tensor:
+    """``<dy_t, b_down[e]>`` of each sorted row (fp32 ``[R]``): the down bias's share of the routing-weight
+    gradient, from a small ``[T, E]`` GEMM; 0 for masked rows (past ``offsets_E[-1]``), whatever their dy holds."""
+    bias_dot_TE = dy_TD.float() @ down_bias.float().t()
+    sorted_experts_R = topk_ids_TK.reshape(-1).index_select(0, sorted_rows_R).long()
+    bias_term_R = bias_dot_TE[sorted_tokens_R, sorted_experts_R]
+    if token_mask is not None:
+        kept_R = torch.arange(sorted_rows_R.numel(), device=dy_TD.device) < offsets_E[-1:]
+        bias_term_R = torch.where(kept_R, bias_term_R, 0.0)
+    return bias_term_R
+
+
 def _grouped_weight_grad(a_RM: Tensor, b_RN: Tensor, offsets_E: Tensor, like_EMN: Tensor) -> Tensor:
     """``out[e] = a_RM[rows of e]^T b_RN[rows of e]``, ``[E, M, N]`` contiguous, zeros for experts without rows."""
+    from leanmoe.kernels.moe_bwd import zero_empty_experts_
+
     if a_RM.shape[0] == 0:
         return torch.zeros(like_EMN.shape, device=like_EMN.device, dtype=like_EMN.dtype)
-    return torch._grouped_mm(a_RM.t(), b_RN, offs=offsets_E)
+    return zero_empty_experts_(torch._grouped_mm(a_RM.t(), b_RN, offs=offsets_E), offsets_E)
 
 
 @torch.library.custom_op("leanmoe::triton_experts_bwd", mutates_args=())
@@ -170,15 +185,8 @@ def triton_experts_bwd(
         dgate_up_RN, hw_RI, dweights_R = gate_up_bwd(
             x_TD, dy_TD, sorted_tokens_R, offsets_E, scale_R, gate_up_proj, gate_up_bias, down_proj, saved_SN, **act)
     if down_bias is not None and R:
-        # <dy_t, b_down[e]> for every (token, expert) is a small [T, E] GEMM; pick each routed row's entry.
-        bias_dot_TE = dy_TD.float() @ down_bias.float().t()
-        sorted_experts_R = topk_ids_TK.reshape(-1).index_select(0, sorted_rows_R).long()
-        bias_term_R = bias_dot_TE[sorted_tokens_R, sorted_experts_R]
-        if token_mask is not None:
-            # Masked rows (sorted past offsets_E[-1]) take no gradient, whatever their dy rows hold.
-            kept_R = torch.arange(R, device=x_TD.device) < offsets_E[-1:]
-            bias_term_R = torch.where(kept_R, bias_term_R, 0.0)
-        dweights_R = dweights_R + bias_term_R
+        dweights_R = dweights_R + _down_bias_term(dy_TD, down_bias, topk_ids_TK, sorted_rows_R, sorted_tokens_R,
+                                                  offsets_E, token_mask)
     # Each routed row appears once in sorted_rows_R: a plain scatter, no accumulation.
     dweights_TK = torch.zeros(R, device=x_TD.device, dtype=torch.float32).scatter_(0, sorted_rows_R, dweights_R)
     dweights_TK = dweights_TK.view(T, K).to(topk_weights_TK.dtype)
@@ -275,6 +283,28 @@ def triton_moe_experts(x_TD: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tenso
                               float(save_percent), token_mask)[0]
 
 
+def lora_call_reason(call: ExpertsCall) -> str | None:
+    """Why the triton backend cannot run ``call`` with LoRA adapters (None when it can): the adapter path runs the
+    split backward engine and ``torch._grouped_mm`` low-rank GEMMs, so it needs what they need (bfloat16 on CUDA
+    GPUs of compute capability 9.0+; 16-byte aligned rows), and it does not fuse dropout in training."""
+    if call.device.type == "meta":
+        return None
+    if not hasattr(torch, "_grouped_mm"):
+        return f"its LoRA path needs torch._grouped_mm (torch {torch.__version__} has none)"
+    if call.device.type == "cuda":
+        if call.dtype != torch.bfloat16:
+            return f"its LoRA path runs bfloat16 on CUDA (torch._grouped_mm), got {call.dtype}"
+        if cuda_capability(call.device.index) < (9, 0):
+            return "its LoRA path needs compute capability 9.0+ on CUDA (torch._grouped_mm)"
+    per_16_bytes = 16 // (torch.finfo(call.dtype).bits // 8)
+    if call.dim % per_16_bytes or call.hidden_dim % per_16_bytes:
+        return (f"its LoRA path needs 16-byte rows: D and I multiples of {per_16_bytes} for {call.dtype}, got "
+                f"D={call.dim}, I={call.hidden_dim}")
+    if call.has_lora_dropout:
+        return "it does not fuse LoRA dropout in training (grouped_mm and the reference do)"
+    return None
+
+
 def triton_call_reason(call: ExpertsCall) -> str | None:
     """The dtype and device rules of leanmoe's Triton kernels (this backend and ``triton_decode``): None when they
     can run ``call``, else why."""
@@ -309,9 +339,13 @@ class TritonBackend(ExpertsBackend):
     priority = 20
     requires = ("triton",)
     extra = "triton"
+    takes_lora = True
 
     def unsupported_reason(self, call: ExpertsCall) -> str | None:
-        return triton_call_reason(call)
+        reason = triton_call_reason(call)
+        if reason is None and call.has_lora:
+            reason = lora_call_reason(call)
+        return reason
 
     def auto_unsupported_reason(self, call: ExpertsCall) -> str | None:
         # On CUDA, auto takes triton for every call it runs: in the H100 all-preset run of 2026-11-23
@@ -326,6 +360,13 @@ class TritonBackend(ExpertsBackend):
 
     def __call__(self, x_TD, topk_ids_TK, topk_weights_TK, weights: ExpertWeights, *, save_percent,
                  token_mask=None):
+        lora = weights.active_lora
+        if lora is not None:
+            from leanmoe.lora.triton import triton_lora_experts  # here: leanmoe.lora imports the experts package
+
+            return triton_lora_experts(x_TD, topk_ids_TK, topk_weights_TK, weights.gate_up_proj, weights.down_proj,
+                                       weights.gate_up_bias, weights.down_bias, activation=weights.activation,
+                                       gate_up_layout=weights.gate_up_layout, lora=lora, token_mask=token_mask)
         return triton_moe_experts(x_TD, topk_ids_TK, topk_weights_TK, weights.gate_up_proj, weights.down_proj,
                                   weights.gate_up_bias, weights.down_bias, activation=weights.activation,
                                   gate_up_layout=weights.gate_up_layout, save_percent=save_percent,

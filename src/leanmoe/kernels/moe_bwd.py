@@ -213,6 +213,18 @@ def expert_weight_grad_kernel(
 
 
 @triton.jit
+def zero_empty_experts_kernel(out_ptr, offsets_E_ptr, numel, stride_e, BLOCK: tl.constexpr):
+    """``out[e] = 0`` for every expert without rows; programs of other experts exit at once (no write)."""
+    expert = tl.program_id(1)
+    start, end = expert_row_range(offsets_E_ptr, expert)
+    if end > start:
+        return
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + expert.to(tl.int64) * stride_e + offs, tl.zeros((BLOCK,), dtype=out_ptr.dtype.element_ty),
+             mask=offs < numel)
+
+
+@triton.jit
 def expert_bias_grad_kernel(
     # pointers
     a_ptr, a_rows_ptr, scale_ptr, offsets_E_ptr, db_ptr,
@@ -376,6 +388,22 @@ def expert_bias_grad(a: torch.Tensor, offsets_E: torch.Tensor, dbias_EM: torch.T
     return dbias_EM
 
 
+def zero_empty_experts_(out_E: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """Zeros ``out_E[e]`` (each expert's slice contiguous) for every expert with no rows, in place, without a host
+    sync and without touching the other experts' memory: a grouped GEMM's weight gradient need not write the
+    groups it has no rows for (``torch._grouped_mm`` is documented to on Hopper only)."""
+    check_tensor("offsets_E", offsets_E, shape=(out_E.shape[0],), dtypes=(torch.int32,), device=out_E.device)
+    numel = out_E[0].numel() if out_E.shape[0] else 0
+    if numel == 0:
+        return out_E
+    if not out_E[0].is_contiguous():
+        raise ValueError(f"out_E: expected contiguous expert slices, got strides {out_E.stride()}")
+    BLOCK = 1024 if interpreting() else 4096
+    zero_empty_experts_kernel[(triton.cdiv(numel, BLOCK), out_E.shape[0])](out_E, offsets_E, numel,
+                                                                          out_E.stride(0), BLOCK=BLOCK)
+    return out_E
+
+
 def expert_weight_grad(a: torch.Tensor, b: torch.Tensor, offsets_E: torch.Tensor, out_EMN: torch.Tensor, *,
                        a_rows_R: torch.Tensor | None = None, b_rows_R: torch.Tensor | None = None,
                        dbias_EM: torch.Tensor | None = None, bias_scale_R: torch.Tensor | None = None) -> torch.Tensor:
@@ -418,4 +446,4 @@ def expert_weight_grad(a: torch.Tensor, b: torch.Tensor, offsets_E: torch.Tensor
     return out_EMN
 
 
-__all__ = ["activation_bwd_rows", "expert_bias_grad", "expert_weight_grad", "gate_up_bwd"]
+__all__ = ["activation_bwd_rows", "expert_bias_grad", "expert_weight_grad", "gate_up_bwd", "zero_empty_experts_"]

@@ -293,6 +293,26 @@ def gate_up_preact(x_rows, row_mask, w_base, b_base, g_rows, u_rows, col_mask, D
 
 
 @triton.jit
+def lora_addend(acc, lo_ptr, rows64, row_mask, lb_base, cols, col_mask, rank, stride_lor, stride_lbn, stride_lbr,
+                DOT_PREC: tl.constexpr, RP: tl.constexpr):
+    """``acc + lo[rows] @ lb[cols]^T``: a LoRA term of one tile, ``lo`` ``[R, rank]`` (sorted rows, already scaled)
+    and ``lb`` (base ``lb_base``: one expert's ``[out, rank]`` factor) read at output columns ``cols``; the rank
+    is padded to ``RP`` (a power of two, at least 16, for the MMA) with masked zeros."""
+    rs = tl.arange(0, RP)
+    r_mask = rs < rank
+    lo = tl.load(lo_ptr + rows64[:, None] * stride_lor + rs[None, :], mask=row_mask[:, None] & r_mask[None, :],
+                 other=0.0)
+    lb = tl.load(lb_base + cols.to(tl.int64)[None, :] * stride_lbn + rs[:, None] * stride_lbr,
+                 mask=r_mask[:, None] & col_mask[None, :], other=0.0)
+    return tl.dot(lo, lb, acc, input_precision=DOT_PREC)
+
+
+def lora_rank_block(rank: int) -> int:
+    """``RP`` for :func:`lora_addend`: the rank padded to a power of two of at least 16 (``tl.dot``'s minimum)."""
+    return max(16, triton.next_power_of_2(max(rank, 1)))
+
+
+@triton.jit
 def expert_row_range(offsets_E_ptr, expert):
     """Sorted rows ``[start, end)`` of ``expert`` (``offsets_E`` holds each expert's end)."""
     start = tl.load(offsets_E_ptr + expert - 1, mask=expert > 0, other=0)

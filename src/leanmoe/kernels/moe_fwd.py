@@ -36,6 +36,8 @@ from leanmoe.kernels.moe_common import (
     group_m,
     interpreting,
     launch_grouped,
+    lora_addend,
+    lora_rank_block,
     offsets_fit_int32,
     rows_bucket,
     tile_coords,
@@ -46,14 +48,16 @@ from leanmoe.kernels.moe_common import (
 @triton.jit(do_not_specialize=["R", "n_saved"])
 def gate_up_fwd_kernel(
     # pointers
-    x_ptr, sorted_tokens_ptr, offsets_E_ptr, w_ptr, bias_ptr, h_ptr, saved_ptr,
+    x_ptr, sorted_tokens_ptr, offsets_E_ptr, w_ptr, bias_ptr, h_ptr, saved_ptr, lo_ptr, lb_ptr,
     # sizes and scalars
-    R, D, I, E, n_saved, alpha, limit, rows_key,
+    R, D, I, E, n_saved, alpha, limit, rows_key, rank,
     # strides
     stride_xt, stride_xd, stride_we, stride_wn, stride_wd, stride_be, stride_bn, stride_hr, stride_sr,
+    stride_lor, stride_lbe, stride_lbn, stride_lbr,
     # meta-parameters
     ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
     SAVE: tl.constexpr, STORE_H: tl.constexpr, E_P2: tl.constexpr, DOT_PREC: tl.constexpr, OFFS64: tl.constexpr,
+    HAS_LORA: tl.constexpr, RP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = tile_coords(tl.program_id(0), tl.cdiv(R, BM) + E, tl.cdiv(I, BN), GROUP_M)
@@ -70,6 +74,14 @@ def gate_up_fwd_kernel(
     acc_g, acc_u = gate_up_preact(x_ptr + tokens[:, None] * stride_xt, row_mask, w_ptr + e64 * stride_we,
                                   bias_ptr + e64 * stride_be, g_rows, u_rows, col_mask, D, stride_xd, stride_wd,
                                   stride_wn, stride_bn, GATED, HAS_BIAS, DOT_PREC, BM, BN, BK, OFFS64)
+    if HAS_LORA:  # + (s x A^T) B^T: the scaled low-rank rows times this expert's B at the gate and up rows
+        lb_base = lb_ptr + e64 * stride_lbe
+        rows64_ = rows.to(tl.int64)
+        acc_g = lora_addend(acc_g, lo_ptr, rows64_, row_mask, lb_base, g_rows, col_mask, rank, stride_lor,
+                            stride_lbn, stride_lbr, DOT_PREC, RP)
+        if GATED:
+            acc_u = lora_addend(acc_u, lo_ptr, rows64_, row_mask, lb_base, u_rows, col_mask, rank, stride_lor,
+                                stride_lbn, stride_lbr, DOT_PREC, RP)
     # Round the pre-activation to the I/O dtype, as the reference does and as a saved copy would be.
     g = acc_g.to(h_ptr.dtype.element_ty)
     u = acc_u.to(h_ptr.dtype.element_ty)
@@ -92,14 +104,16 @@ def gate_up_fwd_kernel(
 @triton.jit(do_not_specialize=["R"])
 def grouped_gemm_kernel(
     # pointers
-    a_ptr, b_ptr, bias_ptr, scale_ptr, out_ptr, out_rows_ptr, offsets_E_ptr,
+    a_ptr, b_ptr, bias_ptr, scale_ptr, out_ptr, out_rows_ptr, offsets_E_ptr, lo_ptr, lb_ptr,
     # sizes
-    R, N, KD, E, rows_key,
+    R, N, KD, E, rows_key, rank,
     # strides
     stride_ar, stride_ak, stride_be, stride_bn, stride_bk, stride_biase, stride_biasn, stride_or, stride_on,
+    stride_lor, stride_lbe, stride_lbn, stride_lbr,
     # meta-parameters
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, E_P2: tl.constexpr, DOT_PREC: tl.constexpr,
-    OFFS64: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    OFFS64: tl.constexpr, HAS_LORA: tl.constexpr, RP: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = tile_coords(tl.program_id(0), tl.cdiv(R, BM) + E, tl.cdiv(N, BN), GROUP_M)
     expert, row_start, row_end = expert_tile(pid_m, offsets_E_ptr, E, E_P2, BM)
@@ -139,6 +153,9 @@ def grouped_gemm_kernel(
             b = tl.load(b_base + kk[:, None] * stride_bk + cols[None, :] * stride_bn,
                         mask=k_mask[:, None] & col_mask[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+    if HAS_LORA:  # + lo lb[e]^T: a LoRA term (scaled low-rank rows times this expert's factor)
+        acc = lora_addend(acc, lo_ptr, rows64, row_mask, lb_ptr + e64 * stride_lbe, cols, col_mask, rank,
+                          stride_lor, stride_lbn, stride_lbr, DOT_PREC, RP)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + e64 * stride_biase + cols64 * stride_biasn, mask=col_mask, other=0.0)
         acc += bias.to(tl.float32)[None, :]
@@ -188,14 +205,33 @@ _gate_up_fwd_tuned = autotuned(gate_up_fwd_kernel, _GATE_UP_CONFIGS, ["D", "I", 
 _grouped_gemm_tuned = autotuned(grouped_gemm_kernel, _GEMM_CONFIGS, ["N", "KD", "rows_key"])
 
 
+def lora_operands(lora_in_RP: torch.Tensor | None, lora_B: torch.Tensor | None, *, R: int, E: int, out: int,
+                  dtype: torch.dtype, device: torch.device) -> tuple[tuple, dict]:
+    """Kernel arguments ``(lo, lb, rank, strides...)`` and meta (``HAS_LORA``, ``RP``) for an optional LoRA term
+    ``lora_in_RP [R, r] @ lora_B[e]^T`` (``lora_B`` ``[E, out, r]``, any strides); both or neither given."""
+    if (lora_in_RP is None) != (lora_B is None):
+        raise ValueError("lora_in_RP and lora_B: give both (a LoRA term) or neither")
+    if lora_in_RP is None or lora_B is None:
+        return (None, None, 0, 0, 0, 0, 0), dict(HAS_LORA=False, RP=16)
+    check_tensor("lora_in_RP", lora_in_RP, shape=(R, None), dtypes=(dtype,), device=device)
+    rank = lora_in_RP.shape[1]
+    check_tensor("lora_B", lora_B, shape=(E, out, rank), dtypes=(dtype,), device=device)
+    if lora_in_RP.stride(1) != 1 and rank > 1:
+        raise ValueError(f"lora_in_RP: expected unit column stride, got strides {lora_in_RP.stride()}")
+    return ((lora_in_RP, lora_B, rank, lora_in_RP.stride(0), *lora_B.stride()),
+            dict(HAS_LORA=True, RP=lora_rank_block(rank)))
+
+
 def gate_up_fwd(x_TD: torch.Tensor, sorted_tokens_R: torch.Tensor, offsets_E: torch.Tensor,
                 gate_up_proj: torch.Tensor, gate_up_bias: torch.Tensor | None, *, act_code: int, gated: bool,
-                interleaved: bool, alpha: float, limit: float, n_saved: int, store_h: bool = True
+                interleaved: bool, alpha: float, limit: float, n_saved: int, store_h: bool = True,
+                lora_in_RP: torch.Tensor | None = None, lora_B: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``h_RI`` (sorted rows, x's dtype) and ``saved_SN``, the pre-activations of the first ``n_saved``
     sorted rows (``[n_saved, N]``, gate columns then up columns whatever the layout; empty when 0). With
     ``store_h=False`` only the pre-activations are written (``h_RI`` is empty, ``[0, I]``): the backward's
-    recompute, whose sums are bitwise the forward's.
+    recompute, whose sums are bitwise the forward's. ``lora_in_RP`` ``[R, r]`` (``s x[sorted_tokens] A^T``) and
+    ``lora_B`` ``[E, N, r]`` add the LoRA term ``lora_in_RP @ lora_B[e]^T`` to the pre-activations.
 
     ``x_TD`` may be strided; ``gate_up_proj`` is ``[E, N, D]`` with any strides; ``offsets_E`` int32 inclusive.
     """
@@ -221,12 +257,15 @@ def gate_up_fwd(x_TD: torch.Tensor, sorted_tokens_R: torch.Tensor, offsets_E: to
     if R == 0:
         return h_RI, saved_SN
     bias = gate_up_bias if gate_up_bias is not None else gate_up_proj  # never read when HAS_BIAS is False
+    (lo, lb, rank, *lora_strides), lora_meta = lora_operands(lora_in_RP, lora_B, R=R, E=E, out=N, dtype=dtype,
+                                                              device=dev)
     args = (x_TD, sorted_tokens_R, offsets_E, gate_up_proj, bias, h_RI, saved_SN,
-            R, D, I, E, n_saved, float(alpha), float(limit), rows_bucket(R),
+            lo if lo is not None else x_TD, lb if lb is not None else x_TD,
+            R, D, I, E, n_saved, float(alpha), float(limit), rows_bucket(R), rank,
             x_TD.stride(0), x_TD.stride(1), *gate_up_proj.stride(), bias.stride(0), bias.stride(1),
-            h_RI.stride(0) if store_h else I, saved_SN.stride(0) if n_saved else N)
+            h_RI.stride(0) if store_h else I, saved_SN.stride(0) if n_saved else N, *lora_strides)
     meta = dict(ACT=act_code, GATED=gated, INTERLEAVED=interleaved, HAS_BIAS=gate_up_bias is not None,
-                SAVE=n_saved > 0, STORE_H=store_h, E_P2=e_p2(E), DOT_PREC=dot_precision(x_TD.dtype),
+                SAVE=n_saved > 0, STORE_H=store_h, E_P2=e_p2(E), **lora_meta, DOT_PREC=dot_precision(x_TD.dtype),
                 OFFS64=not offsets_fit_int32((x_TD, (1,)), (gate_up_proj, (1, 2)), (bias, (1,))),
                 GROUP_M=group_m(x_TD.device, gate_up_proj[0].numel() * gate_up_proj.element_size()))
     launch_grouped(gate_up_fwd_kernel, _gate_up_fwd_tuned, lambda bn: triton.cdiv(I, bn), R, E, args, meta)
@@ -234,9 +273,10 @@ def gate_up_fwd(x_TD: torch.Tensor, sorted_tokens_R: torch.Tensor, offsets_E: to
 
 
 def grouped_gemm(a_RK: torch.Tensor, b_ENK: torch.Tensor, offsets_E: torch.Tensor, out_rows_R: torch.Tensor,
-                 out: torch.Tensor, *, bias_EN: torch.Tensor | None = None,
-                 scale_R: torch.Tensor | None = None) -> torch.Tensor:
-    """``out[out_rows_R[r]] = (a_RK[r] @ b_ENK[e].T + bias_EN[e]) * scale_R[r]`` for the rows r of expert e.
+                 out: torch.Tensor, *, bias_EN: torch.Tensor | None = None, scale_R: torch.Tensor | None = None,
+                 lora_in_RP: torch.Tensor | None = None, lora_B: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[out_rows_R[r]] = (a_RK[r] @ b_ENK[e].T + lora_in_RP[r] @ lora_B[e].T + bias_EN[e]) * scale_R[r]`` for
+    the rows r of expert e (the LoRA term optional: ``lora_in_RP [R, r]``, ``lora_B [E, N, r]``, any strides).
 
     ``a_RK`` in expert-sorted order; ``b_ENK`` and ``out`` ([*, N]) may be strided views (a column slice of a
     weight, say); ``scale_R`` fp32; ``out_rows_R`` a permutation (int64). Fills every row of ``out`` listed.
@@ -258,10 +298,13 @@ def grouped_gemm(a_RK: torch.Tensor, b_ENK: torch.Tensor, offsets_E: torch.Tenso
         return out
     bias = bias_EN if bias_EN is not None else b_ENK
     scale = scale_R if scale_R is not None else a_RK
-    args = (a_RK, b_ENK, bias, scale, out, out_rows_R, offsets_E, R, N, KD, E, rows_bucket(R),
+    (lo, lb, rank, *lora_strides), lora_meta = lora_operands(lora_in_RP, lora_B, R=R, E=E, out=N, dtype=dtype,
+                                                              device=dev)
+    args = (a_RK, b_ENK, bias, scale, out, out_rows_R, offsets_E, lo if lo is not None else a_RK,
+            lb if lb is not None else a_RK, R, N, KD, E, rows_bucket(R), rank,
             a_RK.stride(0), a_RK.stride(1), *b_ENK.stride(), bias.stride(0), bias.stride(1),
-            out.stride(0), out.stride(1))
-    meta = dict(HAS_BIAS=bias_EN is not None, HAS_SCALE=scale_R is not None, E_P2=e_p2(E),
+            out.stride(0), out.stride(1), *lora_strides)
+    meta = dict(HAS_BIAS=bias_EN is not None, HAS_SCALE=scale_R is not None, E_P2=e_p2(E), **lora_meta,
                 DOT_PREC=dot_precision(a_RK.dtype),
                 OFFS64=not offsets_fit_int32((a_RK, (1,)), (b_ENK, (1, 2)), (bias, (1,)), (out, (1,))),
                 GROUP_M=group_m(a_RK.device, b_ENK[0].numel() * b_ENK.element_size()))

@@ -39,7 +39,8 @@ def d_chunks(R: int, D: int, elem_size: int) -> list[tuple[int, int]]:
 
 def combine_chunked(a_RX: torch.Tensor, b_EDX: torch.Tensor, bias_ED: torch.Tensor | None,
                     scale_R: torch.Tensor | None, sorted_rows_R: torch.Tensor, offsets_E: torch.Tensor, T: int,
-                    K: int, y_TD: torch.Tensor, token_mask_T: torch.Tensor | None) -> torch.Tensor:
+                    K: int, y_TD: torch.Tensor, token_mask_T: torch.Tensor | None, *,
+                    lora_in_RP: torch.Tensor | None = None, lora_B_EDP: torch.Tensor | None = None) -> torch.Tensor:
     """``y_TD[t] = sum_k out[t*K + k]`` with ``out[sorted_rows_R[r]] = scale_R[r] * (a_RX[r] @ b_EDX[e].T +
     bias_ED[e])`` for the kept rows r of expert e; returns ``y_TD``, written in place.
 
@@ -47,7 +48,8 @@ def combine_chunked(a_RX: torch.Tensor, b_EDX: torch.Tensor, bias_ED: torch.Tens
     None; ``scale_R`` fp32 ``[R]`` or None; ``sorted_rows_R`` int64 (sorted position -> token-slot row);
     ``offsets_E`` int32 inclusive ends. Runs :func:`~leanmoe.kernels.moe_fwd.grouped_gemm` then
     :func:`~leanmoe.kernels.moe_fwd.combine` per range of :func:`d_chunks`, so only one ``[R, C]`` buffer is alive
-    at a time. Masked tokens' rows of ``out`` are never written, and their ``y_TD`` rows are zeros.
+    at a time. Masked tokens' rows of ``out`` are never written, and their ``y_TD`` rows are zeros. A LoRA term
+    ``lora_in_RP [R, r] @ lora_B_EDP[e]^T`` (``[E, D, r]``, any strides) joins ``out`` before the bias and scale.
     """
     from leanmoe.kernels.moe_fwd import combine, grouped_gemm
 
@@ -55,7 +57,8 @@ def combine_chunked(a_RX: torch.Tensor, b_EDX: torch.Tensor, bias_ED: torch.Tens
     for c0, c1 in d_chunks(R, D, a_RX.element_size()):
         out_RC = torch.empty(R, c1 - c0, device=a_RX.device, dtype=a_RX.dtype)
         grouped_gemm(a_RX, b_EDX[:, c0:c1], offsets_E, sorted_rows_R, out_RC,
-                     bias_EN=bias_ED[:, c0:c1] if bias_ED is not None else None, scale_R=scale_R)
+                     bias_EN=bias_ED[:, c0:c1] if bias_ED is not None else None, scale_R=scale_R,
+                     lora_in_RP=lora_in_RP, lora_B=lora_B_EDP[:, c0:c1] if lora_B_EDP is not None else None)
         combine(out_RC, y_TD[:, c0:c1], K, token_mask_T)
         del out_RC
     return y_TD

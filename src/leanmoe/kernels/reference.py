@@ -37,13 +37,16 @@ def _layout(interleaved: bool) -> str:
     return "interleaved" if interleaved else "concatenated"
 
 
-def _gate_up_preact(x_TD, sorted_tokens_R, offsets_E, gate_up_proj, gate_up_bias) -> torch.Tensor:
-    """``[R, N]`` pre-activations ``x[token_r] @ gate_up_proj[e].T + b[e]`` (fp32 sum, rounded to x's dtype); zero
-    rows past ``offsets_E[-1]``."""
+def _gate_up_preact(x_TD, sorted_tokens_R, offsets_E, gate_up_proj, gate_up_bias, lora_in_RP=None,
+                    lora_B=None) -> torch.Tensor:
+    """``[R, N]`` pre-activations ``x[token_r] @ gate_up_proj[e].T (+ lora_in_RP[r] @ lora_B[e].T) + b[e]`` (fp32
+    sum, rounded to x's dtype); zero rows past ``offsets_E[-1]``."""
     E, N, _ = gate_up_proj.shape
     pre_RN = torch.zeros(sorted_tokens_R.numel(), N, dtype=x_TD.dtype, device=x_TD.device)
     for e, start, end in _expert_rows(offsets_E):
         acc = x_TD[sorted_tokens_R[start:end]].float() @ gate_up_proj[e].float().T
+        if lora_in_RP is not None:
+            acc += lora_in_RP[start:end].float() @ lora_B[e].float().T
         if gate_up_bias is not None:
             acc += gate_up_bias[e].float()
         pre_RN[start:end] = acc.to(x_TD.dtype)
@@ -51,22 +54,27 @@ def _gate_up_preact(x_TD, sorted_tokens_R, offsets_E, gate_up_proj, gate_up_bias
 
 
 def gate_up_fwd_reference(x_TD, sorted_tokens_R, offsets_E, gate_up_proj, gate_up_bias, *, act_code, gated,
-                          interleaved, alpha, limit, n_saved) -> tuple[torch.Tensor, torch.Tensor]:
+                          interleaved, alpha, limit, n_saved, lora_in_RP=None,
+                          lora_B=None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`~leanmoe.kernels.moe_fwd.gate_up_fwd`: ``(h_RI, saved_SN)``, ``h = act(pre)`` and the first
     ``n_saved`` rows of ``pre`` as ``[gate | up]`` whatever the layout. ``gated`` is implied by ``act_code``."""
     activation = _activation(act_code, alpha, limit)
     assert activation.gated == gated, "gated must agree with act_code"
-    pre_RN = _gate_up_preact(x_TD, sorted_tokens_R, offsets_E, gate_up_proj, gate_up_bias)
+    pre_RN = _gate_up_preact(x_TD, sorted_tokens_R, offsets_E, gate_up_proj, gate_up_bias, lora_in_RP, lora_B)
     h_RI = apply_activation(pre_RN.float(), activation, _layout(interleaved)).to(x_TD.dtype)
     saved_RN = torch.cat(split_gate_up(pre_RN, _layout(interleaved)), dim=-1) if gated else pre_RN
     return h_RI, saved_RN[:n_saved]
 
 
-def grouped_gemm_reference(a_RK, b_ENK, offsets_E, out_rows_R, out, *, bias_EN=None, scale_R=None) -> torch.Tensor:
-    """:func:`~leanmoe.kernels.moe_fwd.grouped_gemm`: ``out[out_rows_R[r]] = (a_RK[r] @ b_ENK[e].T + bias_EN[e]) *
-    scale_R[r]`` for the rows r of each expert e, written into ``out``; other rows of ``out`` are untouched."""
+def grouped_gemm_reference(a_RK, b_ENK, offsets_E, out_rows_R, out, *, bias_EN=None, scale_R=None, lora_in_RP=None,
+                           lora_B=None) -> torch.Tensor:
+    """:func:`~leanmoe.kernels.moe_fwd.grouped_gemm`: ``out[out_rows_R[r]] = (a_RK[r] @ b_ENK[e].T (+ lora_in_RP[r]
+    @ lora_B[e].T) + bias_EN[e]) * scale_R[r]`` for the rows r of each expert e, written into ``out``; other rows of
+    ``out`` are untouched."""
     for e, start, end in _expert_rows(offsets_E):
         acc = a_RK[start:end].float() @ b_ENK[e].float().T
+        if lora_in_RP is not None:
+            acc += lora_in_RP[start:end].float() @ lora_B[e].float().T
         if bias_EN is not None:
             acc += bias_EN[e].float()
         if scale_R is not None:

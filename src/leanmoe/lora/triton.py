@@ -1,0 +1,248 @@
+"""LoRA on the ``triton`` backend: the adapters' low-rank terms fused into the Triton GEMMs, the split backward.
+
+Legend: T tokens, D model dim, I expert hidden dim, N gate/up rows (2I gated, I otherwise), E experts, K top-k,
+R routed rows (T*K) in expert-sorted order, P the LoRA rank zero-padded to a multiple of 8 (16-byte rows for
+``torch._grouped_mm``; the padding contributes exact zeros and its gradient is dropped by the padding's backward).
+
+With ``s = alpha / rank``, expert e computes ``gate_up = x W_gu^T + (s x A_gu^T) B_gu^T (+ b1)``, ``h = act(gate_up)``,
+``out = h W_d^T + (s h A_d^T) B_d^T (+ b2)``, ``y_t = sum_k w_tk out_tk`` (:mod:`leanmoe.lora.compute`).
+
+Forward (``leanmoe::triton_lora_fwd``):
+1. the triton backend's plan (sorted rows, int32 offsets, no host sync);
+2. ``xlow_RP = s x[sorted_tokens] A_gu^T``: a ``torch._grouped_mm`` on a transient gathered copy of x;
+3. the gate/up Triton kernel with ``xlow_RP @ B_gu[e]^T`` added to its accumulators (activation in the epilogue);
+4. ``hlow_RP = s h A_d^T`` (``torch._grouped_mm``), then the down projection and combine kernels with
+   ``hlow_RP @ B_d[e]^T`` added before the routing weight.
+Kept for backward: the caller's tensors, the plan and the two ``[R, P]`` low-rank blocks (``R * 2P`` elements: 4 MiB
+for Qwen3-30B-A3B at T=16384, rank 16). Nothing else: backward recomputes the pre-activations with the same kernel.
+
+Backward (``leanmoe::triton_lora_bwd``), the split engine of :mod:`leanmoe.experts.triton` with the adapters:
+the pre-activations recomputed bitwise as in forward; ``dh = dy W_d + s (dy B_d) A_d`` and the adapters' gradients
+as ``torch._grouped_mm`` calls on the gathered dy and x rows; the activation backward row by row; dx by the grouped
+GEMM kernel with ``(s dgate_up B_gu) A_gu`` added. Frozen base weights (and an x without grad) cost no kernel.
+LoRA dropout in training is not fused here: such calls go to the grouped_mm or reference backend.
+"""
+
+# torch.library.custom_op infers each op's schema from the annotations: keep ``Optional[Tensor]``, which every
+# supported torch version parses, rather than ``Tensor | None``.
+# ruff: noqa: UP045
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from leanmoe.activations import GATED_ACTIVATIONS, Activation
+from leanmoe.experts.plan import plan_experts
+from leanmoe.kernels.policy import combine_chunked
+
+Tensor = torch.Tensor
+
+
+def _act(activation: str, alpha: float, limit: float, gate_up_layout: str) -> dict:
+    from leanmoe.kernels.moe_common import ACTIVATION_CODES
+
+    return dict(act_code=ACTIVATION_CODES[activation], gated=activation in GATED_ACTIVATIONS,
+                interleaved=gate_up_layout == "interleaved", alpha=alpha, limit=limit)
+
+
+def _low_rank(a_RX: Tensor, A_EPX: Tensor, offsets_E: Tensor, s: float) -> Tensor:
+    """``s a_RX A[e]^T`` for the sorted rows, ``[R, P]`` (rows past ``offsets_E[-1]`` unwritten)."""
+    return torch._grouped_mm(a_RX, A_EPX.transpose(1, 2), offs=offsets_E).mul_(s)
+
+
+@torch.library.custom_op("leanmoe::triton_lora_fwd", mutates_args=())
+def triton_lora_fwd(
+    x_TD: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
+    gate_up_bias: Optional[Tensor], down_bias: Optional[Tensor], gu_A: Optional[Tensor], gu_B: Optional[Tensor],
+    d_A: Optional[Tensor], d_B: Optional[Tensor], scale: float, activation: str, alpha: float, limit: float,
+    gate_up_layout: str, token_mask: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(y_TD, sorted_rows_R, sorted_tokens_R, offsets_E, scale_R, xlow_RP, hlow_RP)``; all but ``y_TD``
+    are kept for backward (an absent target's block is ``[0, P]``). Factors: ``gu_A [E, P, D]``, ``gu_B [E, N, P]``,
+    ``d_A [E, P, I]``, ``d_B [E, D, P]``, in x's dtype; a target is adapted when both its factors are given."""
+    from leanmoe.kernels.moe_fwd import gate_up_fwd
+
+    T, D = x_TD.shape
+    K = topk_ids_TK.shape[1]
+    E = gate_up_proj.shape[0]
+    R = T * K
+    plan = plan_experts(topk_ids_TK, E, token_mask)
+    tok, offs = plan.sorted_tokens_R, plan.offsets_E
+    scale_R = topk_weights_TK.reshape(-1).index_select(0, plan.sorted_rows_R).float()
+    xlow_RP = x_TD.new_empty(0, gu_A.shape[1] if gu_A is not None else 0)
+    if gu_A is not None:
+        x_RD = x_TD.index_select(0, tok)  # transient: freed before the gate/up kernel
+        xlow_RP = _low_rank(x_RD, gu_A, offs, scale) if R else x_TD.new_empty(0, gu_A.shape[1])
+        del x_RD
+    h_RI, _ = gate_up_fwd(x_TD, tok, offs, gate_up_proj, gate_up_bias, n_saved=0,
+                          lora_in_RP=xlow_RP if gu_A is not None else None, lora_B=gu_B,
+                          **_act(activation, alpha, limit, gate_up_layout))
+    hlow_RP = x_TD.new_empty(0, d_A.shape[1] if d_A is not None else 0)
+    if d_A is not None:
+        hlow_RP = _low_rank(h_RI, d_A, offs, scale) if R else x_TD.new_empty(0, d_A.shape[1])
+    y_TD = torch.empty(T, D, device=x_TD.device, dtype=x_TD.dtype)
+    if R:
+        combine_chunked(h_RI, down_proj, down_bias, scale_R, plan.sorted_rows_R, offs, T, K, y_TD, token_mask,
+                        lora_in_RP=hlow_RP if d_A is not None else None, lora_B_EDP=d_B)
+    return y_TD, plan.sorted_rows_R, tok, offs, scale_R, xlow_RP, hlow_RP
+
+
+@triton_lora_fwd.register_fake
+def _(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias, gu_A, gu_B, d_A, d_B,
+      scale, activation, alpha, limit, gate_up_layout, token_mask=None):
+    T, D = x_TD.shape
+    R = T * topk_ids_TK.shape[1]
+    E = gate_up_proj.shape[0]
+    index = dict(device=x_TD.device, dtype=torch.int64)
+    return (x_TD.new_empty(T, D), torch.empty(R, **index), torch.empty(R, **index),
+            torch.empty(E, device=x_TD.device, dtype=torch.int32),
+            torch.empty(R, device=x_TD.device, dtype=torch.float32),
+            x_TD.new_empty(R if gu_A is not None else 0, gu_A.shape[1] if gu_A is not None else 0),
+            x_TD.new_empty(R if d_A is not None else 0, d_A.shape[1] if d_A is not None else 0))
+
+
+@torch.library.custom_op("leanmoe::triton_lora_bwd", mutates_args=())
+def triton_lora_bwd(
+    dy_TD: Tensor, x_TD: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor, gate_up_proj: Tensor,
+    down_proj: Tensor, gate_up_bias: Optional[Tensor], down_bias: Optional[Tensor], gu_A: Optional[Tensor],
+    gu_B: Optional[Tensor], d_A: Optional[Tensor], d_B: Optional[Tensor], sorted_rows_R: Tensor,
+    sorted_tokens_R: Tensor, offsets_E: Tensor, scale_R: Tensor, xlow_RP: Tensor, hlow_RP: Tensor, scale: float,
+    activation: str, alpha: float, limit: float, gate_up_layout: str, token_mask: Optional[Tensor] = None,
+    need_dx: bool = True, need_dgate_up: bool = True, need_ddown: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(dx, dweights, dgate_up_proj, ddown_proj, dgate_up_bias, ddown_bias, dgu_A, dgu_B, dd_A, dd_B)``;
+    a gradient not asked for (``need_*``: frozen base weights, an x without grad), a missing bias's and an absent
+    target's are empty tensors, and no kernel runs for them."""
+    from leanmoe.experts.triton import _down_bias_term, _grouped_weight_grad
+    from leanmoe.kernels.moe_bwd import activation_bwd_rows, expert_bias_grad
+    from leanmoe.kernels.moe_fwd import gate_up_fwd
+
+    T, D = x_TD.shape
+    K = topk_ids_TK.shape[1]
+    E, N, _ = gate_up_proj.shape
+    R = T * K
+    act = _act(activation, alpha, limit, gate_up_layout)
+    tok, offs = sorted_tokens_R, offsets_E
+    empty = x_TD.new_empty(0)
+    if R == 0:  # nothing routed: zero gradients of the right shapes
+        def zeros(t: Optional[Tensor], need: bool = True) -> Tensor:
+            return torch.zeros_like(t) if t is not None and need else x_TD.new_empty(0)
+        return (torch.zeros_like(x_TD) if need_dx else empty.clone(), torch.zeros_like(topk_weights_TK),
+                zeros(gate_up_proj, need_dgate_up), zeros(down_proj, need_ddown), zeros(gate_up_bias, need_dgate_up),
+                zeros(down_bias, need_ddown), zeros(gu_A), zeros(gu_B), zeros(d_A), zeros(d_B))
+
+    # Pre-activations as forward computed them (same kernel, same sums), then W_down^T dy with the down adapter.
+    _, pre_RN = gate_up_fwd(x_TD, tok, offs, gate_up_proj, gate_up_bias, n_saved=R, store_h=False,
+                            lora_in_RP=xlow_RP if gu_A is not None else None, lora_B=gu_B, **act)
+    dy_RD = dy_TD.index_select(0, tok)
+    dh_RI = torch._grouped_mm(dy_RD, down_proj, offs=offs)
+    dylow_RP: Optional[Tensor] = None
+    if d_A is not None and d_B is not None:
+        dylow_RP = torch._grouped_mm(dy_RD, d_B, offs=offs)  # B_d^T dy, [R, P]
+        dh_RI.add_(torch._grouped_mm(dylow_RP, d_A, offs=offs), alpha=scale)
+    # <dy, W_d h + B_d hlow> = <W_d^T dy + s A_d^T B_d^T dy, h>: the routing-weight gradient from dh (+ down bias).
+    dgate_up_RN, hw_RI, dweights_R = activation_bwd_rows(pre_RN, dh_RI, scale_R, offs, **act,
+                                                         dgate_up_RN=None if act["interleaved"] else pre_RN)
+    if down_bias is not None:
+        dweights_R = dweights_R + _down_bias_term(dy_TD, down_bias, topk_ids_TK, sorted_rows_R, tok, offs,
+                                                  token_mask)
+    dweights_TK = torch.zeros(R, device=x_TD.device, dtype=torch.float32).scatter_(0, sorted_rows_R, dweights_R)
+    dweights_TK = dweights_TK.view(T, K).to(topk_weights_TK.dtype)
+
+    ddown_proj = ddown_bias = dgate_up_proj = dgate_up_bias = None
+    dd_A = dd_B = dgu_A = dgu_B = None
+    if need_ddown:
+        ddown_proj = _grouped_weight_grad(dy_RD, hw_RI, offs, down_proj)
+        if down_bias is not None:
+            ddown_bias = expert_bias_grad(dy_RD, offs, torch.empty(E, D, device=x_TD.device, dtype=down_proj.dtype),
+                                          scale_R=scale_R)
+    if d_A is not None and d_B is not None and dylow_RP is not None:
+        # d B_d[e] = sum_r (w_r dy_r) hlow_r^T; d A_d[e] = s sum_r (B_d^T dy_r)(w_r h_r)^T.
+        hlow_w_RP = (hlow_RP.float() * scale_R[:, None]).to(hlow_RP.dtype)
+        dd_B = _grouped_weight_grad(dy_RD, hlow_w_RP, offs, d_B)
+        dd_A = _grouped_weight_grad(dylow_RP, hw_RI, offs, d_A).mul_(scale)
+    del dy_RD, hw_RI, dylow_RP, dh_RI
+
+    dxlow_RP: Optional[Tensor] = None
+    if gu_A is not None and gu_B is not None:
+        dgu_B = _grouped_weight_grad(dgate_up_RN, xlow_RP, offs, gu_B)
+        dxlow_RP = torch._grouped_mm(dgate_up_RN, gu_B, offs=offs).mul_(scale)  # d(x A_gu^T), scale folded in
+    if need_dgate_up or dxlow_RP is not None:
+        x_RD = x_TD.index_select(0, tok)  # transient: freed before dx
+        if need_dgate_up:
+            dgate_up_proj = _grouped_weight_grad(dgate_up_RN, x_RD, offs, gate_up_proj)
+            if gate_up_bias is not None:
+                dgate_up_bias = expert_bias_grad(dgate_up_RN, offs, torch.empty(E, N, device=x_TD.device,
+                                                                                 dtype=gate_up_proj.dtype))
+        if dxlow_RP is not None and gu_A is not None:
+            dgu_A = _grouped_weight_grad(dxlow_RP, x_RD, offs, gu_A)
+        del x_RD
+
+    dx_TD = torch.empty(T, D, device=x_TD.device, dtype=x_TD.dtype) if need_dx else empty.clone()
+    if need_dx:
+        combine_chunked(dgate_up_RN, gate_up_proj.transpose(1, 2), None, None, sorted_rows_R, offs, T, K, dx_TD,
+                        token_mask, lora_in_RP=dxlow_RP,
+                        lora_B_EDP=gu_A.transpose(1, 2) if dxlow_RP is not None and gu_A is not None else None)
+
+    def given(t: Optional[Tensor]) -> Tensor:  # a custom op's outputs may not alias each other
+        return t if t is not None else x_TD.new_empty(0)
+
+    return (dx_TD, dweights_TK, given(dgate_up_proj), given(ddown_proj), given(dgate_up_bias), given(ddown_bias),
+            given(dgu_A), given(dgu_B), given(dd_A), given(dd_B))
+
+
+@triton_lora_bwd.register_fake
+def _(dy_TD, x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias, gu_A, gu_B, d_A,
+      d_B, sorted_rows_R, sorted_tokens_R, offsets_E, scale_R, xlow_RP, hlow_RP, scale, activation, alpha, limit,
+      gate_up_layout, token_mask=None, need_dx=True, need_dgate_up=True, need_ddown=True):
+    def like(t, need=True):
+        return x_TD.new_empty(t.shape if t is not None and need else (0,))
+
+    return (like(x_TD, need_dx), topk_weights_TK.new_empty(topk_weights_TK.shape), like(gate_up_proj, need_dgate_up),
+            like(down_proj, need_ddown), like(gate_up_bias, need_dgate_up), like(down_bias, need_ddown), like(gu_A),
+            like(gu_B), like(d_A), like(d_B))
+
+
+def _setup_context(ctx, inputs, output):
+    (x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias, gu_A, gu_B, d_A, d_B,
+     scale, activation, alpha, limit, gate_up_layout, token_mask) = inputs
+    _y, sorted_rows_R, sorted_tokens_R, offsets_E, scale_R, xlow_RP, hlow_RP = output
+    ctx.save_for_backward(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias,
+                          gu_A, gu_B, d_A, d_B, sorted_rows_R, sorted_tokens_R, offsets_E, scale_R, xlow_RP, hlow_RP,
+                          token_mask)
+    ctx.options = (scale, activation, alpha, limit, gate_up_layout)
+
+
+def _backward(ctx, dy_TD, *_unused_grads):
+    *saved, token_mask = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    need_dx, need_dgate_up, need_ddown = needs[0], needs[3] or needs[5], needs[4] or needs[6]
+    grads = triton_lora_bwd(dy_TD, *saved, *ctx.options, token_mask=token_mask, need_dx=need_dx,
+                            need_dgate_up=need_dgate_up, need_ddown=need_ddown)
+    dx, dweights, dgate_up_proj, ddown_proj, dgate_up_bias, ddown_bias, dgu_A, dgu_B, dd_A, dd_B = grads
+
+    def opt(g: Tensor, need: bool) -> Optional[Tensor]:
+        return g if need and g.numel() else None
+
+    return (dx if need_dx else None, None, dweights, opt(dgate_up_proj, needs[3]), opt(ddown_proj, needs[4]),
+            opt(dgate_up_bias, needs[5]), opt(ddown_bias, needs[6]), opt(dgu_A, needs[7]), opt(dgu_B, needs[8]),
+            opt(dd_A, needs[9]), opt(dd_B, needs[10]), None, None, None, None, None, None)
+
+
+triton_lora_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_lora_experts(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias, *,
+                        activation: Activation, gate_up_layout: str, lora, token_mask=None) -> Tensor:
+    """The LoRA expert compute on the Triton kernels (the module docstring gives the steps). ``[T, D]``."""
+    from leanmoe.lora.compute import _padded_factors
+
+    (gu_A, gu_B), (d_A, d_B) = (_padded_factors(f, x_TD.dtype) if f is not None else (None, None)
+                                for f in (lora.factors("gate_up"), lora.factors("down")))
+    return triton_lora_fwd(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias,
+                           gu_A, gu_B, d_A, d_B, float(lora.scale), activation.name, float(activation.alpha),
+                           float(activation.limit), gate_up_layout, token_mask)[0]
+
+
+__all__ = ["triton_lora_experts"]
