@@ -177,3 +177,39 @@ def test_real_registry_on_cpu_is_unchanged():
     p = _problem(requires_grad=False)
     assert autoselect.choose(_call(p)) is None
     assert "highest-priority" in explain_backend(_call(p))
+
+
+def test_lora_on_frozen_weights_is_timed_with_backward(monkeypatch, tmp_path):
+    # Only the adapter requires grad (frozen experts and an x without grad, as in the first MoE layer of a LoRA
+    # model): the timed runs differentiate the adapter's parameters, still without touching their .grad.
+    from leanmoe.experts.grouped_mm import GroupedMMBackend
+
+    calls: list[str] = []
+
+    class Named(GroupedMMBackend):
+        def __init__(self, name: str, priority: int):
+            self.name, self.priority = name, priority
+
+        def __call__(self, *args, **kwargs):
+            calls.append(self.name)
+            return super().__call__(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "_BACKENDS", {"reference": ReferenceBackend(), "a": Named("a", 100),
+                                                "b": Named("b", 99)})
+    monkeypatch.setattr(autoselect, "can_measure", lambda device: True)
+    monkeypatch.setattr(autoselect, "environment_key", lambda device: "Fake GPU | versions")
+    monkeypatch.setenv(autoselect.ENV_CACHE_DIR, str(tmp_path))
+    monkeypatch.delenv(autoselect.ENV_SWITCH, raising=False)
+    timer = Timer(calls, {"a": 2.0, "b": 1.0})
+    monkeypatch.setattr(autoselect, "time_ms", timer)
+    autoselect.clear_memory()
+    try:
+        p = _problem(requires_grad=False)
+        lora = leanmoe.ExpertLoRA(num_experts=4, dim=16, hidden_dim=8, rank=4)
+        y = leanmoe.moe_experts(*p.args(), **p.kwargs(), lora=lora)
+        assert timer.timed == ["a", "b"] and calls[-1] == "b"
+        assert all(q.grad is None for q in lora.parameters())
+        y.sum().backward()
+        assert all(q.grad is not None for q in lora.parameters())
+    finally:
+        autoselect.clear_memory()

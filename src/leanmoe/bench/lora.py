@@ -12,7 +12,7 @@ For each case (preset, T, routing) of the plan, in one process:
    gradient is non-trivial (:func:`make_lora`);
 3. the baseline row: the same layer without adapters on leanmoe's fastest backend (triton on CUDA, auto's pick
    elsewhere), checked against the reference, then timed;
-4. one row per LoRA backend (auto's pick and grouped_mm; the reference on the CPU or when named), checked against
+4. one row per LoRA backend (triton and grouped_mm on CUDA; on the CPU auto's pick and the reference), checked against
    the reference loop with the adapter in fp32 on the upcast inputs (the output; for fwdbwd also the gradients of x,
    the routing weights and the four LoRA factors), then timed; a row over tolerance is FAILED and not timed. Each
    carries ``baseline_ms``, ``lora_ratio`` (its time over the baseline's) and ``act_mem_ratio`` (its activation

@@ -248,6 +248,11 @@ class MeasuringBackend(ExpertsBackend):
         weights = dataclasses.replace(weights, **{f: leaf(getattr(weights, f)) for f in _WEIGHT_TENSORS})
         args = (leaf(x_TD), topk_ids_TK, leaf(topk_weights_TK), weights)
         inputs = [t for t in (args[0], args[2], *weights.tensors()) if t.requires_grad]
+        if weights.active_lora is not None:
+            # An adapter on frozen base weights (and an x without grad) may be all that requires grad. Its parameters
+            # are shared with the caller, but autograd.grad accumulates nothing into them and each candidate builds
+            # its own graph from them.
+            inputs += [p for p in weights.active_lora.parameters() if p.requires_grad]
         times = {}
         for backend in self.cands:
             if self.requires_grad:
