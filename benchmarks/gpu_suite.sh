@@ -14,6 +14,8 @@
 #   retest   the GPU tests matching RETEST_K      peers-decode  peers.py --cuda-graphs at T in DECODE_T (64)
 #   hf-lora  leanmoe bench --hf M --lora 16 for M in HF_LORA_MODELS (qwen3_moe mixtral)
 #   ab       benchmarks/ab_versions.py, .old/leanmoe_v5 against the checkout (carry .old)
+#   engines  benchmarks/gemm_engines.py: every GEMM of a fwd+bwd on both backward engines, and the backward op per
+#            engine (ENGINES_ARGS, default "--parts gemm,bwd") -> $OUT/gemm_engines.json
 #   hftests | core | all | hf | ep (ep needs 2 GPUs: nvidia-h200-x2) | any other word: scratch/WORD.py, if any
 # Limits of the device call, kept here: the whole script ends within SUITE_BUDGET_S seconds (default 540: a call
 # may run 600), each step under `timeout` for the smaller of its own cap and the time left (a step with under 15 s
@@ -142,6 +144,9 @@ for step in $steps; do
     ab)  # v5 against the checkout in one process (needs .old/leanmoe_v5, carried; see benchmarks/ab_versions.py)
       PYTHONPATH=$PYTHONPATH:.old run ab 240 "Traceback|Error|\|" python3 benchmarks/ab_versions.py --old leanmoe_v5 \
         --backend triton grouped_mm --preset ${AB_PRESETS:-qwen3-30b-a3b mixtral-8x7b} --json "$OUT/ab.json" ;;
+    engines)
+      run engines 300 "Error|Traceback" python3 benchmarks/gemm_engines.py ${ENGINES_ARGS:---parts gemm,bwd} \
+        --out "$OUT/gemm_engines.json" ;;
     hf-lora)  # the model's LoRA step, leanmoe's adapters against transformers grouped_mm + PEFT (issue 15's target)
       for m in ${HF_LORA_MODELS:-qwen3_moe mixtral}; do
         run "hf-lora-$m" 200 "FAILED|Error|Traceback" python3 -m leanmoe bench --hf "$m" --lora 16 \

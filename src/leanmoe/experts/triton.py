@@ -21,6 +21,11 @@ Backward (``leanmoe::triton_experts_bwd``):
    per-expert reductions (one program per output tile and expert, no atomics); bias gradients as per-expert
    row sums in a small kernel beside them;
 3. ``dx`` through the grouped GEMM ``dgate_up @ gate_up_proj[e]`` and the same fixed-order combine (in D chunks).
+Steps 1-2 are the ``fused`` engine. The ``split`` engine (``leanmoe.kernels.policy.backward_engine``: the default on
+CUDA in bf16 at compute capability 9.0+, where it measured faster on every preset) takes the pre-activations from
+the forward kernel itself (saved, or recomputed by it: the same sums), computes ``W_down^T dy`` and both weight
+gradients as ``torch._grouped_mm`` calls on gathered dy and x rows, and the activation backward row by row
+(``activation_bwd_rows``); step 3 is the same.
 
 ``save_percent`` (what stays alive between forward and backward, besides the caller's x, ids, weights and
 parameters, and the R-long routing metadata: sorted rows, sorted tokens, fp32 sorted weights, E offsets):
@@ -38,7 +43,8 @@ without reading their (never written) rows. Their output, ``dx`` and routing-wei
 even where their x or dy rows hold NaN. No host sync: the kept-row count stays on the device.
 
 Transient memory (freed before the op returns): forward ``h_RI`` plus one ``[R, D_chunk]`` chunk; backward
-``dgate_up_RN``, ``hw_RI`` (until ``d down_proj``), then one ``[R, D_chunk]`` chunk for dx.
+``dgate_up_RN``, ``hw_RI`` (until ``d down_proj``), then one ``[R, D_chunk]`` chunk for dx; the split engine adds the
+gathered ``dy_RD`` (until ``d down_proj``) and then ``x_RD`` (until ``d gate_up_proj``), never both at once.
 """
 
 # torch.library.custom_op infers each op's schema from the annotations: keep ``Optional[Tensor]``, which every
