@@ -47,20 +47,25 @@ class Timer:
         return self.times[name]
 
 
-@pytest.fixture
-def fake(monkeypatch, tmp_path):
-    calls: list[str] = []
-    backends = {"reference": ReferenceBackend(), "slow_first": FakeBackend("slow_first", 100, calls),
-                "fast_second": FakeBackend("fast_second", 99, calls)}
-    monkeypatch.setattr(registry, "_BACKENDS", backends)
+def measuring(monkeypatch, tmp_path, backends: dict, calls: list[str], times: dict[str, float]) -> Timer:
+    """A registry of ``backends`` (plus the reference) that auto measures, on a fake GPU, with ``times``."""
+    monkeypatch.setattr(registry, "_BACKENDS", {"reference": ReferenceBackend(), **backends})
     monkeypatch.setattr(autoselect, "can_measure", lambda device: True)
     monkeypatch.setattr(autoselect, "environment_key", lambda device: "Fake GPU | versions")
     monkeypatch.setenv(autoselect.ENV_CACHE_DIR, str(tmp_path))
     monkeypatch.delenv(autoselect.ENV_SWITCH, raising=False)
-    timer = Timer(calls, {"slow_first": 2.0, "fast_second": 1.0})
+    timer = Timer(calls, times)
     monkeypatch.setattr(autoselect, "time_ms", timer)
     autoselect.clear_memory()
-    yield timer
+    return timer
+
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    calls: list[str] = []
+    backends = {"slow_first": FakeBackend("slow_first", 100, calls),
+                "fast_second": FakeBackend("fast_second", 99, calls)}
+    yield measuring(monkeypatch, tmp_path, backends, calls, {"slow_first": 2.0, "fast_second": 1.0})
     autoselect.clear_memory()
 
 
@@ -194,15 +199,8 @@ def test_lora_on_frozen_weights_is_timed_with_backward(monkeypatch, tmp_path):
             calls.append(self.name)
             return super().__call__(*args, **kwargs)
 
-    monkeypatch.setattr(registry, "_BACKENDS", {"reference": ReferenceBackend(), "a": Named("a", 100),
-                                                "b": Named("b", 99)})
-    monkeypatch.setattr(autoselect, "can_measure", lambda device: True)
-    monkeypatch.setattr(autoselect, "environment_key", lambda device: "Fake GPU | versions")
-    monkeypatch.setenv(autoselect.ENV_CACHE_DIR, str(tmp_path))
-    monkeypatch.delenv(autoselect.ENV_SWITCH, raising=False)
-    timer = Timer(calls, {"a": 2.0, "b": 1.0})
-    monkeypatch.setattr(autoselect, "time_ms", timer)
-    autoselect.clear_memory()
+    timer = measuring(monkeypatch, tmp_path, {"a": Named("a", 100), "b": Named("b", 99)}, calls,
+                      {"a": 2.0, "b": 1.0})
     try:
         p = _problem(requires_grad=False)
         lora = leanmoe.ExpertLoRA(num_experts=4, dim=16, hidden_dim=8, rank=4)

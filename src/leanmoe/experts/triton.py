@@ -366,13 +366,11 @@ class TritonBackend(ExpertsBackend):
 
     def __call__(self, x_TD, topk_ids_TK, topk_weights_TK, weights: ExpertWeights, *, save_percent,
                  token_mask=None):
-        lora = weights.active_lora
-        if lora is not None:
-            from leanmoe.lora.triton import triton_lora_experts  # here: leanmoe.lora imports the experts package
+        if weights.active_lora is not None:
+            from leanmoe.lora import compute, triton  # here: leanmoe.lora imports the experts package
 
-            return triton_lora_experts(x_TD, topk_ids_TK, topk_weights_TK, weights.gate_up_proj, weights.down_proj,
-                                       weights.gate_up_bias, weights.down_bias, activation=weights.activation,
-                                       gate_up_layout=weights.gate_up_layout, lora=lora, token_mask=token_mask)
+            return compute.run_lora(triton.triton_lora_experts, x_TD, topk_ids_TK, topk_weights_TK, weights,
+                                    token_mask)
         return triton_moe_experts(x_TD, topk_ids_TK, topk_weights_TK, weights.gate_up_proj, weights.down_proj,
                                   weights.gate_up_bias, weights.down_bias, activation=weights.activation,
                                   gate_up_layout=weights.gate_up_layout, save_percent=save_percent,

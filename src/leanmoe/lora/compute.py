@@ -22,7 +22,8 @@ same steps instead (it keeps the dropout masks and the intermediate rows). The r
 8 inside the call, because ``torch._grouped_mm`` needs 16-byte aligned rows; the padding contributes exact zeros and
 its gradient is dropped.
 
-The grouped_mm and reference backends (``takes_lora``) run these on ``weights.lora`` through :func:`run_lora`;
+The grouped_mm and reference backends (``takes_lora``) run these on ``weights.lora`` through :func:`run_lora` (and the
+triton backend its own path, :mod:`leanmoe.lora.triton`);
 ``backend="auto"`` reaches them by the registry's normal walk (backends without ``takes_lora`` are passed over).
 
 Rows of masked tokens (contract: past ``offsets_E[-1]``) are never written by a grouped GEMM, so every stage's
@@ -83,9 +84,10 @@ def lora_moe_experts(call: ExpertsCall, backend: str, x_TD, topk_ids_TK, topk_we
 
 
 def run_lora(fn, x_TD, topk_ids_TK, topk_weights_TK, weights: ExpertWeights, token_mask=None) -> torch.Tensor:
-    """A LoRA-capable backend's call with ``weights.active_lora``: ``fn`` is :func:`grouped_mm_lora_experts` or
-    :func:`reference_lora_experts`, given the unpacked weights. On meta tensors the output is a meta ``[T, D]``
-    tensor (shapes only: nothing to read, the backends' meta contract)."""
+    """A LoRA-capable backend's call with ``weights.active_lora``: ``fn`` is :func:`grouped_mm_lora_experts`,
+    :func:`reference_lora_experts` or :func:`leanmoe.lora.triton.triton_lora_experts`, given the unpacked weights.
+    On meta tensors the output is a meta ``[T, D]`` tensor (shapes only: nothing to read, the backends' meta
+    contract)."""
     if x_TD.device.type == "meta":
         return x_TD.new_empty(x_TD.shape)
     return fn(x_TD, topk_ids_TK, topk_weights_TK, weights.gate_up_proj, weights.down_proj, weights.gate_up_bias,
@@ -103,6 +105,19 @@ def _adapter_input(a: torch.Tensor, lora: ExpertLoRA) -> torch.Tensor:
 # --- the reference: a plain loop over experts --------------------------------------------------------------------
 
 
+def _adapted_linear(a_eX, weight_EYX, factors, bias_EY, e: int, s: float, lora: ExpertLoRA) -> torch.Tensor:
+    """``a W[e]^T + s (a A[e]^T) B[e]^T + b[e]`` for one expert's rows; weights in another float dtype than ``a``
+    are cast to its dtype, one expert at a time (as the reference backend does)."""
+    dtype = a_eX.dtype
+    y_eY = a_eX @ weight_EYX[e].to(dtype).t()
+    if factors is not None:
+        A, B = (t[e].to(dtype) for t in factors)
+        y_eY = y_eY + s * ((_adapter_input(a_eX, lora) @ A.t()) @ B.t())
+    if bias_EY is not None:
+        y_eY = y_eY + bias_EY[e].to(dtype)
+    return y_eY
+
+
 def reference_lora_experts(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias, *,
                            activation: Activation, gate_up_layout: str, lora: ExpertLoRA,
                            token_mask=None) -> torch.Tensor:
@@ -118,20 +133,9 @@ def reference_lora_experts(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, dow
             routed_TK = routed_TK & token_mask[:, None]  # masked tokens take no rows
         token_idx, slot_idx = torch.where(routed_TK)
         x_eD = x_TD.index_select(0, token_idx)
-        # Weights in another float dtype than x are cast to x's, one expert at a time (as the reference backend).
-        gate_up_eN = x_eD @ gate_up_proj[e].to(x_TD.dtype).t()
-        if gate_up is not None:
-            A, B = (t[e].to(x_TD.dtype) for t in gate_up)
-            gate_up_eN = gate_up_eN + s * ((_adapter_input(x_eD, lora) @ A.t()) @ B.t())
-        if gate_up_bias is not None:
-            gate_up_eN = gate_up_eN + gate_up_bias[e].to(x_TD.dtype)
+        gate_up_eN = _adapted_linear(x_eD, gate_up_proj, gate_up, gate_up_bias, e, s, lora)
         h_eI = apply_activation(gate_up_eN, activation, gate_up_layout)
-        out_eD = h_eI @ down_proj[e].to(x_TD.dtype).t()
-        if down is not None:
-            A, B = (t[e].to(x_TD.dtype) for t in down)
-            out_eD = out_eD + s * ((_adapter_input(h_eI, lora) @ A.t()) @ B.t())
-        if down_bias is not None:
-            out_eD = out_eD + down_bias[e].to(x_TD.dtype)
+        out_eD = _adapted_linear(h_eI, down_proj, down, down_bias, e, s, lora)
         weight_e = topk_weights_TK[token_idx, slot_idx].to(acc_dtype)
         y_TD = y_TD.index_add(0, token_idx, out_eD.to(acc_dtype) * weight_e[:, None])
     return y_TD.to(x_TD.dtype)
