@@ -44,7 +44,7 @@ from leanmoe.experts import (
     moe_experts,
     select_backend,
 )
-from leanmoe.testing import TOLERANCES_VS_FP32_REFERENCE
+from leanmoe.testing import TOLERANCES_VS_FP32_REFERENCE, Problem
 
 #: Relative-error tolerance ``||out - ref|| / ||ref||`` per dtype against the fp32 reference (leanmoe.testing).
 TOLERANCES = TOLERANCES_VS_FP32_REFERENCE
@@ -63,22 +63,15 @@ MIB = 2**20
 PARAM_NAMES = ("gate_up_proj", "down_proj", "gate_up_bias", "down_bias")
 
 
-@dataclasses.dataclass
-class Case:
-    """One benchmark problem: tensors on the device, every differentiable one a leaf that requires grad."""
+@dataclasses.dataclass(kw_only=True)
+class Case(Problem):
+    """One benchmark problem: a :class:`leanmoe.testing.Problem` (tensors on the device, every differentiable one a
+    leaf that requires grad; activation and layout the preset's) with its preset, routing name and output gradient
+    ``dy_TD [T, D]``."""
 
     preset: Preset
     routing: str
-    x_TD: torch.Tensor
-    topk_ids_TK: torch.Tensor
-    topk_weights_TK: torch.Tensor
-    gate_up_proj: torch.Tensor
-    down_proj: torch.Tensor
-    gate_up_bias: torch.Tensor | None
-    down_bias: torch.Tensor | None
     dy_TD: torch.Tensor
-    #: ``[T]`` bool, True = keep; None when no token is masked.
-    token_mask_T: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -117,17 +110,12 @@ class Case:
 
     def call(self, backend: str, save_percent: float) -> torch.Tensor:
         # Ids come from the routing generator, so they are in range: no host-syncing id check while timing.
-        return moe_experts(self.x_TD, self.topk_ids_TK, self.topk_weights_TK, self.gate_up_proj, self.down_proj,
-                           self.gate_up_bias, self.down_bias, activation=self.preset.activation,
-                           gate_up_layout=self.preset.gate_up_layout, backend=backend, save_percent=save_percent,
-                           check_ids=False, **self.mask_kwargs)
+        return moe_experts(*self.args(), **self.kwargs(), backend=backend, save_percent=save_percent,
+                           check_ids=False)
 
     def describe(self, mode: str, save_percent: float):
         with torch.set_grad_enabled(mode == "fwdbwd"):
-            return describe_call(self.x_TD, self.topk_ids_TK, self.topk_weights_TK, self.gate_up_proj,
-                                 self.down_proj, self.gate_up_bias, self.down_bias,
-                                 activation=self.preset.activation, gate_up_layout=self.preset.gate_up_layout,
-                                 save_percent=save_percent, **self.mask_kwargs)
+            return describe_call(*self.args(), **self.kwargs(), save_percent=save_percent)
 
 
 def make_token_mask(num_tokens: int, mask_fraction: float, *, seed: int = 0, device: torch.device | str = "cpu"
@@ -178,6 +166,8 @@ def make_case(preset: Preset, routing: str, num_tokens: int, *, dtype: torch.dty
         down_proj=randn(E, D, hidden, scale=hidden ** -0.5),
         gate_up_bias=randn(E, N, scale=0.1) if preset.bias else None,
         down_bias=randn(E, D, scale=0.1) if preset.bias else None,
+        activation=preset.activation,
+        gate_up_layout=preset.gate_up_layout,
         dy_TD=randn(T, D, leaf=False),
         token_mask_T=token_mask_T,
     )

@@ -79,10 +79,8 @@ def _leaves(case: Case, lora: ExpertLoRA | None) -> dict[str, torch.Tensor]:
 
 def _call(case: Case, backend: str, lora: ExpertLoRA | None, save_percent: float) -> torch.Tensor:
     # Ids come from the routing generator, so they are in range: no host-syncing id check while timing.
-    return moe_experts(case.x_TD, case.topk_ids_TK, case.topk_weights_TK, case.gate_up_proj, case.down_proj,
-                       case.gate_up_bias, case.down_bias, activation=case.preset.activation,
-                       gate_up_layout=case.preset.gate_up_layout, backend=backend, save_percent=save_percent,
-                       check_ids=False, lora=lora, **case.mask_kwargs)
+    return moe_experts(*case.args(), **case.kwargs(), backend=backend, save_percent=save_percent, check_ids=False,
+                       lora=lora)
 
 
 def _clear(leaves: dict[str, torch.Tensor]) -> None:
