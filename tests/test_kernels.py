@@ -264,14 +264,19 @@ def test_gate_up_bwd(case, dtype, strided):
                               n_saved=saved_rows(routing.R, 50), **kwargs)
     args = (x_TD, dy_TD, routing.sorted_tokens_R, routing.offsets_E, scale_R, gate_up_proj, gate_up_bias, down_proj,
             saved_SN)
-    out = gate_up_bwd(*args, **kwargs)
-    ref = reference.gate_up_bwd_reference(*args, **kwargs)
+    assert_activation_grads(gate_up_bwd(*args, **kwargs), reference.gate_up_bwd_reference(*args, **kwargs),
+                            routing.kept, dtype)
+
+
+def assert_activation_grads(out, ref, kept: int, dtype: torch.dtype) -> None:
+    """``(dgate_up_RN, hw_RI, dweights_R)`` of a gate/up backward launcher against its reference on the kept rows;
+    the rows past them untouched, and their fp32 routing-weight gradient exactly zero."""
     tol = TOLERANCES[dtype]
-    assert_rows(out[0], ref[0], routing.kept, tol=tol, name="dgate_up_RN")
-    assert_rows(out[1], ref[1], routing.kept, tol=tol, name="hw_RI")
+    assert_rows(out[0], ref[0], kept, tol=tol, name="dgate_up_RN")
+    assert_rows(out[1], ref[1], kept, tol=tol, name="hw_RI")
     assert out[2].dtype == torch.float32
     assert_close(out[2], ref[2], tol=tol, name="dweights_R")
-    assert (out[2][routing.kept:] == 0).all(), "masked rows' routing-weight gradient is not exact zero"
+    assert (out[2][kept:] == 0).all(), "masked rows' routing-weight gradient is not exact zero"
 
 
 @pytest.mark.parametrize("name,interleaved,n_saved", [
@@ -316,12 +321,7 @@ def test_activation_bwd_rows(case, dtype, _strided, in_place):
     out = activation_bwd_rows(pre_RN, dh_RI, scale_R, routing.offsets_E, **kwargs,
                               dgate_up_RN=pre_RN if in_place else None)
     assert (out[0] is pre_RN) == in_place and out[1] is dh_RI
-    tol = TOLERANCES[dtype]
-    assert_rows(out[0], ref[0], routing.kept, tol=tol, name="dgate_up_RN")
-    assert_rows(out[1], ref[1], routing.kept, tol=tol, name="hw_RI")
-    assert out[2].dtype == torch.float32
-    assert_close(out[2], ref[2], tol=tol, name="dweights_R")
-    assert (out[2][routing.kept:] == 0).all(), "masked rows' routing-weight gradient is not exact zero"
+    assert_activation_grads(out, ref, routing.kept, dtype)
 
 
 @pytest.mark.parametrize("name,interleaved", GATE_UP_ACTIVATIONS,

@@ -574,7 +574,7 @@ def test_gradients_not_asked_for_run_no_kernel(monkeypatch, frozen, target, engi
         return spy
 
     monkeypatch.setattr(moe_bwd, "expert_weight_grad", spying(moe_bwd.expert_weight_grad))
-    monkeypatch.setattr(triton_backend, "_grouped_weight_grad", spying(triton_backend._grouped_weight_grad))
+    monkeypatch.setattr(triton_backend, "grouped_weight_grad", spying(triton_backend.grouped_weight_grad))
     problem = make_problem(40, 32, 24, 5, 2, bias=True, dtype=target.dtype(torch.float32), device=target.device)
     frozen_names = {"experts": ("gate_up_proj", "gate_up_bias", "down_proj", "down_bias"),
                     "gate_up": ("gate_up_proj", "gate_up_bias"), "down": ("down_proj", "down_bias"),

@@ -61,9 +61,23 @@ from leanmoe.activations import GATED_ACTIVATIONS, Activation
 from leanmoe.experts.plan import plan_experts
 from leanmoe.experts.registry import ExpertsBackend, ExpertsCall, cuda_capability, same_dtype_reason
 from leanmoe.experts.weights import ExpertWeights
-from leanmoe.kernels.policy import backward_engine, combine_chunked, saved_rows  # triton-free
+from leanmoe.kernels.policy import (  # triton-free: importable without triton
+    backward_engine,
+    combine_chunked,
+    grouped_mm_unsupported,
+    saved_rows,
+)
 
 Tensor = torch.Tensor
+
+def kernel_act(activation: str, alpha: float, limit: float, gate_up_layout: str) -> dict:
+    """The activation arguments of the Triton launchers (``act_code``, ``gated``, ``interleaved``, ``alpha``,
+    ``limit``) for an op's activation name, parameters and gate/up layout."""
+    from leanmoe.kernels.moe_common import ACTIVATION_CODES
+
+    return dict(act_code=ACTIVATION_CODES[activation], gated=activation in GATED_ACTIVATIONS,
+                interleaved=gate_up_layout == "interleaved", alpha=alpha, limit=limit)
+
 
 @torch.library.custom_op("leanmoe::triton_experts_fwd", mutates_args=())
 def triton_experts_fwd(
@@ -74,7 +88,6 @@ def triton_experts_fwd(
     """Returns ``(y_TD, sorted_rows_R, sorted_tokens_R, offsets_E, scale_R, saved_SN)``; all but ``y_TD`` are kept
     for backward. ``token_mask`` (bool ``[T]``, True = keep): masked tokens take no rows of the GEMMs (they sort
     past ``offsets_E[-1]``) and get zero output."""
-    from leanmoe.kernels.moe_common import ACTIVATION_CODES
     from leanmoe.kernels.moe_fwd import gate_up_fwd
 
     T, D = x_TD.shape
@@ -83,10 +96,9 @@ def triton_experts_fwd(
     R = T * K
     plan = plan_experts(topk_ids_TK, E, token_mask)
     scale_R = topk_weights_TK.reshape(-1).index_select(0, plan.sorted_rows_R).float()
-    h_RI, saved_SN = gate_up_fwd(
-        x_TD, plan.sorted_tokens_R, plan.offsets_E, gate_up_proj, gate_up_bias,
-        act_code=ACTIVATION_CODES[activation], gated=activation in GATED_ACTIVATIONS,
-        interleaved=gate_up_layout == "interleaved", alpha=alpha, limit=limit, n_saved=saved_rows(R, save_percent))
+    h_RI, saved_SN = gate_up_fwd(x_TD, plan.sorted_tokens_R, plan.offsets_E, gate_up_proj, gate_up_bias,
+                                 n_saved=saved_rows(R, save_percent),
+                                 **kernel_act(activation, alpha, limit, gate_up_layout))
     y_TD = torch.empty(T, D, device=x_TD.device, dtype=x_TD.dtype)
     if R:
         combine_chunked(h_RI, down_proj, down_bias, scale_R, plan.sorted_rows_R, plan.offsets_E, T, K, y_TD,
@@ -107,16 +119,21 @@ def _(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias,
             x_TD.new_empty(saved_rows(R, save_percent), N))
 
 
-def _split_gate_up_bwd(x_TD: Tensor, dy_TD: Tensor, sorted_tokens_R: Tensor, offsets_E: Tensor, scale_R: Tensor,
-                       gate_up_proj: Tensor, gate_up_bias: Optional[Tensor], down_proj: Tensor, saved_SN: Tensor,
-                       act: dict, *, keep_dy: bool) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-    """The split engine's gate/up backward: ``(dgate_up_RN, hw_RI, dweights_R, dy_RD)`` (``dy_RD``, the gathered
-    ``dy`` rows, only with ``keep_dy``, for ``d down_proj``).
+def split_gate_up_bwd(x_TD: Tensor, dy_TD: Tensor, sorted_tokens_R: Tensor, offsets_E: Tensor, scale_R: Tensor,
+                      gate_up_proj: Tensor, gate_up_bias: Optional[Tensor], down_proj: Tensor, saved_SN: Tensor,
+                      act: dict, *, keep_dy: bool, gate_up_lora: Optional[tuple[Tensor, Tensor]] = None,
+                      down_lora: Optional[tuple[Tensor, Tensor, float]] = None
+                      ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """The split engine's gate/up backward: ``(dgate_up_RN, hw_RI, dweights_R, dy_RD, dylow_RP)``; ``dy_RD``, the
+    gathered dy rows, only with ``keep_dy`` (for ``d down_proj`` and the down adapter), ``dylow_RP = dy B_d`` only
+    with ``down_lora``.
 
     The pre-activations are the saved ones when every row was saved, else the forward kernel recomputes all of
-    them (bitwise the forward's sums: the same kernel and tuning key); ``W_down^T dy`` is a ``torch._grouped_mm``
-    on the gathered dy rows; the activation backward runs row by row in place (dgate_up over the recomputed
-    pre-activations for the concatenated layout, ``w h`` over ``W_down^T dy``).
+    them (bitwise the forward's sums: the same kernel and tuning key), with the gate/up adapter's term
+    ``gate_up_lora = (s x A_gu^T [R, P], B_gu)``. ``W_down^T dy`` is a ``torch._grouped_mm`` on the gathered dy
+    rows, plus ``s A_d^T (B_d^T dy)`` for ``down_lora = (A_d, B_d, s)``. The activation backward runs row by row in
+    place (dgate_up over the recomputed pre-activations for the concatenated layout, ``w h`` over ``W_down^T dy``);
+    its routing-weight gradient ``<W_down^T dy, h>`` lacks the down-bias term (:func:`routing_weight_grad`).
     """
     from leanmoe.kernels.moe_bwd import activation_bwd_rows
     from leanmoe.kernels.moe_fwd import gate_up_fwd
@@ -125,32 +142,61 @@ def _split_gate_up_bwd(x_TD: Tensor, dy_TD: Tensor, sorted_tokens_R: Tensor, off
     I = down_proj.shape[2]
     recomputed = saved_SN.shape[0] < R
     if recomputed:
+        lora_in_RP, lora_B = gate_up_lora if gate_up_lora is not None else (None, None)
         _, pre_RN = gate_up_fwd(x_TD, sorted_tokens_R, offsets_E, gate_up_proj, gate_up_bias, n_saved=R,
-                                store_h=False, **act)
+                                store_h=False, lora_in_RP=lora_in_RP, lora_B=lora_B, **act)
     else:
         pre_RN = saved_SN
     dy_RD = dy_TD.index_select(0, sorted_tokens_R)
     dh_RI = torch._grouped_mm(dy_RD, down_proj, offs=offsets_E) if R else dy_RD.new_empty(0, I)
+    dylow_RP: Optional[Tensor] = None
+    if down_lora is not None and R:
+        d_A, d_B, s = down_lora
+        dylow_RP = torch._grouped_mm(dy_RD, d_B, offs=offsets_E)  # B_d^T dy, [R, P]
+        dh_RI.add_(torch._grouped_mm(dylow_RP, d_A, offs=offsets_E), alpha=s)
     in_place = recomputed and not act["interleaved"]
     dgate_up_RN, hw_RI, dweights_R = activation_bwd_rows(pre_RN, dh_RI, scale_R, offsets_E, **act,
                                                          dgate_up_RN=pre_RN if in_place else None)
-    return dgate_up_RN, hw_RI, dweights_R, dy_RD if keep_dy else None
+    return dgate_up_RN, hw_RI, dweights_R, dy_RD if keep_dy else None, dylow_RP
 
 
-def _down_bias_term(dy_TD: Tensor, down_bias: Tensor, topk_ids_TK: Tensor, sorted_rows_R: Tensor,
-                    sorted_tokens_R: Tensor, offsets_E: Tensor, token_mask: Optional[Tensor]) -> Tensor:
-    """``<dy_t, b_down[e]>`` of each sorted row (fp32 ``[R]``): the down bias's share of the routing-weight
-    gradient, from a small ``[T, E]`` GEMM; 0 for masked rows (past ``offsets_E[-1]``), whatever their dy holds."""
-    bias_dot_TE = dy_TD.float() @ down_bias.float().t()
-    sorted_experts_R = topk_ids_TK.reshape(-1).index_select(0, sorted_rows_R).long()
-    bias_term_R = bias_dot_TE[sorted_tokens_R, sorted_experts_R]
-    if token_mask is not None:
-        kept_R = torch.arange(sorted_rows_R.numel(), device=dy_TD.device) < offsets_E[-1:]
-        bias_term_R = torch.where(kept_R, bias_term_R, 0.0)
-    return bias_term_R
+def routing_weight_grad(dweights_R: Tensor, dy_TD: Tensor, down_bias: Optional[Tensor], topk_ids_TK: Tensor,
+                        topk_weights_TK: Tensor, sorted_rows_R: Tensor, sorted_tokens_R: Tensor, offsets_E: Tensor,
+                        token_mask: Optional[Tensor]) -> Tensor:
+    """``[T, K]`` routing-weight gradient in the weights' dtype from the sorted rows' ``<W_down^T dy, h>``
+    (``dweights_R``, fp32) plus the down bias's ``<dy_t, b_down[e]>`` (a small ``[T, E]`` GEMM; 0 for masked rows,
+    past ``offsets_E[-1]``, whatever their dy holds)."""
+    T, K = topk_weights_TK.shape
+    R = T * K
+    if down_bias is not None and R:
+        bias_dot_TE = dy_TD.float() @ down_bias.float().t()
+        sorted_experts_R = topk_ids_TK.reshape(-1).index_select(0, sorted_rows_R).long()
+        bias_term_R = bias_dot_TE[sorted_tokens_R, sorted_experts_R]
+        if token_mask is not None:
+            kept_R = torch.arange(R, device=dy_TD.device) < offsets_E[-1:]
+            bias_term_R = torch.where(kept_R, bias_term_R, 0.0)
+        dweights_R = dweights_R + bias_term_R
+    # Each routed row appears once in sorted_rows_R: a plain scatter, no accumulation.
+    dweights_TK = torch.zeros(R, device=dy_TD.device, dtype=torch.float32).scatter_(0, sorted_rows_R, dweights_R)
+    return dweights_TK.view(T, K).to(topk_weights_TK.dtype)
 
 
-def _grouped_weight_grad(a_RM: Tensor, b_RN: Tensor, offsets_E: Tensor, like_EMN: Tensor) -> Tensor:
+def grouped_projection_grads(a_RM: Tensor, b_RN: Tensor, offsets_E: Tensor, weight_EMN: Tensor,
+                             bias_EM: Optional[Tensor], *, bias_scale_R: Optional[Tensor] = None
+                             ) -> tuple[Tensor, Optional[Tensor]]:
+    """A projection's weight gradient ``a^T b`` per expert (:func:`grouped_weight_grad`) and, with a bias, its
+    gradient ``sum_r scale_r a_r`` per expert (``bias_scale_R`` fp32, default ones), from expert-sorted rows."""
+    from leanmoe.kernels.moe_bwd import expert_bias_grad
+
+    dweight = grouped_weight_grad(a_RM, b_RN, offsets_E, weight_EMN)
+    dbias = None
+    if bias_EM is not None:
+        dbias = expert_bias_grad(a_RM, offsets_E, torch.empty(bias_EM.shape, device=a_RM.device,
+                                                              dtype=weight_EMN.dtype), scale_R=bias_scale_R)
+    return dweight, dbias
+
+
+def grouped_weight_grad(a_RM: Tensor, b_RN: Tensor, offsets_E: Tensor, like_EMN: Tensor) -> Tensor:
     """``out[e] = a_RM[rows of e]^T b_RN[rows of e]``, ``[E, M, N]`` contiguous, zeros for experts without rows."""
     from leanmoe.kernels.moe_bwd import zero_empty_experts_
 
@@ -172,54 +218,47 @@ def triton_experts_bwd(
     down_proj and its bias: frozen expert weights), is an empty tensor, and no kernel runs for it.
     Masked tokens (``token_mask`` False) get zero ``dx`` and ``dweights`` rows and add nothing to the weight
     gradients: their rows lie past ``offsets_E[-1]``, where no kernel reads."""
-    from leanmoe.kernels.moe_bwd import expert_bias_grad, expert_weight_grad, gate_up_bwd
-    from leanmoe.kernels.moe_common import ACTIVATION_CODES
+    from leanmoe.kernels.moe_bwd import expert_weight_grad, gate_up_bwd
 
     T, D = x_TD.shape
     K = topk_ids_TK.shape[1]
     E, N, _ = gate_up_proj.shape
     R = T * K
-    act = dict(act_code=ACTIVATION_CODES[activation], gated=activation in GATED_ACTIVATIONS,
-               interleaved=gate_up_layout == "interleaved", alpha=alpha, limit=limit)
+    act = kernel_act(activation, alpha, limit, gate_up_layout)
     split = backward_engine(x_TD, down_proj) == "split"
     dy_RD: Optional[Tensor] = None
     if split:
-        dgate_up_RN, hw_RI, dweights_R, dy_RD = _split_gate_up_bwd(
+        dgate_up_RN, hw_RI, dweights_R, dy_RD, _ = split_gate_up_bwd(
             x_TD, dy_TD, sorted_tokens_R, offsets_E, scale_R, gate_up_proj, gate_up_bias, down_proj, saved_SN,
             act, keep_dy=need_ddown)
     else:
         dgate_up_RN, hw_RI, dweights_R = gate_up_bwd(
             x_TD, dy_TD, sorted_tokens_R, offsets_E, scale_R, gate_up_proj, gate_up_bias, down_proj, saved_SN, **act)
-    if down_bias is not None and R:
-        dweights_R = dweights_R + _down_bias_term(dy_TD, down_bias, topk_ids_TK, sorted_rows_R, sorted_tokens_R,
-                                                  offsets_E, token_mask)
-    # Each routed row appears once in sorted_rows_R: a plain scatter, no accumulation.
-    dweights_TK = torch.zeros(R, device=x_TD.device, dtype=torch.float32).scatter_(0, sorted_rows_R, dweights_R)
-    dweights_TK = dweights_TK.view(T, K).to(topk_weights_TK.dtype)
+    dweights_TK = routing_weight_grad(dweights_R, dy_TD, down_bias, topk_ids_TK, topk_weights_TK, sorted_rows_R,
+                                      sorted_tokens_R, offsets_E, token_mask)
 
     ddown_proj = ddown_bias = dgate_up_proj = dgate_up_bias = None
     if need_ddown:
-        ddown_bias = torch.empty(E, D, device=x_TD.device, dtype=down_proj.dtype) if down_bias is not None else None
         if split:
             assert dy_RD is not None
-            ddown_proj = _grouped_weight_grad(dy_RD, hw_RI, offsets_E, down_proj)
-            if ddown_bias is not None:
-                expert_bias_grad(dy_RD, offsets_E, ddown_bias, scale_R=scale_R)
+            ddown_proj, ddown_bias = grouped_projection_grads(dy_RD, hw_RI, offsets_E, down_proj, down_bias,
+                                                              bias_scale_R=scale_R)
         else:
             ddown_proj = torch.empty_like(down_proj, memory_format=torch.contiguous_format)
+            ddown_bias = torch.empty(E, D, device=x_TD.device, dtype=down_proj.dtype) \
+                if down_bias is not None else None
             expert_weight_grad(dy_TD, hw_RI, offsets_E, ddown_proj, a_rows_R=sorted_tokens_R, dbias_EM=ddown_bias,
                                bias_scale_R=scale_R)
     del hw_RI, dy_RD
     if need_dgate_up:
-        dgate_up_bias = torch.empty(E, N, device=x_TD.device, dtype=gate_up_proj.dtype) \
-            if gate_up_bias is not None else None
         if split:
             x_RD = x_TD.index_select(0, sorted_tokens_R)  # transient: freed before dx
-            dgate_up_proj = _grouped_weight_grad(dgate_up_RN, x_RD, offsets_E, gate_up_proj)
+            dgate_up_proj, dgate_up_bias = grouped_projection_grads(dgate_up_RN, x_RD, offsets_E, gate_up_proj,
+                                                                    gate_up_bias)
             del x_RD
-            if dgate_up_bias is not None:
-                expert_bias_grad(dgate_up_RN, offsets_E, dgate_up_bias)
         else:
+            dgate_up_bias = torch.empty(E, N, device=x_TD.device, dtype=gate_up_proj.dtype) \
+                if gate_up_bias is not None else None
             dgate_up_proj = torch.empty_like(gate_up_proj, memory_format=torch.contiguous_format)
             expert_weight_grad(dgate_up_RN, x_TD, offsets_E, dgate_up_proj, b_rows_R=sorted_tokens_R,
                                dbias_EM=dgate_up_bias)
@@ -291,21 +330,14 @@ def triton_moe_experts(x_TD: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tenso
 
 def lora_call_reason(call: ExpertsCall) -> str | None:
     """Why the triton backend cannot run ``call`` with LoRA adapters (None when it can): the adapter path runs the
-    split backward engine and ``torch._grouped_mm`` low-rank GEMMs, so it needs what they need (bfloat16 on CUDA
-    GPUs of compute capability 9.0+; 16-byte aligned rows), and it does not fuse dropout in training."""
+    split backward engine and ``torch._grouped_mm`` low-rank GEMMs, so it needs what they need
+    (:func:`leanmoe.kernels.policy.grouped_mm_unsupported`), and it does not fuse dropout in training."""
     if call.device.type == "meta":
         return None
-    if not hasattr(torch, "_grouped_mm"):
-        return f"its LoRA path needs torch._grouped_mm (torch {torch.__version__} has none)"
-    if call.device.type == "cuda":
-        if call.dtype != torch.bfloat16:
-            return f"its LoRA path runs bfloat16 on CUDA (torch._grouped_mm), got {call.dtype}"
-        if cuda_capability(call.device.index) < (9, 0):
-            return "its LoRA path needs compute capability 9.0+ on CUDA (torch._grouped_mm)"
-    per_16_bytes = 16 // (torch.finfo(call.dtype).bits // 8)
-    if call.dim % per_16_bytes or call.hidden_dim % per_16_bytes:
-        return (f"its LoRA path needs 16-byte rows: D and I multiples of {per_16_bytes} for {call.dtype}, got "
-                f"D={call.dim}, I={call.hidden_dim}")
+    capability = cuda_capability(call.device.index) if call.device.type == "cuda" else None
+    why = grouped_mm_unsupported(call.device, call.dtype, call.dim, call.hidden_dim, capability)
+    if why is not None:
+        return f"its LoRA path needs torch._grouped_mm: {why}"
     if call.has_lora_dropout:
         return "it does not fuse LoRA dropout in training (grouped_mm and the reference do)"
     return None

@@ -21,8 +21,10 @@ if TYPE_CHECKING:  # leanmoe.lora imports the experts package: no import at run 
     from leanmoe.lora.module import ExpertLoRA
 
 
-def shape_str(t: torch.Tensor) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+def shape_str(t: torch.Tensor | tuple[int, ...]) -> str:
+    """``"[a, b, ...]"``: the shape of a tensor, or a shape itself, as error messages print it."""
+    shape = t.shape if isinstance(t, torch.Tensor) else t
+    return "[" + ", ".join(str(s) for s in shape) + "]"
 
 
 def check_token_mask(token_mask: object, shape: tuple[int, ...], device: torch.device, *,
@@ -33,7 +35,7 @@ def check_token_mask(token_mask: object, shape: tuple[int, ...], device: torch.d
     Raises ``TypeError`` (not a tensor, not bool) or ``ValueError`` (shape, device); never reads tensor data, so it
     costs no sync and traces under ``torch.compile``.
     """
-    expected = "[" + ", ".join(str(s) for s in shape) + "]"
+    expected = shape_str(tuple(shape))
     if not isinstance(token_mask, torch.Tensor):
         raise TypeError(f"{name} must be a bool tensor of shape {expected} or None, got {type(token_mask).__name__}")
     if token_mask.dtype != torch.bool:

@@ -74,19 +74,18 @@ def gate_up_fwd_kernel(
     acc_g, acc_u = gate_up_preact(x_ptr + tokens[:, None] * stride_xt, row_mask, w_ptr + e64 * stride_we,
                                   bias_ptr + e64 * stride_be, g_rows, u_rows, col_mask, D, stride_xd, stride_wd,
                                   stride_wn, stride_bn, GATED, HAS_BIAS, DOT_PREC, BM, BN, BK, OFFS64)
+    rows64 = rows.to(tl.int64)
     if HAS_LORA:  # + (s x A^T) B^T: the scaled low-rank rows times this expert's B at the gate and up rows
         lb_base = lb_ptr + e64 * stride_lbe
-        rows64_ = rows.to(tl.int64)
-        acc_g = lora_addend(acc_g, lo_ptr, rows64_, row_mask, lb_base, g_rows, col_mask, rank, stride_lor,
+        acc_g = lora_addend(acc_g, lo_ptr, rows64, row_mask, lb_base, g_rows, col_mask, rank, stride_lor,
                             stride_lbn, stride_lbr, DOT_PREC, RP)
         if GATED:
-            acc_u = lora_addend(acc_u, lo_ptr, rows64_, row_mask, lb_base, u_rows, col_mask, rank, stride_lor,
+            acc_u = lora_addend(acc_u, lo_ptr, rows64, row_mask, lb_base, u_rows, col_mask, rank, stride_lor,
                                 stride_lbn, stride_lbr, DOT_PREC, RP)
     # Round the pre-activation to the I/O dtype, as the reference does and as a saved copy would be.
     g = acc_g.to(h_ptr.dtype.element_ty)
     u = acc_u.to(h_ptr.dtype.element_ty)
     h = activation_fwd(g.to(tl.float32), u.to(tl.float32), alpha, limit, ACT)
-    rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
     out_mask = row_mask[:, None] & col_mask[None, :]
     if STORE_H:

@@ -78,24 +78,33 @@ def set_backward_engine(engine: str | None) -> None:
     _engine_override = engine
 
 
-def split_unsupported(x_TD: torch.Tensor, down_proj: torch.Tensor) -> str | None:
-    """Why the split engine cannot run these operands (None when it can). Its GEMMs are ``torch._grouped_mm``
-    calls: on CUDA, bfloat16 on compute capability 9.0 or newer; rows 16-byte aligned (D and I multiples of
-    16 bytes); ``down_proj`` ``[E, D, I]`` with a unit stride in one of its last two dims."""
+def grouped_mm_unsupported(device: torch.device, dtype: torch.dtype, D: int, I: int,
+                           capability: tuple[int, int] | None = None) -> str | None:
+    """Why ``torch._grouped_mm`` cannot run GEMMs of these rows (None when it can): on CUDA, bfloat16 on compute
+    capability 9.0 or newer (``capability``, the CUDA device's, given by the caller); rows 16-byte aligned (D and I
+    multiples of 16 bytes). The rule of the split engine and of the triton backend's LoRA path."""
     if not hasattr(torch, "_grouped_mm"):
         return f"torch {torch.__version__} has no torch._grouped_mm"
-    if x_TD.device.type == "cuda":
-        if x_TD.dtype != torch.bfloat16:
-            return f"torch._grouped_mm on CUDA takes bfloat16, got {x_TD.dtype}"
-        if torch.cuda.get_device_capability(x_TD.device) < (9, 0):
+    if device.type == "cuda":
+        if dtype != torch.bfloat16:
+            return f"torch._grouped_mm on CUDA takes bfloat16, got {dtype}"
+        if capability is not None and capability < (9, 0):
             return "torch._grouped_mm on CUDA needs compute capability 9.0 or newer"
-    _, D, I = down_proj.shape
-    per_16_bytes = 16 // x_TD.element_size()
+    per_16_bytes = 16 // (torch.finfo(dtype).bits // 8)
     if D % per_16_bytes or I % per_16_bytes:
         return f"D={D} and I={I} must be multiples of {per_16_bytes} (16-byte aligned rows) for torch._grouped_mm"
-    if down_proj.stride(2) != 1 and down_proj.stride(1) != 1:
-        return f"down_proj: expected a unit stride in one of its last two dims, got strides {down_proj.stride()}"
     return None
+
+
+def split_unsupported(x_TD: torch.Tensor, down_proj: torch.Tensor) -> str | None:
+    """Why the split engine cannot run these operands (None when it can): :func:`grouped_mm_unsupported` for its
+    ``torch._grouped_mm`` GEMMs, and ``down_proj`` ``[E, D, I]`` with a unit stride in one of its last two dims."""
+    _, D, I = down_proj.shape
+    capability = torch.cuda.get_device_capability(x_TD.device) if x_TD.device.type == "cuda" else None
+    why = grouped_mm_unsupported(x_TD.device, x_TD.dtype, D, I, capability)
+    if why is None and down_proj.stride(2) != 1 and down_proj.stride(1) != 1:
+        why = f"down_proj: expected a unit stride in one of its last two dims, got strides {down_proj.stride()}"
+    return why
 
 
 def backward_engine(x_TD: torch.Tensor, down_proj: torch.Tensor) -> str:
@@ -128,4 +137,4 @@ def backward_engine(x_TD: torch.Tensor, down_proj: torch.Tensor) -> str:
 
 
 __all__ = ["BACKWARD_ENGINES", "COMBINE_CHUNK_BYTES", "backward_engine", "combine_chunked", "d_chunks",
-           "saved_rows", "set_backward_engine", "split_unsupported"]
+           "grouped_mm_unsupported", "saved_rows", "set_backward_engine", "split_unsupported"]

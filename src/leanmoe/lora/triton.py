@@ -32,18 +32,18 @@ from typing import Optional
 
 import torch
 
-from leanmoe.activations import GATED_ACTIVATIONS, Activation
+from leanmoe.activations import Activation
 from leanmoe.experts.plan import plan_experts
+from leanmoe.experts.triton import (
+    grouped_projection_grads,
+    grouped_weight_grad,
+    kernel_act,
+    routing_weight_grad,
+    split_gate_up_bwd,
+)
 from leanmoe.kernels.policy import combine_chunked
 
 Tensor = torch.Tensor
-
-
-def _act(activation: str, alpha: float, limit: float, gate_up_layout: str) -> dict:
-    from leanmoe.kernels.moe_common import ACTIVATION_CODES
-
-    return dict(act_code=ACTIVATION_CODES[activation], gated=activation in GATED_ACTIVATIONS,
-                interleaved=gate_up_layout == "interleaved", alpha=alpha, limit=limit)
 
 
 def _low_rank(a_RX: Tensor, A_EPX: Tensor, offsets_E: Tensor, s: float) -> Tensor:
@@ -77,7 +77,7 @@ def triton_lora_fwd(
         del x_RD
     h_RI, _ = gate_up_fwd(x_TD, tok, offs, gate_up_proj, gate_up_bias, n_saved=0,
                           lora_in_RP=xlow_RP if gu_A is not None else None, lora_B=gu_B,
-                          **_act(activation, alpha, limit, gate_up_layout))
+                          **kernel_act(activation, alpha, limit, gate_up_layout))
     hlow_RP = x_TD.new_empty(0, d_A.shape[1] if d_A is not None else 0)
     if d_A is not None:
         hlow_RP = _low_rank(h_RI, d_A, offs, scale) if R else x_TD.new_empty(0, d_A.shape[1])
@@ -114,15 +114,9 @@ def triton_lora_bwd(
     """Returns ``(dx, dweights, dgate_up_proj, ddown_proj, dgate_up_bias, ddown_bias, dgu_A, dgu_B, dd_A, dd_B)``;
     a gradient not asked for (``need_*``: frozen base weights, an x without grad), a missing bias's and an absent
     target's are empty tensors, and no kernel runs for them."""
-    from leanmoe.experts.triton import _down_bias_term, _grouped_weight_grad
-    from leanmoe.kernels.moe_bwd import activation_bwd_rows, expert_bias_grad
-    from leanmoe.kernels.moe_fwd import gate_up_fwd
-
     T, D = x_TD.shape
     K = topk_ids_TK.shape[1]
-    E, N, _ = gate_up_proj.shape
     R = T * K
-    act = _act(activation, alpha, limit, gate_up_layout)
     tok, offs = sorted_tokens_R, offsets_E
     empty = x_TD.new_empty(0)
     if R == 0:  # nothing routed: zero gradients of the right shapes
@@ -132,51 +126,40 @@ def triton_lora_bwd(
                 zeros(gate_up_proj, need_dgate_up), zeros(down_proj, need_ddown), zeros(gate_up_bias, need_dgate_up),
                 zeros(down_bias, need_ddown), zeros(gu_A), zeros(gu_B), zeros(d_A), zeros(d_B))
 
-    # Pre-activations as forward computed them (same kernel, same sums), then W_down^T dy with the down adapter.
-    _, pre_RN = gate_up_fwd(x_TD, tok, offs, gate_up_proj, gate_up_bias, n_saved=R, store_h=False,
-                            lora_in_RP=xlow_RP if gu_A is not None else None, lora_B=gu_B, **act)
-    dy_RD = dy_TD.index_select(0, tok)
-    dh_RI = torch._grouped_mm(dy_RD, down_proj, offs=offs)
-    dylow_RP: Optional[Tensor] = None
-    if d_A is not None and d_B is not None:
-        dylow_RP = torch._grouped_mm(dy_RD, d_B, offs=offs)  # B_d^T dy, [R, P]
-        dh_RI.add_(torch._grouped_mm(dylow_RP, d_A, offs=offs), alpha=scale)
-    # <dy, W_d h + B_d hlow> = <W_d^T dy + s A_d^T B_d^T dy, h>: the routing-weight gradient from dh (+ down bias).
-    dgate_up_RN, hw_RI, dweights_R = activation_bwd_rows(pre_RN, dh_RI, scale_R, offs, **act,
-                                                         dgate_up_RN=None if act["interleaved"] else pre_RN)
-    if down_bias is not None:
-        dweights_R = dweights_R + _down_bias_term(dy_TD, down_bias, topk_ids_TK, sorted_rows_R, tok, offs,
-                                                  token_mask)
-    dweights_TK = torch.zeros(R, device=x_TD.device, dtype=torch.float32).scatter_(0, sorted_rows_R, dweights_R)
-    dweights_TK = dweights_TK.view(T, K).to(topk_weights_TK.dtype)
+    # The split engine's gate/up backward with both adapters' terms: the pre-activations recomputed as forward
+    # computed them, W_down^T dy + s A_d^T B_d^T dy, and <that, h> as the routing-weight gradient.
+    down_lora = (d_A, d_B, scale) if d_A is not None and d_B is not None else None
+    dgate_up_RN, hw_RI, dweights_R, dy_RD, dylow_RP = split_gate_up_bwd(
+        x_TD, dy_TD, tok, offs, scale_R, gate_up_proj, gate_up_bias, down_proj, x_TD.new_empty(0, 0),
+        kernel_act(activation, alpha, limit, gate_up_layout), keep_dy=True,
+        gate_up_lora=(xlow_RP, gu_B) if gu_A is not None and gu_B is not None else None, down_lora=down_lora)
+    assert dy_RD is not None
+    dweights_TK = routing_weight_grad(dweights_R, dy_TD, down_bias, topk_ids_TK, topk_weights_TK, sorted_rows_R,
+                                      tok, offs, token_mask)
 
     ddown_proj = ddown_bias = dgate_up_proj = dgate_up_bias = None
     dd_A = dd_B = dgu_A = dgu_B = None
     if need_ddown:
-        ddown_proj = _grouped_weight_grad(dy_RD, hw_RI, offs, down_proj)
-        if down_bias is not None:
-            ddown_bias = expert_bias_grad(dy_RD, offs, torch.empty(E, D, device=x_TD.device, dtype=down_proj.dtype),
-                                          scale_R=scale_R)
-    if d_A is not None and d_B is not None and dylow_RP is not None:
+        ddown_proj, ddown_bias = grouped_projection_grads(dy_RD, hw_RI, offs, down_proj, down_bias,
+                                                          bias_scale_R=scale_R)
+    if down_lora is not None and d_A is not None and d_B is not None and dylow_RP is not None:
         # d B_d[e] = sum_r (w_r dy_r) hlow_r^T; d A_d[e] = s sum_r (B_d^T dy_r)(w_r h_r)^T.
         hlow_w_RP = (hlow_RP.float() * scale_R[:, None]).to(hlow_RP.dtype)
-        dd_B = _grouped_weight_grad(dy_RD, hlow_w_RP, offs, d_B)
-        dd_A = _grouped_weight_grad(dylow_RP, hw_RI, offs, d_A).mul_(scale)
-    del dy_RD, hw_RI, dylow_RP, dh_RI
+        dd_B = grouped_weight_grad(dy_RD, hlow_w_RP, offs, d_B)
+        dd_A = grouped_weight_grad(dylow_RP, hw_RI, offs, d_A).mul_(scale)
+    del dy_RD, hw_RI, dylow_RP
 
     dxlow_RP: Optional[Tensor] = None
     if gu_A is not None and gu_B is not None:
-        dgu_B = _grouped_weight_grad(dgate_up_RN, xlow_RP, offs, gu_B)
+        dgu_B = grouped_weight_grad(dgate_up_RN, xlow_RP, offs, gu_B)
         dxlow_RP = torch._grouped_mm(dgate_up_RN, gu_B, offs=offs).mul_(scale)  # d(x A_gu^T), scale folded in
     if need_dgate_up or dxlow_RP is not None:
         x_RD = x_TD.index_select(0, tok)  # transient: freed before dx
         if need_dgate_up:
-            dgate_up_proj = _grouped_weight_grad(dgate_up_RN, x_RD, offs, gate_up_proj)
-            if gate_up_bias is not None:
-                dgate_up_bias = expert_bias_grad(dgate_up_RN, offs, torch.empty(E, N, device=x_TD.device,
-                                                                                 dtype=gate_up_proj.dtype))
+            dgate_up_proj, dgate_up_bias = grouped_projection_grads(dgate_up_RN, x_RD, offs, gate_up_proj,
+                                                                    gate_up_bias)
         if dxlow_RP is not None and gu_A is not None:
-            dgu_A = _grouped_weight_grad(dxlow_RP, x_RD, offs, gu_A)
+            dgu_A = grouped_weight_grad(dxlow_RP, x_RD, offs, gu_A)
         del x_RD
 
     dx_TD = torch.empty(T, D, device=x_TD.device, dtype=x_TD.dtype) if need_dx else empty.clone()
