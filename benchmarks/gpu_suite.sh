@@ -13,6 +13,8 @@
 #   lora     leanmoe bench --lora 16 (skipped with a note while the option does not exist) -> $OUT/lora.json
 #   retest   the GPU tests matching RETEST_K      peers-decode  peers.py --cuda-graphs at T in DECODE_T (64)
 #   hf-lora  leanmoe bench --hf M --lora 16 for M in HF_LORA_MODELS (qwen3_moe mixtral)
+#   hf-decode  leanmoe bench --hf M --mode decode for M in HF_DECODE_MODELS (qwen3_moe mixtral) -> $OUT/hf_decode_M.json
+#   profile  benchmarks/profile_step.py: the step's CUDA kernels by name (PROFILE_ARGS) -> $OUT/profile.json
 #   ab       benchmarks/ab_versions.py, .old/leanmoe_v5 against the checkout (carry .old)
 #   engines  benchmarks/gemm_engines.py: every GEMM of a fwd+bwd on both backward engines, and the backward op per
 #            engine (ENGINES_ARGS, default "--parts gemm,bwd") -> $OUT/gemm_engines.json
@@ -152,6 +154,13 @@ for step in $steps; do
         run "hf-lora-$m" 200 "FAILED|Error|Traceback" python3 -m leanmoe bench --hf "$m" --lora 16 \
           --json "$OUT/hf_lora_$m.json"
       done ;;
+    hf-decode)  # tokens/s of a patched model's decode steps against transformers' expert implementations
+      for m in ${HF_DECODE_MODELS:-qwen3_moe mixtral}; do
+        run "hf-decode-$m" 200 "FAILED|Error|Traceback" python3 -m leanmoe bench --hf "$m" --mode decode \
+          --json "$OUT/hf_decode_$m.json"
+      done ;;
+    profile)
+      run profile 240 "==|Error|Traceback" python3 benchmarks/profile_step.py ${PROFILE_ARGS:-} --json "$OUT/profile.json" ;;
     hftests)
       LEANMOE_AUTOTUNE=0 run hftests 200 "$TEST_PAT" python3 -m pytest -q -rfE -n 4 -m gpu -p no:cacheprovider \
         --timeout 180 --tb=short tests/test_hf_families.py tests/test_hf_patching.py tests/test_hf_bench.py ;;

@@ -340,6 +340,35 @@ def test_activation_bwd_rows_activations(name, interleaved):
         assert_close(out_t, ref_t, tol=TOLERANCES[torch.float32], name=field)
 
 
+@pytest.mark.parametrize("targets,interleaved", [(("down",), False), (("gate_up",), True),
+                                                 (("gate_up", "down"), False)], ids=["down", "gate_up-inter", "both"])
+@pytest.mark.parametrize("rank", [1, 8, 24])
+@pytest.mark.parametrize("case,dtype,_strided", CASES)
+def test_activation_bwd_rows_lora(case, dtype, _strided, rank, targets, interleaved):
+    """The adapters' terms in the row kernel (expert row tiles): the down adapter's ``s (B_d^T dy) A_d`` added to
+    dh, and the gate/up adapter's ``s dgate_up B_gu`` written for the kept rows."""
+    routing, pre_RN, dh_RI, scale_R = _rows_inputs(case, dtype)
+    E = routing.offsets_E.numel()
+    lo_RP = rand(routing.R, rank, dtype=dtype)
+    A_EPI = rand(E, I, rank, dtype=dtype).transpose(1, 2)  # strided, as a factor may be
+    B_ENP = rand(E, 2 * I, rank, dtype=dtype, strided=True)
+    kwargs = dict(act_code=SWIGLU, gated=True, interleaved=interleaved, alpha=1.702, limit=7.0)
+    lora: dict = dict(lora_scale=0.5)
+    if "down" in targets:
+        lora.update(lora_in_RP=lo_RP, lora_A=A_EPI)
+    if "gate_up" in targets:
+        lora.update(lora_B_gu=B_ENP)
+    ref_dxlow, dxlow = (torch.full((routing.R, rank), float("nan"), dtype=dtype, device=DEVICE) for _ in range(2))
+    extra = dict(dxlow_RP=ref_dxlow) if "gate_up" in targets else {}
+    ref = reference.activation_bwd_rows_reference(pre_RN.clone(), dh_RI.clone(), scale_R, routing.offsets_E,
+                                                  **kwargs, **lora, **extra)
+    extra = dict(dxlow_RP=dxlow) if "gate_up" in targets else {}
+    out = activation_bwd_rows(pre_RN, dh_RI, scale_R, routing.offsets_E, **kwargs, **lora, **extra)
+    assert_activation_grads(out, ref, routing.kept, dtype)
+    if "gate_up" in targets:
+        assert_rows(dxlow, ref_dxlow, routing.kept, tol=TOLERANCES[dtype], name="dxlow_RP")
+
+
 def test_activation_bwd_rows_rejects():
     routing, pre_RN, dh_RI, scale_R = _rows_inputs("E4-empty_expert", torch.float32)
     kwargs = dict(act_code=SWIGLU, gated=True, alpha=1.702, limit=7.0)
@@ -352,6 +381,16 @@ def test_activation_bwd_rows_rejects():
         activation_bwd_rows(pre_RN[:, :-1], dh_RI, scale_R, routing.offsets_E, interleaved=False, **kwargs)
     with pytest.raises(ValueError, match="scale_R"):
         activation_bwd_rows(pre_RN, dh_RI, scale_R.double(), routing.offsets_E, interleaved=False, **kwargs)
+    with pytest.raises(ValueError, match="lora_A"):
+        activation_bwd_rows(pre_RN, dh_RI, scale_R, routing.offsets_E, interleaved=False, **kwargs,
+                            lora_in_RP=rand(routing.R, 4, dtype=torch.float32))
+    with pytest.raises(ValueError, match="lora_A"):
+        activation_bwd_rows(pre_RN, dh_RI, scale_R, routing.offsets_E, interleaved=False, **kwargs,
+                            lora_in_RP=rand(routing.R, 4, dtype=torch.float32),
+                            lora_A=rand(routing.offsets_E.numel(), 5, I, dtype=torch.float32))
+    with pytest.raises(ValueError, match="dxlow_RP"):
+        activation_bwd_rows(pre_RN, dh_RI, scale_R, routing.offsets_E, interleaved=False, **kwargs,
+                            lora_B_gu=rand(routing.offsets_E.numel(), 2 * I, 4, dtype=torch.float32))
 
 
 @pytest.mark.parametrize("scaled", [False, True])

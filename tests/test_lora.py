@@ -231,6 +231,48 @@ def test_token_mask(backend):
         check_against_reference(p, lora, backend, token_mask=mask)
 
 
+@pytest.mark.parametrize("path", ["token_major", "gathered"])
+@pytest.mark.parametrize("case", [
+    dict(T=14, E=5, K=2, masked=True),  # masked tokens' x rows NaN, rows past the kept ones in every [R, P] block
+    dict(T=12, E=4, K=1, routing="one_expert"),  # experts with no rows
+    dict(T=9, E=4, K=4),  # K = E
+    dict(T=21, E=7, K=3),  # prime E
+    dict(T=0, E=5, K=2),
+], ids=lambda c: f"T{c['T']}-E{c['E']}-K{c['K']}{'-masked' if c.get('masked') else ''}")
+def test_triton_low_rank_paths_with_frozen_base(path, case, monkeypatch):
+    """Both ways of the gate/up adapter's x A^T and its A gradient on the triton backend (token-major and gathered,
+    :func:`leanmoe.lora.triton.token_major_low_rank`), base weights frozen so no x rows are gathered for them."""
+    monkeypatch.setenv("LEANMOE_LORA_LOW_RANK", path)
+    p = make_problem(case["T"], 16, 8, case["E"], case["K"], routing=case.get("routing", "uniform"), bias=True,
+                     seed=12)
+    for w in (p.gate_up_proj, p.down_proj, p.gate_up_bias, p.down_bias):
+        w.requires_grad_(False)
+    mask = None
+    if case.get("masked"):
+        mask = torch.rand(case["T"], generator=torch.Generator().manual_seed(3)) > 0.4
+        with torch.no_grad():
+            p.x_TD[~mask] = float("nan")
+    lora = make_lora(p, rank=5)
+    _, grads = run(p, lora, "triton", torch.randn(p.x_TD.shape), token_mask=mask)
+    assert not any(g is not None and g.isnan().any() for g in grads)
+    check_against_reference(p, lora, "triton", token_mask=mask)
+
+
+def test_token_major_rule(monkeypatch):
+    from leanmoe.lora.triton import TOKEN_MAJOR_MAX_PER_K, token_major_low_rank
+
+    monkeypatch.delenv("LEANMOE_LORA_LOW_RANK", raising=False)
+    assert token_major_low_rank(128, 16, 8)  # Qwen3-30B-A3B at rank 16: 2048 columns per token
+    assert not token_major_low_rank(128, 64, 8)  # rank 64: 8192 columns, more than the gather costs
+    assert token_major_low_rank(8, TOKEN_MAJOR_MAX_PER_K // 4, 2)
+    assert not token_major_low_rank(8, TOKEN_MAJOR_MAX_PER_K // 4 + 8, 2)
+    monkeypatch.setenv("LEANMOE_LORA_LOW_RANK", "gathered")
+    assert not token_major_low_rank(8, 16, 2)
+    monkeypatch.setenv("LEANMOE_LORA_LOW_RANK", "dense")
+    with pytest.raises(ValueError, match="LEANMOE_LORA_LOW_RANK.*'dense'"):
+        token_major_low_rank(8, 16, 2)
+
+
 @pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS])
 def test_dropout_in_training_only(backend):
     p = make_problem(16, 16, 8, 4, 2, seed=11)

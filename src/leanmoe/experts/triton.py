@@ -121,19 +121,21 @@ def _(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias,
 
 def split_gate_up_bwd(x_TD: Tensor, dy_TD: Tensor, sorted_tokens_R: Tensor, offsets_E: Tensor, scale_R: Tensor,
                       gate_up_proj: Tensor, gate_up_bias: Optional[Tensor], down_proj: Tensor, saved_SN: Tensor,
-                      act: dict, *, keep_dy: bool, gate_up_lora: Optional[tuple[Tensor, Tensor]] = None,
+                      act: dict, *, keep_dy: bool, gate_up_lora: Optional[tuple[Tensor, Tensor, float]] = None,
                       down_lora: Optional[tuple[Tensor, Tensor, float]] = None
-                      ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
-    """The split engine's gate/up backward: ``(dgate_up_RN, hw_RI, dweights_R, dy_RD, dylow_RP)``; ``dy_RD``, the
-    gathered dy rows, only with ``keep_dy`` (for ``d down_proj`` and the down adapter), ``dylow_RP = dy B_d`` only
-    with ``down_lora``.
+                      ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """The split engine's gate/up backward: ``(dgate_up_RN, hw_RI, dweights_R, dy_RD, dylow_RP, dxlow_RP)``;
+    ``dy_RD``, the gathered dy rows, only with ``keep_dy`` (for ``d down_proj`` and the down adapter),
+    ``dylow_RP = dy B_d`` only with ``down_lora``, ``dxlow_RP = s dgate_up B_gu`` (the gradient of the gate/up
+    adapter's low-rank rows, scale included) only with ``gate_up_lora``.
 
     The pre-activations are the saved ones when every row was saved, else the forward kernel recomputes all of
     them (bitwise the forward's sums: the same kernel and tuning key), with the gate/up adapter's term
-    ``gate_up_lora = (s x A_gu^T [R, P], B_gu)``. ``W_down^T dy`` is a ``torch._grouped_mm`` on the gathered dy
-    rows, plus ``s A_d^T (B_d^T dy)`` for ``down_lora = (A_d, B_d, s)``. The activation backward runs row by row in
-    place (dgate_up over the recomputed pre-activations for the concatenated layout, ``w h`` over ``W_down^T dy``);
-    its routing-weight gradient ``<W_down^T dy, h>`` lacks the down-bias term (:func:`routing_weight_grad`).
+    ``gate_up_lora = (s x A_gu^T [R, P], B_gu, s)``. ``W_down^T dy`` is a ``torch._grouped_mm`` on the gathered dy
+    rows; for ``down_lora = (A_d, B_d, s)``, ``s A_d^T (B_d^T dy)`` joins it inside the row kernel. The activation
+    backward runs row by row in place (dgate_up over the recomputed pre-activations for the concatenated layout,
+    ``w h`` over ``W_down^T dy``), and writes ``dxlow_RP`` from its dgate_up tiles; its routing-weight gradient
+    ``<W_down^T dy, h>`` lacks the down-bias term (:func:`routing_weight_grad`).
     """
     from leanmoe.kernels.moe_bwd import activation_bwd_rows
     from leanmoe.kernels.moe_fwd import gate_up_fwd
@@ -142,22 +144,28 @@ def split_gate_up_bwd(x_TD: Tensor, dy_TD: Tensor, sorted_tokens_R: Tensor, offs
     I = down_proj.shape[2]
     recomputed = saved_SN.shape[0] < R
     if recomputed:
-        lora_in_RP, lora_B = gate_up_lora if gate_up_lora is not None else (None, None)
+        lora_in_RP, lora_B = gate_up_lora[:2] if gate_up_lora is not None else (None, None)
         _, pre_RN = gate_up_fwd(x_TD, sorted_tokens_R, offsets_E, gate_up_proj, gate_up_bias, n_saved=R,
                                 store_h=False, lora_in_RP=lora_in_RP, lora_B=lora_B, **act)
     else:
         pre_RN = saved_SN
     dy_RD = dy_TD.index_select(0, sorted_tokens_R)
     dh_RI = torch._grouped_mm(dy_RD, down_proj, offs=offsets_E) if R else dy_RD.new_empty(0, I)
-    dylow_RP: Optional[Tensor] = None
+    dylow_RP = dxlow_RP = None
+    lora_rows: dict = {}
     if down_lora is not None and R:
         d_A, d_B, s = down_lora
         dylow_RP = torch._grouped_mm(dy_RD, d_B, offs=offsets_E)  # B_d^T dy, [R, P]
-        dh_RI.add_(torch._grouped_mm(dylow_RP, d_A, offs=offsets_E), alpha=s)
+        # s (B_d^T dy) A_d joins dh inside the row kernel: no [R, I] temporary.
+        lora_rows.update(lora_in_RP=dylow_RP, lora_A=d_A, lora_scale=s)
+    if gate_up_lora is not None:
+        xlow_RP, gu_B, s = gate_up_lora
+        dxlow_RP = torch.empty_like(xlow_RP)
+        lora_rows.update(lora_B_gu=gu_B, dxlow_RP=dxlow_RP, lora_scale=s)
     in_place = recomputed and not act["interleaved"]
     dgate_up_RN, hw_RI, dweights_R = activation_bwd_rows(pre_RN, dh_RI, scale_R, offsets_E, **act,
-                                                         dgate_up_RN=pre_RN if in_place else None)
-    return dgate_up_RN, hw_RI, dweights_R, dy_RD if keep_dy else None, dylow_RP
+                                                         dgate_up_RN=pre_RN if in_place else None, **lora_rows)
+    return dgate_up_RN, hw_RI, dweights_R, dy_RD if keep_dy else None, dylow_RP, dxlow_RP
 
 
 def routing_weight_grad(dweights_R: Tensor, dy_TD: Tensor, down_bias: Optional[Tensor], topk_ids_TK: Tensor,
@@ -228,7 +236,7 @@ def triton_experts_bwd(
     split = backward_engine(x_TD, down_proj) == "split"
     dy_RD: Optional[Tensor] = None
     if split:
-        dgate_up_RN, hw_RI, dweights_R, dy_RD, _ = split_gate_up_bwd(
+        dgate_up_RN, hw_RI, dweights_R, dy_RD, _, _ = split_gate_up_bwd(
             x_TD, dy_TD, sorted_tokens_R, offsets_E, scale_R, gate_up_proj, gate_up_bias, down_proj, saved_SN,
             act, keep_dy=need_ddown)
     else:

@@ -236,11 +236,12 @@ def gate_up_rows(cols, I, GATED: tl.constexpr, INTERLEAVED: tl.constexpr):
 
 
 @triton.jit
-def gate_up_preact(x_rows, row_mask, w_base, b_base, g_rows, u_rows, col_mask, D, stride_xd, stride_wd, stride_wn,
-                   stride_bn, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, OFFS64: tl.constexpr):
-    """fp32 gate and up pre-activations of one tile: ``x_rows`` (row pointers, gathered) times the expert's weight
-    rows ``g_rows`` / ``u_rows`` (base ``w_base``), plus its bias (base ``b_base``); up stays zero when not
+def gate_up_preact(acc_g, acc_u, x_rows, row_mask, w_base, b_base, g_rows, u_rows, col_mask, D, stride_xd,
+                   stride_wd, stride_wn, stride_bn, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   DOT_PREC: tl.constexpr, BK: tl.constexpr, OFFS64: tl.constexpr):
+    """fp32 gate and up pre-activations of one tile: ``acc_g`` / ``acc_u`` (``[BM, BN]`` fp32, the accumulators'
+    start: zeros, or a LoRA term) plus ``x_rows`` (row pointers, gathered) times the expert's weight rows
+    ``g_rows`` / ``u_rows`` (base ``w_base``), plus its bias (base ``b_base``); up stays as given when not
     ``GATED``. The forward and the recomputing backward share it, so both round the same sums.
 
     ``OFFS64`` (see :func:`offsets_fit_int32`): column offsets in int64, computed once per tile, the pointers
@@ -249,8 +250,6 @@ def gate_up_preact(x_rows, row_mask, w_base, b_base, g_rows, u_rows, col_mask, D
     the same order.
     """
     ks = tl.arange(0, BK)
-    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
     if OFFS64:
         ks64 = ks.to(tl.int64)
         g64 = g_rows.to(tl.int64)

@@ -9,17 +9,19 @@ With ``s = alpha / rank``, expert e computes ``gate_up = x W_gu^T + (s x A_gu^T)
 
 Forward (``leanmoe::triton_lora_fwd``):
 1. the triton backend's plan (sorted rows, int32 offsets, no host sync);
-2. ``xlow_RP = s x[sorted_tokens] A_gu^T``: a ``torch._grouped_mm`` on a transient gathered copy of x;
-3. the gate/up Triton kernel with ``xlow_RP @ B_gu[e]^T`` added to its accumulators (activation in the epilogue);
+2. ``xlow_RP = s x[sorted_tokens] A_gu^T``, token-major or gathered (:func:`token_major_low_rank`);
+3. the gate/up Triton kernel with ``xlow_RP @ B_gu[e]^T`` as its accumulators' start (activation in the epilogue);
 4. ``hlow_RP = s h A_d^T`` (``torch._grouped_mm``), then the down projection and combine kernels with
-   ``hlow_RP @ B_d[e]^T`` added before the routing weight.
+   ``hlow_RP @ B_d[e]^T`` as the accumulator's start.
 Kept for backward: the caller's tensors, the plan and the two ``[R, P]`` low-rank blocks (``R * 2P`` elements: 4 MiB
 for Qwen3-30B-A3B at T=16384, rank 16). Nothing else: backward recomputes the pre-activations with the same kernel.
 
 Backward (``leanmoe::triton_lora_bwd``), the split engine of :mod:`leanmoe.experts.triton` with the adapters:
-the pre-activations recomputed bitwise as in forward; ``dh = dy W_d + s (dy B_d) A_d`` and the adapters' gradients
-as ``torch._grouped_mm`` calls on the gathered dy and x rows; the activation backward row by row; dx by the grouped
-GEMM kernel with ``(s dgate_up B_gu) A_gu`` added. Frozen base weights (and an x without grad) cost no kernel.
+the pre-activations recomputed bitwise as in forward; ``W_d^T dy`` and ``B_d^T dy`` as ``torch._grouped_mm`` calls
+on the gathered dy rows; the activation backward row by row, which adds ``s (B_d^T dy) A_d`` to dh and writes
+``dxlow = s dgate_up B_gu`` from its tiles (no ``[R, I]`` temporary, no second pass over dgate_up); the adapters'
+weight gradients as grouped GEMMs (``d A_gu`` token-major or gathered, as in forward); dx by the grouped GEMM
+kernel with ``dxlow A_gu`` as its start. Frozen base weights (and an x without grad) cost no kernel.
 LoRA dropout in training is not fused here: such calls go to the grouped_mm or reference backend.
 """
 
@@ -28,6 +30,7 @@ LoRA dropout in training is not fused here: such calls go to the grouped_mm or r
 # ruff: noqa: UP045
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -51,6 +54,73 @@ def _low_rank(a_RX: Tensor, A_EPX: Tensor, offsets_E: Tensor, s: float) -> Tenso
     return torch._grouped_mm(a_RX, A_EPX.transpose(1, 2), offs=offsets_E).mul_(s)
 
 
+#: :func:`token_major_low_rank` holds while ``E * P <= TOKEN_MAJOR_MAX_PER_K * K``.
+TOKEN_MAJOR_MAX_PER_K = 512
+LOW_RANK_PATHS = ("auto", "token_major", "gathered")
+
+
+def token_major_low_rank(E: int, P: int, K: int) -> bool:
+    """Whether the gate/up adapter's ``x A_gu^T`` (forward) and ``d A_gu`` (backward) run token-major.
+
+    Token-major: ``x_TD @ [A_gu[0]; ...; A_gu[E-1]]^T`` for every token and expert (``[T, E*P]``, one dense GEMM),
+    of which each sorted row takes its expert's P columns; backward, the rows' ``d(x A^T)`` scattered into a
+    ``[T, E*P]`` zero matrix, times ``x_TD``. Gathered: ``x[sorted_tokens]`` (a transient ``[R, D]`` copy) and
+    grouped GEMMs. Token-major does E/K times the useful FLOPs but never writes or reads ``[R, D]``: on an H200
+    (~700 TFLOP/s dense, ~3.5 TB/s) the dense GEMM's ``2 T D E P`` FLOPs cost less than the gather's ``3 R D`` bf16
+    passes while ``E P`` stays below about 600 K; the bound here keeps a margin. ``LEANMOE_LORA_LOW_RANK``
+    (``token_major`` / ``gathered``) overrides the rule, for measurements.
+    """
+    path = os.environ.get("LEANMOE_LORA_LOW_RANK", "auto")
+    if path not in LOW_RANK_PATHS:
+        raise ValueError(f"LEANMOE_LORA_LOW_RANK: expected one of {LOW_RANK_PATHS}, got {path!r}")
+    if path != "auto":
+        return path == "token_major"
+    return E * P <= TOKEN_MAJOR_MAX_PER_K * K
+
+
+def _row_experts(offsets_E: Tensor, R: int) -> Tensor:
+    """Expert of each sorted row, ``[R]`` int64 (rows past ``offsets_E[-1]``: E-1, in range; no host sync)."""
+    positions_R = torch.arange(R, device=offsets_E.device, dtype=offsets_E.dtype)
+    return torch.searchsorted(offsets_E, positions_R, right=True).clamp_max_(offsets_E.numel() - 1)
+
+
+def _x_low_rank(x_TD: Tensor, A_EPD: Tensor, sorted_tokens_R: Tensor, offsets_E: Tensor, s: float, K: int
+                ) -> Tensor:
+    """``xlow_RP = s x[sorted_tokens] A_gu[e]^T``, ``[R, P]`` (rows past ``offsets_E[-1]`` mean nothing)."""
+    E, P, D = A_EPD.shape
+    R = sorted_tokens_R.numel()
+    if R == 0:
+        return x_TD.new_empty(0, P)
+    if token_major_low_rank(E, P, K):
+        xa_TQ = x_TD @ A_EPD.reshape(E * P, D).t()  # [T, E*P]
+        slots_R = sorted_tokens_R * E + _row_experts(offsets_E, R)
+        return xa_TQ.view(-1, P).index_select(0, slots_R).mul_(s)
+    x_RD = x_TD.index_select(0, sorted_tokens_R)  # transient: freed on return
+    return _low_rank(x_RD, A_EPD, offsets_E, s)
+
+
+def _gate_up_A_grad(dxlow_RP: Tensor, x_TD: Tensor, sorted_tokens_R: Tensor, offsets_E: Tensor, A_EPD: Tensor,
+                    token_mask: Optional[Tensor], K: int, x_RD: Optional[Tensor]) -> Tensor:
+    """``d A_gu[e] = sum_r dxlow_r x_r^T`` over the expert's sorted rows, ``[E, P, D]`` (``dxlow_RP`` with the
+    scale folded in); ``x_RD``, the gathered rows, when the caller has them."""
+    E, P, D = A_EPD.shape
+    R = sorted_tokens_R.numel()
+    if x_RD is not None or not token_major_low_rank(E, P, K):
+        x_RD = x_TD.index_select(0, sorted_tokens_R) if x_RD is None else x_RD
+        return grouped_weight_grad(dxlow_RP, x_RD, offsets_E, A_EPD)
+    T = x_TD.shape[0]
+    kept_R1 = torch.arange(R, device=x_TD.device)[:, None] < offsets_E[-1:]
+    # Rows past the kept ones hold unwritten values: zero them, and the masked tokens' x rows (NaN padding must
+    # not reach the product).
+    dxlow_RP = torch.where(kept_R1, dxlow_RP, 0)
+    if token_mask is not None:
+        x_TD = x_TD.masked_fill(~token_mask[:, None], 0)
+    slots_R = sorted_tokens_R * E + _row_experts(offsets_E, R)
+    # (token, expert) pairs are distinct for distinct top-k ids; a repeated id adds its rows.
+    g_TQ = torch.zeros(T * E, P, device=x_TD.device, dtype=dxlow_RP.dtype).index_add_(0, slots_R, dxlow_RP)
+    return (g_TQ.view(T, E * P).t() @ x_TD).view(E, P, D)
+
+
 @torch.library.custom_op("leanmoe::triton_lora_fwd", mutates_args=())
 def triton_lora_fwd(
     x_TD: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
@@ -72,9 +142,7 @@ def triton_lora_fwd(
     scale_R = topk_weights_TK.reshape(-1).index_select(0, plan.sorted_rows_R).float()
     xlow_RP = x_TD.new_empty(0, gu_A.shape[1] if gu_A is not None else 0)
     if gu_A is not None:
-        x_RD = x_TD.index_select(0, tok)  # transient: freed before the gate/up kernel
-        xlow_RP = _low_rank(x_RD, gu_A, offs, scale) if R else x_TD.new_empty(0, gu_A.shape[1])
-        del x_RD
+        xlow_RP = _x_low_rank(x_TD, gu_A, tok, offs, scale, K)
     h_RI, _ = gate_up_fwd(x_TD, tok, offs, gate_up_proj, gate_up_bias, n_saved=0,
                           lora_in_RP=xlow_RP if gu_A is not None else None, lora_B=gu_B,
                           **kernel_act(activation, alpha, limit, gate_up_layout))
@@ -129,10 +197,10 @@ def triton_lora_bwd(
     # The split engine's gate/up backward with both adapters' terms: the pre-activations recomputed as forward
     # computed them, W_down^T dy + s A_d^T B_d^T dy, and <that, h> as the routing-weight gradient.
     down_lora = (d_A, d_B, scale) if d_A is not None and d_B is not None else None
-    dgate_up_RN, hw_RI, dweights_R, dy_RD, dylow_RP = split_gate_up_bwd(
+    dgate_up_RN, hw_RI, dweights_R, dy_RD, dylow_RP, dxlow_RP = split_gate_up_bwd(
         x_TD, dy_TD, tok, offs, scale_R, gate_up_proj, gate_up_bias, down_proj, x_TD.new_empty(0, 0),
         kernel_act(activation, alpha, limit, gate_up_layout), keep_dy=True,
-        gate_up_lora=(xlow_RP, gu_B) if gu_A is not None and gu_B is not None else None, down_lora=down_lora)
+        gate_up_lora=(xlow_RP, gu_B, scale) if gu_A is not None and gu_B is not None else None, down_lora=down_lora)
     assert dy_RD is not None
     dweights_TK = routing_weight_grad(dweights_R, dy_TD, down_bias, topk_ids_TK, topk_weights_TK, sorted_rows_R,
                                       tok, offs, token_mask)
@@ -149,18 +217,15 @@ def triton_lora_bwd(
         dd_A = grouped_weight_grad(dylow_RP, hw_RI, offs, d_A).mul_(scale)
     del dy_RD, hw_RI, dylow_RP
 
-    dxlow_RP: Optional[Tensor] = None
     if gu_A is not None and gu_B is not None:
         dgu_B = grouped_weight_grad(dgate_up_RN, xlow_RP, offs, gu_B)
-        dxlow_RP = torch._grouped_mm(dgate_up_RN, gu_B, offs=offs).mul_(scale)  # d(x A_gu^T), scale folded in
-    if need_dgate_up or dxlow_RP is not None:
+    x_RD: Optional[Tensor] = None
+    if need_dgate_up:
         x_RD = x_TD.index_select(0, tok)  # transient: freed before dx
-        if need_dgate_up:
-            dgate_up_proj, dgate_up_bias = grouped_projection_grads(dgate_up_RN, x_RD, offs, gate_up_proj,
-                                                                    gate_up_bias)
-        if dxlow_RP is not None and gu_A is not None:
-            dgu_A = grouped_weight_grad(dxlow_RP, x_RD, offs, gu_A)
-        del x_RD
+        dgate_up_proj, dgate_up_bias = grouped_projection_grads(dgate_up_RN, x_RD, offs, gate_up_proj, gate_up_bias)
+    if dxlow_RP is not None and gu_A is not None:
+        dgu_A = _gate_up_A_grad(dxlow_RP, x_TD, tok, offs, gu_A, token_mask, K, x_RD)
+    del x_RD
 
     dx_TD = torch.empty(T, D, device=x_TD.device, dtype=x_TD.dtype) if need_dx else empty.clone()
     if need_dx:
