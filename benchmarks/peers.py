@@ -224,6 +224,12 @@ class Impl:
         return f"{self.name} {version}" if version else self.name
 
 
+def default_impls(*, cuda_graphs: bool) -> list[str]:
+    """The implementations run when ``--impl`` is not given: all of :data:`IMPLS`, the decode backend (forward
+    only, small T) only when the forward is timed as a server runs it (``--cuda-graphs``)."""
+    return [n for n in IMPLS if cuda_graphs or IMPLS[n].backend != "triton_decode"]
+
+
 IMPLS: dict[str, Impl] = {impl.name: impl for impl in (
     Impl(name="leanmoe-triton-s0", backend="triton", save_percent=0),
     Impl(name="leanmoe-triton-s100", backend="triton", save_percent=100),
@@ -603,9 +609,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--cuda-graphs needs a CUDA device, got {device.type}")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     presets = resolve_presets(parser, args.preset, args.small or device.type == "cpu")
-    # The decode backend (forward only, small T) joins the default list when the forward is timed as a server runs it.
-    default = [n for n in IMPLS if args.cuda_graphs or IMPLS[n].backend != "triton_decode"]
-    impls = [IMPLS[n] for n in dict.fromkeys(args.impl or default)]
+    impls = [IMPLS[n] for n in dict.fromkeys(args.impl or default_impls(cuda_graphs=args.cuda_graphs))]
     env = collect_env(device, argv, dtype)
     if device.type == "cuda" and not args.check_only:
         print("measuring the dense bf16 matmul rate ...", file=sys.stderr, flush=True)

@@ -23,7 +23,13 @@ from tests.helpers import TOLERANCES, assert_close
 pytest.importorskip("triton")
 
 from leanmoe.kernels import reference  # noqa: E402
-from leanmoe.kernels.moe_bwd import activation_bwd_rows, expert_bias_grad, expert_weight_grad, gate_up_bwd  # noqa: E402,E501
+from leanmoe.kernels.moe_bwd import (  # noqa: E402
+    activation_bwd_rows,
+    expert_bias_grad,
+    expert_weight_grad,
+    gate_up_bwd,
+    lora_rows_add_,
+)
 from leanmoe.kernels.moe_common import ACTIVATION_CODES  # noqa: E402
 from leanmoe.kernels.moe_fwd import combine, gate_up_fwd, grouped_gemm  # noqa: E402
 from leanmoe.kernels.policy import saved_rows  # noqa: E402
@@ -340,33 +346,37 @@ def test_activation_bwd_rows_activations(name, interleaved):
         assert_close(out_t, ref_t, tol=TOLERANCES[torch.float32], name=field)
 
 
-@pytest.mark.parametrize("targets,interleaved", [(("down",), False), (("gate_up",), True),
-                                                 (("gate_up", "down"), False)], ids=["down", "gate_up-inter", "both"])
 @pytest.mark.parametrize("rank", [1, 8, 24])
-@pytest.mark.parametrize("case,dtype,_strided", CASES)
-def test_activation_bwd_rows_lora(case, dtype, _strided, rank, targets, interleaved):
-    """The adapters' terms in the row kernel (expert row tiles): the down adapter's ``s (B_d^T dy) A_d`` added to
-    dh, and the gate/up adapter's ``s dgate_up B_gu`` written for the kept rows."""
-    routing, pre_RN, dh_RI, scale_R = _rows_inputs(case, dtype)
-    E = routing.offsets_E.numel()
+@pytest.mark.parametrize("case,dtype,strided", CASES)
+def test_lora_rows_add(case, dtype, strided, rank):
+    """``out[r] += s lo[r] @ la[e]`` in place on the kept rows (the down adapter's dh term), rows past them
+    untouched."""
+    T, K, counts_E, n_masked = ROUTINGS[case]
+    routing = make_routing(T, K, counts_E, n_masked)
+    E, N = routing.offsets_E.numel(), 40  # 40 columns: two column tiles of the interpreter's kernel, one partial
+    out_RN = rand(routing.R, N, dtype=dtype)
+    out_RN[routing.kept:] = float("nan")
     lo_RP = rand(routing.R, rank, dtype=dtype)
-    A_EPI = rand(E, I, rank, dtype=dtype).transpose(1, 2)  # strided, as a factor may be
-    B_ENP = rand(E, 2 * I, rank, dtype=dtype, strided=True)
-    kwargs = dict(act_code=SWIGLU, gated=True, interleaved=interleaved, alpha=1.702, limit=7.0)
-    lora: dict = dict(lora_scale=0.5)
-    if "down" in targets:
-        lora.update(lora_in_RP=lo_RP, lora_A=A_EPI)
-    if "gate_up" in targets:
-        lora.update(lora_B_gu=B_ENP)
-    ref_dxlow, dxlow = (torch.full((routing.R, rank), float("nan"), dtype=dtype, device=DEVICE) for _ in range(2))
-    extra = dict(dxlow_RP=ref_dxlow) if "gate_up" in targets else {}
-    ref = reference.activation_bwd_rows_reference(pre_RN.clone(), dh_RI.clone(), scale_R, routing.offsets_E,
-                                                  **kwargs, **lora, **extra)
-    extra = dict(dxlow_RP=dxlow) if "gate_up" in targets else {}
-    out = activation_bwd_rows(pre_RN, dh_RI, scale_R, routing.offsets_E, **kwargs, **lora, **extra)
-    assert_activation_grads(out, ref, routing.kept, dtype)
-    if "gate_up" in targets:
-        assert_rows(dxlow, ref_dxlow, routing.kept, tol=TOLERANCES[dtype], name="dxlow_RP")
+    la_EPN = rand(E, rank, N, dtype=dtype, strided=strided)
+    ref = reference.lora_rows_add_reference(out_RN.clone(), lo_RP, la_EPN, routing.offsets_E, 0.5)
+    out = lora_rows_add_(out_RN, lo_RP, la_EPN, routing.offsets_E, 0.5)
+    assert out is out_RN
+    assert_rows(out, ref, routing.kept, tol=TOLERANCES[dtype], name="out_RN")
+
+
+def test_lora_rows_add_rejects():
+    routing = make_routing(*ROUTINGS["E4-empty_expert"][:3], 0)
+    out_RN = rand(routing.R, 8, dtype=torch.float32)
+    lo_RP = rand(routing.R, 4, dtype=torch.float32)
+    with pytest.raises(ValueError, match="la_EPN"):
+        lora_rows_add_(out_RN, lo_RP, rand(routing.offsets_E.numel(), 5, 8, dtype=torch.float32), routing.offsets_E,
+                       1.0)
+    with pytest.raises(ValueError, match="lo_RP"):
+        lora_rows_add_(out_RN, lo_RP.half(), rand(routing.offsets_E.numel(), 4, 8, dtype=torch.float32),
+                       routing.offsets_E, 1.0)
+    with pytest.raises(ValueError, match="out_RN"):
+        lora_rows_add_(transposed(out_RN), lo_RP, rand(routing.offsets_E.numel(), 4, 8, dtype=torch.float32),
+                       routing.offsets_E, 1.0)
 
 
 def test_activation_bwd_rows_rejects():
@@ -381,16 +391,6 @@ def test_activation_bwd_rows_rejects():
         activation_bwd_rows(pre_RN[:, :-1], dh_RI, scale_R, routing.offsets_E, interleaved=False, **kwargs)
     with pytest.raises(ValueError, match="scale_R"):
         activation_bwd_rows(pre_RN, dh_RI, scale_R.double(), routing.offsets_E, interleaved=False, **kwargs)
-    with pytest.raises(ValueError, match="lora_A"):
-        activation_bwd_rows(pre_RN, dh_RI, scale_R, routing.offsets_E, interleaved=False, **kwargs,
-                            lora_in_RP=rand(routing.R, 4, dtype=torch.float32))
-    with pytest.raises(ValueError, match="lora_A"):
-        activation_bwd_rows(pre_RN, dh_RI, scale_R, routing.offsets_E, interleaved=False, **kwargs,
-                            lora_in_RP=rand(routing.R, 4, dtype=torch.float32),
-                            lora_A=rand(routing.offsets_E.numel(), 5, I, dtype=torch.float32))
-    with pytest.raises(ValueError, match="dxlow_RP"):
-        activation_bwd_rows(pre_RN, dh_RI, scale_R, routing.offsets_E, interleaved=False, **kwargs,
-                            lora_B_gu=rand(routing.offsets_E.numel(), 2 * I, 4, dtype=torch.float32))
 
 
 @pytest.mark.parametrize("scaled", [False, True])

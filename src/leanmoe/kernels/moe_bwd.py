@@ -135,68 +135,34 @@ def gate_up_bwd_kernel(
 @triton.jit(do_not_specialize=["R"])
 def activation_bwd_rows_kernel(
     # pointers
-    pre_ptr, dh_ptr, scale_ptr, offsets_E_ptr, dgu_ptr, hw_ptr, dw_ptr, lo_ptr, la_ptr, gb_ptr, dxl_ptr,
+    pre_ptr, dh_ptr, scale_ptr, offsets_E_ptr, dgu_ptr, hw_ptr, dw_ptr,
     # sizes and scalars
-    R, I, E, alpha, limit, rank, lora_scale,
+    R, I, E, alpha, limit,
     # strides
-    stride_pr, stride_dhr, stride_dgr, stride_hwr, stride_lor, stride_lae, stride_lar, stride_lai, stride_gbe,
-    stride_gbn, stride_gbr, stride_dxr,
+    stride_pr, stride_dhr, stride_dgr, stride_hwr,
     # meta-parameters
-    ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, DOWN_LORA: tl.constexpr,
-    GU_LORA: tl.constexpr, RP: tl.constexpr, E_P2: tl.constexpr, DOT_PREC: tl.constexpr, BM: tl.constexpr,
-    BI: tl.constexpr,
+    ACT: tl.constexpr, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, BM: tl.constexpr, BI: tl.constexpr,
 ):
     """One row tile, every hidden column: from the pre-activations (``[gate | up]``) and ``dh_unweighted``, writes
     ``dgate_up`` (in the weights' layout), ``w_r * h`` and ``dweights_r = sum_i dh_unweighted * h``. Rows past
     ``offsets_E[E-1]`` (masked tokens; their inputs were never written) get a zero ``dweights`` and nothing else.
     ``dgu`` may alias ``pre`` (concatenated layout) and ``hw`` may alias ``dh``: each element is read before the
-    same program writes it, and no other program touches it.
-
-    The adapters' terms (rank ``rank`` padded to ``RP``, scale ``lora_scale``), so that no ``[R, I]`` or extra
-    ``[R, N]`` pass exists:
-    - ``DOWN_LORA``: ``dh_r += lora_scale * lo_r @ la[e]`` (``lo`` ``[R, rank]``: ``B_d^T dy`` of the sorted rows;
-      ``la``: the ``[E, rank, I]`` factor ``A_d``);
-    - ``GU_LORA``: ``dxl_r = lora_scale * dgate_up_r @ gb[e]`` (``gb``: the ``[E, N, rank]`` factor ``B_gu``), the
-      gradient of the gate/up adapter's low-rank rows ``s x A_gu^T``, from the tile's dgate_up in registers.
-    With either, the tiles are the experts' row tiles (:func:`expert_tile`: one expert per tile, MMAs with its
-    factors), launched over the bound ``ceil(R / BM) + E``; rows past the kept ones are not visited (``dweights``
-    stays 0, ``dxl`` unwritten)."""
-    HAS_LORA: tl.constexpr = DOWN_LORA or GU_LORA
-    if HAS_LORA:
-        expert, row_start, row_end = expert_tile(tl.program_id(0), offsets_E_ptr, E, E_P2, BM)
-        if expert >= E:
-            return
-        rows = row_start + tl.arange(0, BM)
-        row_mask = rows < row_end
-        e64 = expert.to(tl.int64)
-        rs = tl.arange(0, RP)
-        r_mask = rs < rank
-    else:
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        kept = tl.load(offsets_E_ptr + E - 1)
-        row_mask = rows < kept
+    same program writes it, and no other program touches it."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    kept = tl.load(offsets_E_ptr + E - 1)
+    row_mask = rows < kept
     rows64 = rows.to(tl.int64)
-    if DOWN_LORA:
-        lo = tl.load(lo_ptr + rows64[:, None] * stride_lor + rs[None, :], mask=row_mask[:, None] & r_mask[None, :],
-                     other=0.0)
-    if GU_LORA:
-        acc_dxl = tl.zeros((BM, RP), dtype=tl.float32)
     io_dtype = hw_ptr.dtype.element_ty
     w_r = tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
     acc_dw = tl.zeros((BM,), dtype=tl.float32)
     p_rows = pre_ptr + rows64[:, None] * stride_pr
     for c0 in range(0, I, BI):
         cols = c0 + tl.arange(0, BI)
-        col_mask = cols < I
-        mask = row_mask[:, None] & col_mask[None, :]
+        mask = row_mask[:, None] & (cols < I)[None, :]
         cols64 = cols.to(tl.int64)
         g = tl.load(p_rows + cols64[None, :], mask=mask, other=0.0).to(tl.float32)
         u = tl.load(p_rows + (cols64 + I)[None, :], mask=mask, other=0.0).to(tl.float32) if GATED else g
         dh = tl.load(dh_ptr + rows64[:, None] * stride_dhr + cols64[None, :], mask=mask, other=0.0).to(tl.float32)
-        if DOWN_LORA:
-            la = tl.load(la_ptr + e64 * stride_lae + rs[:, None] * stride_lar + cols64[None, :] * stride_lai,
-                         mask=r_mask[:, None] & col_mask[None, :], other=0.0)
-            dh += lora_scale * tl.dot(lo, la, input_precision=DOT_PREC)
         h, dg, du = activation_bwd(g, u, dh * w_r[:, None], alpha, limit, ACT)
         h = h.to(io_dtype).to(tl.float32)
         acc_dw += tl.sum(dh * h, axis=1)  # masked columns have g = u = 0, so h = 0 there
@@ -204,23 +170,45 @@ def activation_bwd_rows_kernel(
                  mask=mask)
         g_rows, u_rows = gate_up_rows(cols, I, GATED, INTERLEAVED)
         d_rows = dgu_ptr + rows64[:, None] * stride_dgr
-        dg = dg.to(io_dtype)
-        tl.store(d_rows + g_rows.to(tl.int64)[None, :], dg, mask=mask)
+        tl.store(d_rows + g_rows.to(tl.int64)[None, :], dg.to(io_dtype), mask=mask)
         if GATED:
-            du = du.to(io_dtype)
-            tl.store(d_rows + u_rows.to(tl.int64)[None, :], du, mask=mask)
-        if GU_LORA:  # dgate_up @ B_gu[e], from the stored (rounded) values, at the gate and up rows
-            gb_base = gb_ptr + e64 * stride_gbe + rs[None, :] * stride_gbr
-            gb_mask = col_mask[:, None] & r_mask[None, :]
-            gb = tl.load(gb_base + g_rows.to(tl.int64)[:, None] * stride_gbn, mask=gb_mask, other=0.0)
-            acc_dxl = tl.dot(dg, gb, acc_dxl, input_precision=DOT_PREC)
-            if GATED:
-                gb = tl.load(gb_base + u_rows.to(tl.int64)[:, None] * stride_gbn, mask=gb_mask, other=0.0)
-                acc_dxl = tl.dot(du, gb, acc_dxl, input_precision=DOT_PREC)
-    tl.store(dw_ptr + rows, acc_dw, mask=(rows < R) & row_mask if HAS_LORA else rows < R)
-    if GU_LORA:
-        tl.store(dxl_ptr + rows64[:, None] * stride_dxr + rs[None, :], (acc_dxl * lora_scale).to(io_dtype),
-                 mask=row_mask[:, None] & r_mask[None, :])
+            tl.store(d_rows + u_rows.to(tl.int64)[None, :], du.to(io_dtype), mask=mask)
+    tl.store(dw_ptr + rows, acc_dw, mask=rows < R)
+
+
+@triton.jit(do_not_specialize=["R"])
+def lora_rows_add_kernel(
+    # pointers
+    out_ptr, lo_ptr, la_ptr, offsets_E_ptr,
+    # sizes and scalars
+    N, E, rank, scale,
+    # strides
+    stride_or, stride_lor, stride_lae, stride_lar, stride_lan,
+    # meta-parameters
+    E_P2: tl.constexpr, DOT_PREC: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):
+    """``out[r, cols] += scale * lo[r] @ la[e][:, cols]`` for one row tile of one expert (:func:`expert_tile`) and
+    BN columns: a rank-``rank`` term (padded to ``RP``) added in place, fp32 sum rounded once."""
+    expert, row_start, row_end = expert_tile(tl.program_id(0), offsets_E_ptr, E, E_P2, BM)
+    if expert >= E:
+        return
+    rows = row_start + tl.arange(0, BM)
+    row_mask = rows < row_end
+    rows64 = rows.to(tl.int64)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    col_mask = cols < N
+    cols64 = cols.to(tl.int64)
+    rs = tl.arange(0, RP)
+    r_mask = rs < rank
+    lo = tl.load(lo_ptr + rows64[:, None] * stride_lor + rs[None, :], mask=row_mask[:, None] & r_mask[None, :],
+                 other=0.0)
+    la = tl.load(la_ptr + expert.to(tl.int64) * stride_lae + rs[:, None] * stride_lar + cols64[None, :] * stride_lan,
+                 mask=r_mask[:, None] & col_mask[None, :], other=0.0)
+    term = tl.dot(lo, la, input_precision=DOT_PREC)
+    o_ptrs = out_ptr + rows64[:, None] * stride_or + cols64[None, :]
+    mask = row_mask[:, None] & col_mask[None, :]
+    out = tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32) + scale * term
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -375,9 +363,7 @@ def gate_up_bwd(x_TD: torch.Tensor, dy_TD: torch.Tensor, sorted_tokens_R: torch.
 
 def activation_bwd_rows(pre_RN: torch.Tensor, dh_RI: torch.Tensor, scale_R: torch.Tensor, offsets_E: torch.Tensor,
                         *, act_code: int, gated: bool, interleaved: bool, alpha: float, limit: float,
-                        dgate_up_RN: torch.Tensor | None = None, lora_in_RP: torch.Tensor | None = None,
-                        lora_A: torch.Tensor | None = None, lora_B_gu: torch.Tensor | None = None,
-                        dxlow_RP: torch.Tensor | None = None, lora_scale: float = 1.0
+                        dgate_up_RN: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The activation backward of the split engine, row by row: returns ``(dgate_up_RN, hw_RI, dweights_R)``.
 
@@ -386,11 +372,6 @@ def activation_bwd_rows(pre_RN: torch.Tensor, dh_RI: torch.Tensor, scale_R: torc
     ``dgate_up_RN`` (in the weights' layout) is written into the given buffer (which may be ``pre_RN`` itself for
     the concatenated layout) or a new one; ``hw_RI = w_r * h`` overwrites ``dh_RI``; ``dweights_R`` is fp32 and
     lacks the down-bias term. Rows past ``offsets_E[-1]`` get ``dweights`` 0 and are otherwise left as they were.
-    The down adapter's term ``lora_scale * lora_in_RP @ lora_A[e]`` (``lora_in_RP [R, r]``: ``B_d^T dy`` of the
-    sorted rows; ``lora_A [E, r, I]``, any strides; both or neither) is added to ``dh`` inside the kernel. With
-    ``lora_B_gu`` (``[E, N, r]``, the gate/up adapter's B, any strides) the kernel also writes
-    ``dxlow_RP[r] = lora_scale * dgate_up_r @ lora_B_gu[e]`` (``[R, r]``, given, unit column stride; rows past the
-    kept ones unwritten).
     """
     check_tensor("pre_RN", pre_RN, shape=(None, None), dtypes=IO_DTYPES)
     dev, dtype = pre_RN.device, pre_RN.dtype
@@ -411,42 +392,44 @@ def activation_bwd_rows(pre_RN: torch.Tensor, dh_RI: torch.Tensor, scale_R: torc
     check_tensor("dgate_up_RN", dgu, shape=(R, N), dtypes=(dtype,), device=dev)
     dweights_R = torch.zeros(R, device=dev, dtype=torch.float32)
     E = offsets_E.numel()
-    if (lora_in_RP is None) != (lora_A is None):
-        raise ValueError("lora_in_RP and lora_A: give both (the down adapter's term) or neither")
-    if (lora_B_gu is None) != (dxlow_RP is None):
-        raise ValueError("lora_B_gu and dxlow_RP: give both (the gate/up adapter's term) or neither")
-    rank = 0
-    down_strides: tuple[int, ...] = (0, 0, 0, 0)
-    gu_strides: tuple[int, ...] = (0, 0, 0, 0)
-    if lora_in_RP is not None and lora_A is not None:
-        check_tensor("lora_in_RP", lora_in_RP, shape=(R, None), dtypes=(dtype,), device=dev)
-        rank = lora_in_RP.shape[1]
-        check_tensor("lora_A", lora_A, shape=(E, rank, I), dtypes=(dtype,), device=dev)
-        if lora_in_RP.stride(1) != 1 and rank > 1:
-            raise ValueError(f"lora_in_RP: expected unit column stride, got strides {lora_in_RP.stride()}")
-        down_strides = (lora_in_RP.stride(0), *lora_A.stride())
-    if lora_B_gu is not None and dxlow_RP is not None:
-        if rank and lora_B_gu.shape[-1] != rank:
-            raise ValueError(f"lora_B_gu: expected rank {rank} (lora_in_RP's), got shape {list(lora_B_gu.shape)}")
-        rank = lora_B_gu.shape[-1]
-        check_tensor("lora_B_gu", lora_B_gu, shape=(E, N, rank), dtypes=(dtype,), device=dev)
-        check_tensor("dxlow_RP", dxlow_RP, shape=(R, rank), dtypes=(dtype,), device=dev)
-        if dxlow_RP.stride(1) != 1 and rank > 1:
-            raise ValueError(f"dxlow_RP: expected unit column stride, got strides {dxlow_RP.stride()}")
-        gu_strides = (*lora_B_gu.stride(), dxlow_RP.stride(0))
     if R == 0 or E == 0:
         return dgu, dh_RI, dweights_R
-    down_lora, gu_lora = lora_in_RP is not None, lora_B_gu is not None
     BM, BI = (16, 32) if interpreting() else (32, 128)
-    grid = (triton.cdiv(R, BM) + (E if down_lora or gu_lora else 0),)
-    activation_bwd_rows_kernel[grid](
-        pre_RN, dh_RI, scale_R, offsets_E, dgu, dh_RI, dweights_R,
-        *(t if t is not None else pre_RN for t in (lora_in_RP, lora_A, lora_B_gu, dxlow_RP)),
-        R, I, E, float(alpha), float(limit), rank, float(lora_scale),
-        pre_RN.stride(0), dh_RI.stride(0), dgu.stride(0), dh_RI.stride(0), *down_strides, *gu_strides,
-        ACT=act_code, GATED=gated, INTERLEAVED=interleaved, DOWN_LORA=down_lora, GU_LORA=gu_lora,
-        RP=lora_rank_block(max(rank, 1)), E_P2=e_p2(E), DOT_PREC=dot_precision(dtype), BM=BM, BI=BI)
+    activation_bwd_rows_kernel[(triton.cdiv(R, BM),)](
+        pre_RN, dh_RI, scale_R, offsets_E, dgu, dh_RI, dweights_R, R, I, E, float(alpha), float(limit),
+        pre_RN.stride(0), dh_RI.stride(0), dgu.stride(0), dh_RI.stride(0),
+        ACT=act_code, GATED=gated, INTERLEAVED=interleaved, BM=BM, BI=BI)
     return dgu, dh_RI, dweights_R
+
+
+def lora_rows_add_(out_RN: torch.Tensor, lo_RP: torch.Tensor, la_EPN: torch.Tensor, offsets_E: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """``out_RN[r] += scale * lo_RP[r] @ la_EPN[e]`` in place for the kept sorted rows r of each expert e (rows past
+    ``offsets_E[-1]`` untouched); returns ``out_RN``. A LoRA term added to a GEMM's result without a temporary of
+    its size: the down adapter's ``s (B_d^T dy) A_d`` on ``W_down^T dy`` in the split backward.
+
+    ``out_RN`` ``[R, N]`` with unit column stride; ``lo_RP`` ``[R, r]`` (unit column stride) and ``la_EPN``
+    ``[E, r, N]`` (any strides) in out's dtype; ``offsets_E`` int32 inclusive ends.
+    """
+    check_tensor("out_RN", out_RN, shape=(None, None), dtypes=IO_DTYPES)
+    dev, dtype = out_RN.device, out_RN.dtype
+    R, N = out_RN.shape
+    check_tensor("lo_RP", lo_RP, shape=(R, None), dtypes=(dtype,), device=dev)
+    rank = lo_RP.shape[1]
+    check_tensor("offsets_E", offsets_E, shape=(None,), dtypes=(torch.int32,), device=dev)
+    E = offsets_E.numel()
+    check_tensor("la_EPN", la_EPN, shape=(E, rank, N), dtypes=(dtype,), device=dev)
+    for name, t in (("out_RN", out_RN), ("lo_RP", lo_RP)):
+        if t.stride(1) != 1 and t.shape[1] > 1:
+            raise ValueError(f"{name}: expected unit column stride, got strides {t.stride()}")
+    if R == 0 or E == 0 or N == 0 or rank == 0:
+        return out_RN
+    BM, BN, warps = (16, 32, 4) if interpreting() else (64, 128, 4)
+    lora_rows_add_kernel[(triton.cdiv(R, BM) + E, triton.cdiv(N, BN))](
+        out_RN, lo_RP, la_EPN, offsets_E, N, E, rank, float(scale), out_RN.stride(0), lo_RP.stride(0),
+        *la_EPN.stride(), E_P2=e_p2(E), DOT_PREC=dot_precision(dtype), RP=lora_rank_block(rank), BM=BM, BN=BN,
+        num_warps=warps)
+    return out_RN
 
 
 def expert_bias_grad(a: torch.Tensor, offsets_E: torch.Tensor, dbias_EM: torch.Tensor, *,
@@ -529,4 +512,5 @@ def expert_weight_grad(a: torch.Tensor, b: torch.Tensor, offsets_E: torch.Tensor
     return out_EMN
 
 
-__all__ = ["activation_bwd_rows", "expert_bias_grad", "expert_weight_grad", "gate_up_bwd", "zero_empty_experts_"]
+__all__ = ["activation_bwd_rows", "expert_bias_grad", "expert_weight_grad", "gate_up_bwd", "lora_rows_add_",
+           "zero_empty_experts_"]

@@ -115,22 +115,16 @@ def gate_up_bwd_reference(x_TD, dy_TD, sorted_tokens_R, offsets_E, scale_R, gate
 
 
 def activation_bwd_rows_reference(pre_RN, dh_RI, scale_R, offsets_E, *, act_code, gated, interleaved, alpha, limit,
-                                  dgate_up_RN=None, lora_in_RP=None, lora_A=None, lora_B_gu=None, dxlow_RP=None,
-                                  lora_scale=1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                  dgate_up_RN=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`~leanmoe.kernels.moe_bwd.activation_bwd_rows`: for each kept row r (``r < offsets_E[-1]``),
     ``h_r = act(pre_r)`` with ``pre_RN`` as ``[gate | up]``, ``hw_r = w_r h_r``, ``dgate_up_r = act'(pre_r)
     (w_r dh_r)`` in the weights' layout, ``dweights_r = <dh_r, h_r>``; other rows keep their values (dweights 0).
-    Writes ``hw`` over ``dh_RI`` and ``dgate_up`` into ``dgate_up_RN`` (or a copy of ``pre_RN``). With the down
-    adapter's term, ``dh_r`` is ``dh_r + lora_scale * lora_in_RP[r] @ lora_A[e]`` first (fp32); with the gate/up
-    adapter's, ``dxlow_RP[r] = lora_scale * dgate_up_r @ lora_B_gu[e]`` (from the rounded dgate_up)."""
+    Writes ``hw`` over ``dh_RI`` and ``dgate_up`` into ``dgate_up_RN`` (or a copy of ``pre_RN``)."""
     activation, dtype = _activation(act_code, alpha, limit), pre_RN.dtype
     assert activation.gated == gated, "gated must agree with act_code"
     R = pre_RN.shape[0]
     kept = int(offsets_E[-1]) if offsets_E.numel() else 0
     pre, dh, w = pre_RN[:kept].float(), dh_RI[:kept].float(), scale_R[:kept, None]
-    if lora_in_RP is not None:
-        for e, start, end in _expert_rows(offsets_E):
-            dh[start:end] += lora_scale * (lora_in_RP[start:end].float() @ lora_A[e].float())
     h = apply_activation(pre, activation, "concatenated").to(dtype).float()
     dgate_up = activation_backward(pre.to(dtype), dh * w, activation, "concatenated").float()
     if interleaved and gated:  # [gate | up] -> gate_0, up_0, gate_1, up_1, ...
@@ -138,13 +132,19 @@ def activation_bwd_rows_reference(pre_RN, dh_RI, scale_R, offsets_E, *, act_code
         dgate_up = torch.stack([dgate_up[:, :half], dgate_up[:, half:]], dim=-1).flatten(1)
     dgu = dgate_up_RN if dgate_up_RN is not None else pre_RN.clone()
     dgu[:kept] = dgate_up.to(dtype)
-    if lora_B_gu is not None:
-        for e, start, end in _expert_rows(offsets_E):
-            dxlow_RP[start:end] = (lora_scale * (dgu[start:end].float() @ lora_B_gu[e].float())).to(dtype)
     dweights_R = torch.zeros(R, dtype=torch.float32, device=pre_RN.device)
     dweights_R[:kept] = (dh * h).sum(dim=-1)
     dh_RI[:kept] = (h * w).to(dtype)
     return dgu, dh_RI, dweights_R
+
+
+def lora_rows_add_reference(out_RN, lo_RP, la_EPN, offsets_E, scale) -> torch.Tensor:
+    """:func:`~leanmoe.kernels.moe_bwd.lora_rows_add_`: ``out[r] += scale * lo[r] @ la[e]`` (fp32, rounded once)
+    for the kept rows of each expert, in place."""
+    for e, start, end in _expert_rows(offsets_E):
+        out_RN[start:end] = (out_RN[start:end].float()
+                             + scale * (lo_RP[start:end].float() @ la_EPN[e].float())).to(out_RN.dtype)
+    return out_RN
 
 
 def expert_weight_grad_reference(a, b, offsets_E, out_EMN, *, a_rows_R=None, b_rows_R=None, dbias_EM=None,

@@ -18,10 +18,10 @@ for Qwen3-30B-A3B at T=16384, rank 16). Nothing else: backward recomputes the pr
 
 Backward (``leanmoe::triton_lora_bwd``), the split engine of :mod:`leanmoe.experts.triton` with the adapters:
 the pre-activations recomputed bitwise as in forward; ``W_d^T dy`` and ``B_d^T dy`` as ``torch._grouped_mm`` calls
-on the gathered dy rows; the activation backward row by row, which adds ``s (B_d^T dy) A_d`` to dh and writes
-``dxlow = s dgate_up B_gu`` from its tiles (no ``[R, I]`` temporary, no second pass over dgate_up); the adapters'
-weight gradients as grouped GEMMs (``d A_gu`` token-major or gathered, as in forward); dx by the grouped GEMM
-kernel with ``dxlow A_gu`` as its start. Frozen base weights (and an x without grad) cost no kernel.
+on the gathered dy rows, ``s (B_d^T dy) A_d`` added to dh in place (no ``[R, I]`` temporary); the activation
+backward row by row; ``dxlow = s dgate_up B_gu`` (``torch._grouped_mm``); the adapters' weight gradients as grouped
+GEMMs (``d A_gu`` token-major or gathered, as in forward); dx by the grouped GEMM kernel with ``dxlow A_gu`` as its
+start. Frozen base weights (and an x without grad) cost no kernel.
 LoRA dropout in training is not fused here: such calls go to the grouped_mm or reference backend.
 """
 
