@@ -284,6 +284,7 @@ def test_hf_decode_runs_the_decode_bench(monkeypatch, capsys):
     assert calls == [("mixtral", "cpu", 2, 3)]
     out = capsys.readouterr().out
     assert "tokens/s" in out and "500" in out
+    assert "greedy generate() runs" in out and "do_bench" not in out  # the timer line names what was timed
 
 
 def test_info(capsys):

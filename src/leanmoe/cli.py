@@ -444,6 +444,10 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list
     hf_tokens = _hf_tokens(parser, args) if run_hf_bench is not None else None
 
     env = _run_env(plan, argv, left_out)
+    if run_hf_bench is not None and args.decode:
+        from leanmoe.bench.hf import HF_DECODE_TIMER
+
+        env["timer"] = HF_DECODE_TIMER  # generate() wall times, not the expert-layer timer
     if plan.device.type == "cuda" and not check_only and not hf_only and plan.lora_rank is None:
         print("measuring the dense bf16 matmul and device copy rates ...", file=sys.stderr, flush=True)
         env["dense_tflops"] = dense_matmul_tflops(plan.device)

@@ -333,6 +333,9 @@ def run_hf_bench(model_type: str, *, device, dtype, tokens: int, layers: int, sa
 HF_DECODE_BATCH = {"cuda": 8, "cpu": 2}
 HF_DECODE_PROMPT_LEN = 32
 HF_DECODE_NEW_TOKENS = 32
+#: How :func:`run_hf_decode_bench` times a decode step (the report's ``timer`` line).
+HF_DECODE_TIMER = ("median wall time of 3 greedy generate() runs with a static cache (eager unless compiled); a step "
+                   f"is (t({HF_DECODE_NEW_TOKENS}) - t(1)) / {HF_DECODE_NEW_TOKENS - 1}, host launch overhead included")
 
 
 def _generate_ms(model, input_ids: torch.Tensor, new_tokens: int, device: torch.device, *, compiled: bool,
