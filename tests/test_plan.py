@@ -8,7 +8,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leanmoe.experts.plan import combine, combine_routed, expert_counts, plan_experts, sum_per_token
+from leanmoe.experts.plan import (
+    combine,
+    combine_routed,
+    expert_counts,
+    plan_experts,
+    sorted_experts_from_offsets,
+    sum_per_token,
+    valid_rows,
+)
 
 
 def test_plan_without_mask():
@@ -91,6 +99,23 @@ def test_plan_rejects_bad_masks(mask, exc, match):
 def test_plan_rejects_non_tensor_mask():
     with pytest.raises(TypeError, match=r"token_mask must be a bool tensor of shape \[3\] or None, got list"):
         plan_experts(torch.zeros(3, 2, dtype=torch.int64), 4, token_mask_T=[True, True, True])
+
+
+@pytest.mark.parametrize("T,E,masked", [(13, 7, 5), (9, 4, 0), (6, 3, 6), (0, 5, 0)],
+                         ids=["masked", "unmasked", "all_masked", "no_tokens"])
+def test_offsets_alone_give_the_plans_experts_and_valid_rows(T, E, masked):
+    """What a backward that kept only ``offsets_E`` rebuilds equals the plan's own fields (experts with no rows
+    included: expert ids drawn from half the experts)."""
+    K = 2
+    gen = torch.Generator().manual_seed(T + E)
+    ids = torch.stack([torch.randperm(E // 2 + 1, generator=gen)[:K] for _ in range(T)]) if T else \
+        torch.empty(0, K, dtype=torch.int64)
+    mask = torch.ones(T, dtype=torch.bool)
+    mask[:masked] = False
+    plan = plan_experts(ids, E, mask if masked else None)
+    R = T * K
+    assert torch.equal(valid_rows(plan.offsets_E, R), plan.valid_R())
+    assert torch.equal(sorted_experts_from_offsets(plan.offsets_E, R), plan.sorted_experts_R.long())
 
 
 def test_expert_counts_match_the_plan():

@@ -26,7 +26,7 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -65,6 +65,16 @@ BENCH_MODEL_TYPES = tuple(TINY_SHAPES)
 
 #: Tolerance on the relative RMS error of the logits against the fp32 model (at least twice eager's own error).
 _LOGITS_TOL = LOGITS_TOLERANCES_VS_FP32_MODEL
+
+
+def _logits_tolerance(dtype: torch.dtype, eager_error: Callable[[], float]) -> float:
+    """The logits check's tolerance against the fp32 model: the dtype's; in low precision at least twice
+    ``eager_error()`` (transformers' eager experts' own error, computed only then), because a rounding difference
+    can flip a later layer's expert choice for a token, so two correct bf16 implementations can differ from each
+    other by more than either differs from fp32."""
+    if dtype == torch.float32:
+        return _LOGITS_TOL[dtype]
+    return max(_LOGITS_TOL.get(dtype, 4e-2), 2 * eager_error())
 
 
 def model_config(model_type: str, *, layers: int, tiny: bool = False, **overrides):
@@ -268,17 +278,14 @@ def run_hf_bench(model_type: str, *, device, dtype, tokens: int, layers: int, sa
     generator = torch.Generator(device="cpu").manual_seed(0)
     input_ids = torch.randint(0, config.vocab_size, (1, tokens), generator=generator).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    # Every implementation, transformers' eager experts included, is checked against the model run in fp32. In low
-    # precision a rounding difference can flip a later layer's expert choice for a token, so two correct bf16
-    # implementations can differ from each other by more than either differs from fp32; the tolerance is the
-    # dtype's, or twice eager's own error where that is larger.
+    # Every implementation, transformers' eager experts included, is checked against the model run in fp32.
     ref_logits = _fp32_logits(model, input_ids)
-    if dtype == torch.float32:
-        tol = _LOGITS_TOL[dtype]
-    else:
+
+    def eager_err() -> float:
         with torch.no_grad():
-            eager_err = _rel_rms(model(input_ids).logits.float(), ref_logits)
-        tol = max(_LOGITS_TOL.get(dtype, 4e-2), 2 * eager_err)
+            return _rel_rms(model(input_ids).logits.float(), ref_logits)
+
+    tol = _logits_tolerance(dtype, eager_err)
 
     def train_step():
         loss = model(input_ids, labels=input_ids).loss
@@ -402,7 +409,7 @@ def run_hf_decode_bench(model_type: str, *, device, dtype, batch: int, layers: i
         with torch.no_grad():
             return max(_rel_rms(model(ids).logits.float(), ref) for ids, ref in zip(checks, refs, strict=True))
 
-    tol = _LOGITS_TOL[dtype] if dtype == torch.float32 else max(_LOGITS_TOL.get(dtype, 4e-2), 2 * rel_err())
+    tol = _logits_tolerance(dtype, rel_err)
 
     hf_impls = ["eager", "grouped_mm", "batched_mm"] if _supports_hf_experts_implementation(model) else ["eager"]
     leanmoe.hf.patch(model)

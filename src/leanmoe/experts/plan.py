@@ -14,6 +14,8 @@ that is in no expert's count (a masked token's row; with ``drop_invalid_ids``, a
    - ``sorted_experts_R``: its expert, non-decreasing;
    - ``counts_E`` / ``offsets_E``: rows per expert and their int32 inclusive cumulative sum (``torch._grouped_mm``'s
      ``offs``: expert e owns sorted positions ``[offsets_E[e-1], offsets_E[e])``);
+   (a backward that kept only ``offsets_E`` rebuilds the last two with :func:`sorted_experts_from_offsets` and
+   :func:`valid_rows`);
 3. back to routed order: :meth:`ExpertPlan.inverse_R` (the inverse permutation), :meth:`ExpertPlan.unsort_rows`,
    :meth:`ExpertPlan.unsort_R`, :func:`sum_per_token` (sum of a token's K rows) and :func:`combine`
    (``y_t = sum_k w_tk * out_tk`` as one batched GEMM: deterministic, no atomics);
@@ -81,8 +83,7 @@ class ExpertPlan:
 
     def valid_R(self) -> torch.Tensor:
         """``[R]`` bool: True at the sorted positions of kept rows (the first ``offsets_E[-1]``), False after."""
-        R = self.sorted_rows_R.numel()
-        return torch.arange(R, device=self.sorted_rows_R.device) < self.num_kept
+        return valid_rows(self.offsets_E, self.sorted_rows_R.numel())
 
     def per_rank(self, ep_size: int) -> RankPlan:
         """This plan seen by expert parallelism over ``ep_size`` ranks, each holding E / ``ep_size`` contiguous
@@ -189,6 +190,22 @@ def plan_experts(topk_ids_TK: torch.Tensor, num_experts: int, token_mask_T: torc
         counts_E=counts_E,
         offsets_E=offsets_E,
     )
+
+
+def valid_rows(offsets_E: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``[R]`` bool (R = ``num_rows``): True at the sorted positions of kept rows, the first ``offsets_E[-1]``
+    (:meth:`ExpertPlan.valid_R` from the offsets alone, for a backward that kept only them; no host sync)."""
+    positions_R = torch.arange(num_rows, device=offsets_E.device)
+    if offsets_E.numel() == 0:
+        return torch.zeros(num_rows, dtype=torch.bool, device=offsets_E.device)
+    return positions_R < offsets_E[-1:]
+
+
+def sorted_experts_from_offsets(offsets_E: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``[R]`` int64: :attr:`ExpertPlan.sorted_experts_R` from the offsets alone (E-1 past the kept rows, so
+    indexing by it stays in range; no host sync)."""
+    positions_R = torch.arange(num_rows, device=offsets_E.device, dtype=offsets_E.dtype)
+    return torch.searchsorted(offsets_E, positions_R, right=True).clamp_max_(max(offsets_E.numel() - 1, 0))
 
 
 def received_expert_ids(recv_counts_PL: torch.Tensor, num_received: int) -> torch.Tensor:

@@ -58,7 +58,7 @@ from typing import Optional
 import torch
 
 from leanmoe.activations import GATED_ACTIVATIONS, Activation
-from leanmoe.experts.plan import plan_experts
+from leanmoe.experts.plan import plan_experts, valid_rows
 from leanmoe.experts.registry import ExpertsBackend, ExpertsCall, cuda_capability, same_dtype_reason
 from leanmoe.experts.weights import ExpertWeights
 from leanmoe.kernels.policy import (  # triton-free: importable without triton
@@ -180,8 +180,7 @@ def routing_weight_grad(dweights_R: Tensor, dy_TD: Tensor, down_bias: Optional[T
         sorted_experts_R = topk_ids_TK.reshape(-1).index_select(0, sorted_rows_R).long()
         bias_term_R = bias_dot_TE[sorted_tokens_R, sorted_experts_R]
         if token_mask is not None:
-            kept_R = torch.arange(R, device=dy_TD.device) < offsets_E[-1:]
-            bias_term_R = torch.where(kept_R, bias_term_R, 0.0)
+            bias_term_R = torch.where(valid_rows(offsets_E, R), bias_term_R, 0.0)
         dweights_R = dweights_R + bias_term_R
     # Each routed row appears once in sorted_rows_R: a plain scatter, no accumulation.
     dweights_TK = torch.zeros(R, device=dy_TD.device, dtype=torch.float32).scatter_(0, sorted_rows_R, dweights_R)

@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 from leanmoe.activations import Activation
-from leanmoe.experts.plan import plan_experts
+from leanmoe.experts.plan import ExpertPlan, plan_experts, sorted_experts_from_offsets, valid_rows
 from leanmoe.experts.triton import (
     grouped_projection_grads,
     grouped_weight_grad,
@@ -78,25 +78,18 @@ def token_major_low_rank(E: int, P: int, K: int) -> bool:
     return E * P <= TOKEN_MAJOR_MAX_PER_K * K
 
 
-def _row_experts(offsets_E: Tensor, R: int) -> Tensor:
-    """Expert of each sorted row, ``[R]`` int64 (rows past ``offsets_E[-1]``: E-1, in range; no host sync)."""
-    positions_R = torch.arange(R, device=offsets_E.device, dtype=offsets_E.dtype)
-    return torch.searchsorted(offsets_E, positions_R, right=True).clamp_max_(offsets_E.numel() - 1)
-
-
-def _x_low_rank(x_TD: Tensor, A_EPD: Tensor, sorted_tokens_R: Tensor, offsets_E: Tensor, s: float, K: int
-                ) -> Tensor:
+def _x_low_rank(x_TD: Tensor, A_EPD: Tensor, plan: ExpertPlan, s: float, K: int) -> Tensor:
     """``xlow_RP = s x[sorted_tokens] A_gu[e]^T``, ``[R, P]`` (rows past ``offsets_E[-1]`` mean nothing)."""
     E, P, D = A_EPD.shape
-    R = sorted_tokens_R.numel()
+    R = plan.sorted_tokens_R.numel()
     if R == 0:
         return x_TD.new_empty(0, P)
     if token_major_low_rank(E, P, K):
         xa_TQ = x_TD @ A_EPD.reshape(E * P, D).t()  # [T, E*P]
-        slots_R = sorted_tokens_R * E + _row_experts(offsets_E, R)
+        slots_R = plan.sorted_tokens_R * E + plan.sorted_experts_R
         return xa_TQ.view(-1, P).index_select(0, slots_R).mul_(s)
-    x_RD = x_TD.index_select(0, sorted_tokens_R)  # transient: freed on return
-    return _low_rank(x_RD, A_EPD, offsets_E, s)
+    x_RD = x_TD.index_select(0, plan.sorted_tokens_R)  # transient: freed on return
+    return _low_rank(x_RD, A_EPD, plan.offsets_E, s)
 
 
 def _gate_up_A_grad(dxlow_RP: Tensor, x_TD: Tensor, sorted_tokens_R: Tensor, offsets_E: Tensor, A_EPD: Tensor,
@@ -109,13 +102,12 @@ def _gate_up_A_grad(dxlow_RP: Tensor, x_TD: Tensor, sorted_tokens_R: Tensor, off
         x_RD = x_TD.index_select(0, sorted_tokens_R) if x_RD is None else x_RD
         return grouped_weight_grad(dxlow_RP, x_RD, offsets_E, A_EPD)
     T = x_TD.shape[0]
-    kept_R1 = torch.arange(R, device=x_TD.device)[:, None] < offsets_E[-1:]
-    # Rows past the kept ones hold unwritten values: zero them, and the masked tokens' x rows (NaN padding must
-    # not reach the product).
-    dxlow_RP = torch.where(kept_R1, dxlow_RP, 0)
     if token_mask is not None:
+        # Only a mask leaves rows past the kept ones (their values unwritten): zero them, and the masked tokens'
+        # x rows (NaN padding must not reach the product).
+        dxlow_RP = torch.where(valid_rows(offsets_E, R)[:, None], dxlow_RP, 0)
         x_TD = x_TD.masked_fill(~token_mask[:, None], 0)
-    slots_R = sorted_tokens_R * E + _row_experts(offsets_E, R)
+    slots_R = sorted_tokens_R * E + sorted_experts_from_offsets(offsets_E, R)
     # (token, expert) pairs are distinct for distinct top-k ids; a repeated id adds its rows.
     g_TQ = torch.zeros(T * E, P, device=x_TD.device, dtype=dxlow_RP.dtype).index_add_(0, slots_R, dxlow_RP)
     return (g_TQ.view(T, E * P).t() @ x_TD).view(E, P, D)
@@ -142,7 +134,7 @@ def triton_lora_fwd(
     scale_R = topk_weights_TK.reshape(-1).index_select(0, plan.sorted_rows_R).float()
     xlow_RP = x_TD.new_empty(0, gu_A.shape[1] if gu_A is not None else 0)
     if gu_A is not None:
-        xlow_RP = _x_low_rank(x_TD, gu_A, tok, offs, scale, K)
+        xlow_RP = _x_low_rank(x_TD, gu_A, plan, scale, K)
     h_RI, _ = gate_up_fwd(x_TD, tok, offs, gate_up_proj, gate_up_bias, n_saved=0,
                           lora_in_RP=xlow_RP if gu_A is not None else None, lora_B=gu_B,
                           **kernel_act(activation, alpha, limit, gate_up_layout))
