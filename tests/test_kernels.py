@@ -29,6 +29,7 @@ from leanmoe.kernels.moe_bwd import (  # noqa: E402
     expert_weight_grad,
     gate_up_bwd,
     lora_rows_add_,
+    low_rank_pair,
 )
 from leanmoe.kernels.moe_common import ACTIVATION_CODES  # noqa: E402
 from leanmoe.kernels.moe_fwd import combine, gate_up_fwd, grouped_gemm  # noqa: E402
@@ -362,6 +363,42 @@ def test_lora_rows_add(case, dtype, strided, rank):
     out = lora_rows_add_(out_RN, lo_RP, la_EPN, routing.offsets_E, 0.5)
     assert out is out_RN
     assert_rows(out, ref, routing.kept, tol=TOLERANCES[dtype], name="out_RN")
+
+
+@pytest.mark.parametrize("rank", [1, 8, 24])
+@pytest.mark.parametrize("case,dtype,strided", CASES)
+def test_low_rank_pair(case, dtype, strided, rank):
+    """``s a[r] @ w[e]`` for the kept rows and ``d w[e] = a^T b`` over them (a LoRA factor's two terms in one
+    pass); masked rows hold NaN in ``a`` and ``b``, so a read past ``offsets_E[-1]`` poisons the gradient."""
+    T, K, counts_E, n_masked = ROUTINGS[case]
+    routing = make_routing(T, K, counts_E, n_masked)
+    E, X = routing.offsets_E.numel(), 40  # 40 columns: three chunks of the interpreter's kernel, one partial
+    a_RX = rand(routing.R, X, dtype=dtype)
+    b_RP = rand(routing.R, rank, dtype=dtype)
+    a_RX[routing.kept:] = float("nan")
+    b_RP[routing.kept:] = float("nan")
+    w_EXP = rand(E, X, rank, dtype=dtype, strided=strided)
+    ref_low, ref_dw = reference.low_rank_pair_reference(a_RX, w_EXP, b_RP, routing.offsets_E, scale=0.5)
+    low, dw = low_rank_pair(a_RX, w_EXP, b_RP, routing.offsets_E, scale=0.5)
+    assert low.shape == (routing.R, rank) and low.dtype == dtype and dw.shape == w_EXP.shape and dw.is_contiguous()
+    assert_close(low[:routing.kept], ref_low[:routing.kept], tol=TOLERANCES[dtype], name="low_RP")
+    assert_close(dw, ref_dw, tol=TOLERANCES[dtype], name="dw_EXP")
+    empty = torch.tensor(counts_E, device=DEVICE) == 0
+    assert (dw[empty] == 0).all(), "an expert without rows must get an exact zero gradient"
+
+
+def test_low_rank_pair_rejects():
+    routing = make_routing(*ROUTINGS["E4-empty_expert"][:3], 0)
+    E = routing.offsets_E.numel()
+    a_RX, b_RP = rand(routing.R, 8, dtype=torch.float32), rand(routing.R, 4, dtype=torch.float32)
+    with pytest.raises(ValueError, match="w_EXP"):
+        low_rank_pair(a_RX, rand(E, 8, 5, dtype=torch.float32), b_RP, routing.offsets_E)
+    with pytest.raises(ValueError, match="b_RP"):
+        low_rank_pair(a_RX, rand(E, 8, 4, dtype=torch.float32), b_RP.half(), routing.offsets_E)
+    with pytest.raises(ValueError, match="a_RX"):
+        low_rank_pair(transposed(a_RX), rand(E, 8, 4, dtype=torch.float32), b_RP, routing.offsets_E)
+    with pytest.raises(ValueError, match="offsets_E"):
+        low_rank_pair(a_RX, rand(E, 8, 4, dtype=torch.float32), b_RP, routing.offsets_E.long())
 
 
 def test_lora_rows_add_rejects():

@@ -231,7 +231,8 @@ def test_token_mask(backend):
         check_against_reference(p, lora, backend, token_mask=mask)
 
 
-@pytest.mark.parametrize("path", ["token_major", "gathered"])
+@pytest.mark.parametrize("low_rank, factor_grads", [("token_major", "fused"), ("gathered", "fused"),
+                                                     ("token_major", "grouped_mm")])
 @pytest.mark.parametrize("case", [
     dict(T=14, E=5, K=2, masked=True),  # masked tokens' x rows NaN, rows past the kept ones in every [R, P] block
     dict(T=12, E=4, K=1, routing="one_expert"),  # experts with no rows
@@ -239,10 +240,13 @@ def test_token_mask(backend):
     dict(T=21, E=7, K=3),  # prime E
     dict(T=0, E=5, K=2),
 ], ids=lambda c: f"T{c['T']}-E{c['E']}-K{c['K']}{'-masked' if c.get('masked') else ''}")
-def test_triton_low_rank_paths_with_frozen_base(path, case, monkeypatch):
+def test_triton_low_rank_paths_with_frozen_base(low_rank, factor_grads, case, monkeypatch):
     """Both ways of the gate/up adapter's x A^T and its A gradient on the triton backend (token-major and gathered,
-    :func:`leanmoe.lora.triton.token_major_low_rank`), base weights frozen so no x rows are gathered for them."""
-    monkeypatch.setenv("LEANMOE_LORA_LOW_RANK", path)
+    :func:`leanmoe.lora.triton.token_major_low_rank`), and both ways of the B factors' terms (one pass over the
+    gradient rows, or two grouped GEMMs: :func:`leanmoe.lora.triton.factor_grads`), base weights frozen so no x rows
+    are gathered for them."""
+    monkeypatch.setenv("LEANMOE_LORA_LOW_RANK", low_rank)
+    monkeypatch.setenv("LEANMOE_LORA_FACTOR_GRADS", factor_grads)
     p = make_problem(case["T"], 16, 8, case["E"], case["K"], routing=case.get("routing", "uniform"), bias=True,
                      seed=12)
     for w in (p.gate_up_proj, p.down_proj, p.gate_up_bias, p.down_bias):
@@ -256,6 +260,15 @@ def test_triton_low_rank_paths_with_frozen_base(path, case, monkeypatch):
     _, grads = run(p, lora, "triton", torch.randn(p.x_TD.shape), token_mask=mask)
     assert not any(g is not None and g.isnan().any() for g in grads)
     check_against_reference(p, lora, "triton", token_mask=mask)
+
+
+def test_factor_grads_path_is_checked(monkeypatch):
+    from leanmoe.lora.triton import factor_grads
+
+    monkeypatch.setenv("LEANMOE_LORA_FACTOR_GRADS", "atomic")
+    a = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match="LEANMOE_LORA_FACTOR_GRADS.*'atomic'"):
+        factor_grads(a, torch.zeros(2, 8, 4), torch.zeros(4, 4), torch.tensor([2, 4], dtype=torch.int32), 1.0)
 
 
 def test_token_major_rule(monkeypatch):

@@ -122,12 +122,15 @@ def _(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias,
 def split_gate_up_bwd(x_TD: Tensor, dy_TD: Tensor, sorted_tokens_R: Tensor, offsets_E: Tensor, scale_R: Tensor,
                       gate_up_proj: Tensor, gate_up_bias: Optional[Tensor], down_proj: Tensor, saved_SN: Tensor,
                       act: dict, *, keep_dy: bool, gate_up_lora: Optional[tuple[Tensor, Tensor, float]] = None,
-                      down_lora: Optional[tuple[Tensor, Tensor, float]] = None
-                      ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """The split engine's gate/up backward: ``(dgate_up_RN, hw_RI, dweights_R, dy_RD, dylow_RP, dxlow_RP)``;
-    ``dy_RD``, the gathered dy rows, only with ``keep_dy`` (for ``d down_proj`` and the down adapter),
-    ``dylow_RP = dy B_d`` only with ``down_lora``, ``dxlow_RP = s dgate_up B_gu`` (the gradient of the gate/up
-    adapter's low-rank rows, scale included) only with ``gate_up_lora``.
+                      down_lora: Optional[tuple[Tensor, Tensor, float, Tensor]] = None
+                      ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[tuple[Tensor, Tensor]],
+                                 Optional[tuple[Tensor, Tensor]]]:
+    """The split engine's gate/up backward: ``(dgate_up_RN, hw_RI, dweights_R, dy_RD, down_low, gate_up_low)``;
+    ``dy_RD``, the gathered dy rows, only with ``keep_dy`` (for ``d down_proj`` and the down adapter). The
+    adapters' terms that read the ``[R, D]`` dy rows or the ``[R, N]`` dgate_up rows, each pair from one pass
+    over them (:func:`leanmoe.lora.triton.factor_grads`):
+    ``down_low = (dy B_d [R, P], d B_d [E, D, P])`` with ``down_lora = (A_d, B_d, s, w h A_d^T s [R, P])``;
+    ``gate_up_low = (s dgate_up B_gu [R, P], d B_gu [E, N, P])`` with ``gate_up_lora = (s x A_gu^T, B_gu, s)``.
 
     The pre-activations are the saved ones when every row was saved, else the forward kernel recomputes all of
     them (bitwise the forward's sums: the same kernel and tuning key), with the gate/up adapter's term
@@ -151,20 +154,24 @@ def split_gate_up_bwd(x_TD: Tensor, dy_TD: Tensor, sorted_tokens_R: Tensor, offs
         pre_RN = saved_SN
     dy_RD = dy_TD.index_select(0, sorted_tokens_R)
     dh_RI = torch._grouped_mm(dy_RD, down_proj, offs=offsets_E) if R else dy_RD.new_empty(0, I)
-    dylow_RP = dxlow_RP = None
+    down_low = gate_up_low = None
     if down_lora is not None and R:
-        d_A, d_B, s = down_lora
-        dylow_RP = torch._grouped_mm(dy_RD, d_B, offs=offsets_E)  # B_d^T dy, [R, P]
+        from leanmoe.lora.triton import factor_grads  # here: leanmoe.lora imports the experts package
+
+        d_A, d_B, s, hlow_w_RP = down_lora
+        down_low = factor_grads(dy_RD, d_B, hlow_w_RP, offsets_E, 1.0)  # (B_d^T dy [R, P], d B_d)
         # s (B_d^T dy) A_d added to dh in place: no [R, I] temporary. (Inside the row kernel, the MMA with one
         # expert's factor per tile made that kernel 3x slower on an H200.)
-        lora_rows_add_(dh_RI, dylow_RP, d_A, offsets_E, s)
+        lora_rows_add_(dh_RI, down_low[0], d_A, offsets_E, s)
     in_place = recomputed and not act["interleaved"]
     dgate_up_RN, hw_RI, dweights_R = activation_bwd_rows(pre_RN, dh_RI, scale_R, offsets_E, **act,
                                                          dgate_up_RN=pre_RN if in_place else None)
     if gate_up_lora is not None and R:
-        _, gu_B, s = gate_up_lora
-        dxlow_RP = torch._grouped_mm(dgate_up_RN, gu_B, offs=offsets_E).mul_(s)  # d(s x A_gu^T)
-    return dgate_up_RN, hw_RI, dweights_R, dy_RD if keep_dy else None, dylow_RP, dxlow_RP
+        from leanmoe.lora.triton import factor_grads
+
+        xlow_RP, gu_B, s = gate_up_lora
+        gate_up_low = factor_grads(dgate_up_RN, gu_B, xlow_RP, offsets_E, s)  # (d(s x A_gu^T), d B_gu)
+    return dgate_up_RN, hw_RI, dweights_R, dy_RD if keep_dy else None, down_low, gate_up_low
 
 
 def routing_weight_grad(dweights_R: Tensor, dy_TD: Tensor, down_bias: Optional[Tensor], topk_ids_TK: Tensor,

@@ -212,6 +212,49 @@ def lora_rows_add_kernel(
 
 
 @triton.jit
+def low_rank_pair_kernel(
+    # pointers
+    a_ptr, w_ptr, b_ptr, offsets_E_ptr, part_ptr, dw_ptr,
+    # sizes
+    X, rank,
+    # strides
+    stride_ar, stride_we, stride_wx, stride_wp, stride_br, stride_ps, stride_pr, stride_dwe, stride_dwx,
+    # meta-parameters
+    DOT_PREC: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BX: tl.constexpr,
+):
+    """One expert and BX columns of ``a``: streams the expert's rows once for both of a LoRA factor's terms, the
+    rows' partial ``a[:, cols] @ w[e][cols]`` (fp32, to ``part[chunk]``) and ``dw[e][cols] = a[:, cols]^T b``
+    (fp32 in registers over every row, stored once: no atomics, zeros for an expert without rows)."""
+    expert = tl.program_id(0)
+    chunk = tl.program_id(1)
+    start, end = expert_row_range(offsets_E_ptr, expert)
+    cols = chunk * BX + tl.arange(0, BX)
+    col_mask = cols < X
+    cols64 = cols.to(tl.int64)
+    ps = tl.arange(0, RP)
+    p_mask = ps < rank
+    e64 = expert.to(tl.int64)
+    w = tl.load(w_ptr + e64 * stride_we + cols64[:, None] * stride_wx + ps[None, :] * stride_wp,
+                mask=col_mask[:, None] & p_mask[None, :], other=0.0)
+    dw = tl.zeros((BX, RP), dtype=tl.float32)
+    part_base = part_ptr + chunk.to(tl.int64) * stride_ps
+    for r0 in range(start, end, BM):
+        rows = r0 + tl.arange(0, BM)
+        row_mask = rows < end
+        rows64 = rows.to(tl.int64)
+        a = tl.load(a_ptr + rows64[:, None] * stride_ar + cols64[None, :], mask=row_mask[:, None] & col_mask[None, :],
+                    other=0.0)
+        b = tl.load(b_ptr + rows64[:, None] * stride_br + ps[None, :], mask=row_mask[:, None] & p_mask[None, :],
+                    other=0.0)
+        low = tl.dot(a, w, input_precision=DOT_PREC)
+        tl.store(part_base + rows64[:, None] * stride_pr + ps[None, :], low,
+                 mask=row_mask[:, None] & p_mask[None, :])
+        dw = tl.dot(tl.trans(a), b, dw, input_precision=DOT_PREC)
+    tl.store(dw_ptr + e64 * stride_dwe + cols64[:, None] * stride_dwx + ps[None, :], dw.to(dw_ptr.dtype.element_ty),
+             mask=col_mask[:, None] & p_mask[None, :])
+
+
+@triton.jit
 def expert_weight_grad_kernel(
     # pointers
     a_ptr, a_rows_ptr, b_ptr, b_rows_ptr, offsets_E_ptr, c_ptr,
@@ -432,6 +475,49 @@ def lora_rows_add_(out_RN: torch.Tensor, lo_RP: torch.Tensor, la_EPN: torch.Tens
     return out_RN
 
 
+#: Columns of ``a`` per program of :func:`low_rank_pair` (every chunk's partial is ``[R, P]`` fp32).
+LOW_RANK_PAIR_BX = 256
+
+
+def low_rank_pair(a_RX: torch.Tensor, w_EXP: torch.Tensor, b_RP: torch.Tensor, offsets_E: torch.Tensor, *,
+                  scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both of a LoRA factor's terms that read the rows ``a_RX`` (expert-sorted), in one pass over them:
+    ``low_RP[r] = scale * a_RX[r] @ w_EXP[e]`` (a's dtype; rows past ``offsets_E[-1]`` mean nothing) and
+    ``dw_EXP[e] = sum_{r of e} a_RX[r]^T b_RP[r]`` (w's dtype, contiguous; zeros for experts with no rows).
+
+    The split backward's down adapter: ``a`` the gathered dy rows, ``w`` = B_d, ``b`` = w h A_d^T (``dy B_d`` and
+    d B_d); its gate/up adapter: ``a`` = dgate_up, ``w`` = B_gu, ``b`` = s x A_gu^T (``s dgate_up B_gu`` and
+    d B_gu). Separately they are two grouped GEMMs, each streaming all of ``a``. ``a_RX`` ``[R, X]`` and ``b_RP``
+    ``[R, r]`` with unit column stride, ``w_EXP`` ``[E, X, r]`` (any strides), one float dtype; fp32 sums; one
+    program per (expert, ``LOW_RANK_PAIR_BX`` columns), so an expert holding most rows runs longest.
+    """
+    check_tensor("a_RX", a_RX, shape=(None, None), dtypes=IO_DTYPES)
+    dev, dtype = a_RX.device, a_RX.dtype
+    R, X = a_RX.shape
+    check_tensor("b_RP", b_RP, shape=(R, None), dtypes=(dtype,), device=dev)
+    rank = b_RP.shape[1]
+    check_tensor("offsets_E", offsets_E, shape=(None,), dtypes=(torch.int32,), device=dev)
+    E = offsets_E.numel()
+    check_tensor("w_EXP", w_EXP, shape=(E, X, rank), dtypes=(dtype,), device=dev)
+    for name, t in (("a_RX", a_RX), ("b_RP", b_RP)):
+        if t.stride(1) != 1 and t.shape[1] > 1:
+            raise ValueError(f"{name}: expected unit column stride, got strides {t.stride()}")
+    dw_EXP = torch.empty(E, X, rank, device=dev, dtype=dtype)
+    if R == 0 or E == 0 or X == 0 or rank == 0:
+        return torch.zeros(R, rank, device=dev, dtype=dtype), dw_EXP.zero_()
+    BM, BX, warps, stages = (16, 16, 4, 1) if interpreting() else (64, LOW_RANK_PAIR_BX, 4, 3)
+    chunks = triton.cdiv(X, BX)
+    part_SRP = torch.empty(chunks, R, rank, device=dev, dtype=torch.float32)
+    low_rank_pair_kernel[(E, chunks)](
+        a_RX, w_EXP, b_RP, offsets_E, part_SRP, dw_EXP, X, rank, a_RX.stride(0), *w_EXP.stride(), b_RP.stride(0),
+        part_SRP.stride(0), part_SRP.stride(1), dw_EXP.stride(0), dw_EXP.stride(1),
+        DOT_PREC=dot_precision(dtype), RP=lora_rank_block(rank), BM=BM, BX=BX, num_warps=warps, num_stages=stages)
+    low_RP = part_SRP.sum(0) if chunks > 1 else part_SRP[0]
+    if scale != 1.0:
+        low_RP.mul_(scale)
+    return low_RP.to(dtype), dw_EXP
+
+
 def expert_bias_grad(a: torch.Tensor, offsets_E: torch.Tensor, dbias_EM: torch.Tensor, *,
                      a_rows_R: torch.Tensor | None = None, scale_R: torch.Tensor | None = None) -> torch.Tensor:
     """``dbias_EM[e] = sum_{r of e} scale_R[r] * a[a_rows_R[r]]`` (fp32 sums in row order; ``scale_R`` defaults to
@@ -513,4 +599,4 @@ def expert_weight_grad(a: torch.Tensor, b: torch.Tensor, offsets_E: torch.Tensor
 
 
 __all__ = ["activation_bwd_rows", "expert_bias_grad", "expert_weight_grad", "gate_up_bwd", "lora_rows_add_",
-           "zero_empty_experts_"]
+           "low_rank_pair", "zero_empty_experts_"]

@@ -147,6 +147,19 @@ def lora_rows_add_reference(out_RN, lo_RP, la_EPN, offsets_E, scale) -> torch.Te
     return out_RN
 
 
+def low_rank_pair_reference(a_RX, w_EXP, b_RP, offsets_E, *, scale=1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~leanmoe.kernels.moe_bwd.low_rank_pair`: ``low[r] = scale * a[r] @ w[e]`` for the kept rows (zeros
+    after them) and ``dw[e] = a[rows of e]^T b[rows of e]`` (zeros for experts without rows), fp32 sums."""
+    R, rank = b_RP.shape
+    low_RP = torch.zeros(R, rank, device=a_RX.device, dtype=a_RX.dtype)
+    dw_EXP = torch.zeros(w_EXP.shape, device=w_EXP.device, dtype=w_EXP.dtype)
+    for e, start, end in _expert_rows(offsets_E):
+        a = a_RX[start:end].float()
+        low_RP[start:end] = (scale * (a @ w_EXP[e].float())).to(a_RX.dtype)
+        dw_EXP[e] = (a.T @ b_RP[start:end].float()).to(w_EXP.dtype)
+    return low_RP, dw_EXP
+
+
 def expert_weight_grad_reference(a, b, offsets_E, out_EMN, *, a_rows_R=None, b_rows_R=None, dbias_EM=None,
                                  bias_scale_R=None) -> torch.Tensor:
     """:func:`~leanmoe.kernels.moe_bwd.expert_weight_grad` (both its kernels): ``out_EMN[e] = sum_{r of e}
@@ -164,5 +177,5 @@ def expert_weight_grad_reference(a, b, offsets_E, out_EMN, *, a_rows_R=None, b_r
 
 
 __all__ = ["activation_bwd_rows_reference", "combine_reference", "expert_weight_grad_reference",
-           "gate_up_bwd_reference", "gate_up_fwd_reference",
-           "grouped_gemm_reference"]
+           "gate_up_bwd_reference", "gate_up_fwd_reference", "grouped_gemm_reference", "lora_rows_add_reference",
+           "low_rank_pair_reference"]

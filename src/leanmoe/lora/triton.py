@@ -17,11 +17,12 @@ Kept for backward: the caller's tensors, the plan and the two ``[R, P]`` low-ran
 for Qwen3-30B-A3B at T=16384, rank 16). Nothing else: backward recomputes the pre-activations with the same kernel.
 
 Backward (``leanmoe::triton_lora_bwd``), the split engine of :mod:`leanmoe.experts.triton` with the adapters:
-the pre-activations recomputed bitwise as in forward; ``W_d^T dy`` and ``B_d^T dy`` as ``torch._grouped_mm`` calls
-on the gathered dy rows, ``s (B_d^T dy) A_d`` added to dh in place (no ``[R, I]`` temporary); the activation
-backward row by row; ``dxlow = s dgate_up B_gu`` (``torch._grouped_mm``); the adapters' weight gradients as grouped
-GEMMs (``d A_gu`` token-major or gathered, as in forward); dx by the grouped GEMM kernel with ``dxlow A_gu`` as its
-start. Frozen base weights (and an x without grad) cost no kernel.
+the pre-activations recomputed bitwise as in forward; ``W_d^T dy`` as ``torch._grouped_mm`` on the gathered dy
+rows, and ``B_d^T dy`` with ``d B_d`` from one more pass over them (:func:`factor_grads`); ``s (B_d^T dy) A_d``
+added to dh in place (no ``[R, I]`` temporary); the activation backward row by row; ``dxlow = s dgate_up B_gu``
+with ``d B_gu`` from one pass over the dgate_up rows; ``d A_d`` as a grouped GEMM and ``d A_gu`` token-major or
+gathered (as in forward); dx by the grouped GEMM kernel with ``dxlow A_gu`` as its start. Frozen base weights (and
+an x without grad) cost no kernel.
 LoRA dropout in training is not fused here: such calls go to the grouped_mm or reference backend.
 """
 
@@ -76,6 +77,30 @@ def token_major_low_rank(E: int, P: int, K: int) -> bool:
     if path != "auto":
         return path == "token_major"
     return E * P <= TOKEN_MAJOR_MAX_PER_K * K
+
+
+#: ``LEANMOE_LORA_FACTOR_GRADS``: ``fused`` (default) or ``grouped_mm`` (two grouped GEMMs, for measurements).
+FACTOR_GRADS_PATHS = ("fused", "grouped_mm")
+
+
+def factor_grads(a_RX: Tensor, B_EXP: Tensor, low_RP: Tensor, offsets_E: Tensor, s: float) -> tuple[Tensor, Tensor]:
+    """A LoRA factor's two backward terms that read the expert-sorted gradient rows ``a_RX`` (dy rows for the
+    down adapter, dgate_up rows for the gate/up adapter): ``(s a B[e] [R, P], d B [E, X, P] = a^T low)``.
+
+    By default one pass over ``a_RX`` for both (:func:`leanmoe.kernels.moe_bwd.low_rank_pair`); with
+    ``LEANMOE_LORA_FACTOR_GRADS=grouped_mm`` two ``torch._grouped_mm`` calls, each streaming ``a_RX``.
+    """
+    path = os.environ.get("LEANMOE_LORA_FACTOR_GRADS", "fused")
+    if path not in FACTOR_GRADS_PATHS:
+        raise ValueError(f"LEANMOE_LORA_FACTOR_GRADS: expected one of {FACTOR_GRADS_PATHS}, got {path!r}")
+    if path == "fused":
+        from leanmoe.kernels.moe_bwd import low_rank_pair
+
+        return low_rank_pair(a_RX, B_EXP, low_RP, offsets_E, scale=s)
+    low = torch._grouped_mm(a_RX, B_EXP, offs=offsets_E)
+    if s != 1.0:
+        low.mul_(s)
+    return low, grouped_weight_grad(a_RX, low_RP, offsets_E, B_EXP)
 
 
 def _x_low_rank(x_TD: Tensor, A_EPD: Tensor, plan: ExpertPlan, s: float, K: int) -> Tensor:
@@ -188,8 +213,13 @@ def triton_lora_bwd(
 
     # The split engine's gate/up backward with both adapters' terms: the pre-activations recomputed as forward
     # computed them, W_down^T dy + s A_d^T B_d^T dy, and <that, h> as the routing-weight gradient.
-    down_lora = (d_A, d_B, scale) if d_A is not None and d_B is not None else None
-    dgate_up_RN, hw_RI, dweights_R, dy_RD, dylow_RP, dxlow_RP = split_gate_up_bwd(
+    down_lora = None
+    if d_A is not None and d_B is not None:
+        # d B_d[e] = sum_r (w_r dy_r) hlow_r^T (with dy B_d, from one pass over the dy rows); then
+        # d A_d[e] = s sum_r (B_d^T dy_r)(w_r h_r)^T.
+        hlow_w_RP = (hlow_RP.float() * scale_R[:, None]).to(hlow_RP.dtype)
+        down_lora = (d_A, d_B, scale, hlow_w_RP)
+    dgate_up_RN, hw_RI, dweights_R, dy_RD, down_low, gate_up_low = split_gate_up_bwd(
         x_TD, dy_TD, tok, offs, scale_R, gate_up_proj, gate_up_bias, down_proj, x_TD.new_empty(0, 0),
         kernel_act(activation, alpha, limit, gate_up_layout), keep_dy=True,
         gate_up_lora=(xlow_RP, gu_B, scale) if gu_A is not None and gu_B is not None else None, down_lora=down_lora)
@@ -198,19 +228,18 @@ def triton_lora_bwd(
                                       tok, offs, token_mask)
 
     ddown_proj = ddown_bias = dgate_up_proj = dgate_up_bias = None
-    dd_A = dd_B = dgu_A = dgu_B = None
+    dd_A = dd_B = dgu_A = dgu_B = dxlow_RP = None
     if need_ddown:
         ddown_proj, ddown_bias = grouped_projection_grads(dy_RD, hw_RI, offs, down_proj, down_bias,
                                                           bias_scale_R=scale_R)
-    if down_lora is not None and d_A is not None and d_B is not None and dylow_RP is not None:
-        # d B_d[e] = sum_r (w_r dy_r) hlow_r^T; d A_d[e] = s sum_r (B_d^T dy_r)(w_r h_r)^T.
-        hlow_w_RP = (hlow_RP.float() * scale_R[:, None]).to(hlow_RP.dtype)
-        dd_B = grouped_weight_grad(dy_RD, hlow_w_RP, offs, d_B)
+    if down_low is not None and d_A is not None:
+        dylow_RP, dd_B = down_low
         dd_A = grouped_weight_grad(dylow_RP, hw_RI, offs, d_A).mul_(scale)
-    del dy_RD, hw_RI, dylow_RP
+        del dylow_RP
+    del dy_RD, hw_RI, down_low
 
-    if gu_A is not None and gu_B is not None:
-        dgu_B = grouped_weight_grad(dgate_up_RN, xlow_RP, offs, gu_B)
+    if gate_up_low is not None:
+        dxlow_RP, dgu_B = gate_up_low
     x_RD: Optional[Tensor] = None
     if need_dgate_up:
         x_RD = x_TD.index_select(0, tok)  # transient: freed before dx
