@@ -92,6 +92,23 @@ def test_measures_once_and_takes_the_fastest(fake):
     assert fake.timed == ["slow_first", "fast_second"] and fake.calls[-1] == "fast_second"
 
 
+def test_measured_choice_is_memoised(fake, monkeypatch):
+    # A decode step asks auto once per layer: a measured bucket's choice is derived once, then looked up.
+    p = _problem(requires_grad=False)
+    leanmoe.moe_experts(*p.args(), **p.kwargs())
+    call = _call(p)
+    first = autoselect.choose(call)
+    monkeypatch.setattr(autoselect, "candidates", lambda call: pytest.fail("the memo was not used"))
+    assert autoselect.choose(call) == first and first[0].name == "fast_second"
+    # A new measurement, another switch value or cache directory, or a new registry derives the choice again.
+    monkeypatch.setenv(autoselect.ENV_SWITCH, "0")
+    assert autoselect.choose(call) is None
+    monkeypatch.delenv(autoselect.ENV_SWITCH)
+    autoselect.record("Fake GPU | versions", "T1-other", autoselect.Measurement("slow_first", {"slow_first": 1.0}))
+    with pytest.raises(pytest.fail.Exception, match="the memo was not used"):
+        autoselect.choose(call)
+
+
 def test_disk_cache(fake, tmp_path):
     p = _problem(requires_grad=False)
     leanmoe.moe_experts(*p.args(), **p.kwargs())

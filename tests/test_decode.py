@@ -224,3 +224,55 @@ def test_gpu_no_host_sync():
             _decode(p, check_ids=False, token_mask=mask)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def _plan_ids(T: int, K: int, E: int, seed: int, dtype=torch.int64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if T == 0:
+        return torch.zeros(0, K, dtype=dtype)
+    return torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(dtype)
+
+
+PLAN_CASES = [  # (T, K, E, ids): every routing edge of the plan
+    (0, 2, 4, "random"), (1, 8, 128, "random"), (2, 1, 3, "random"), (7, 3, 7, "random"),  # T=0, T=1, prime E
+    (9, 4, 4, "random"),  # K = E
+    (12, 2, 6, "one_expert_pair"),  # every row on two experts, the others empty
+    (64, 8, 128, "random"),  # qwen3-30b-a3b at T=64
+]
+# R = 4096, the most one program sorts (a minute per case in the interpreter: GPU only).
+GPU_PLAN_CASES = [*PLAN_CASES, (512, 8, 256, "random")]
+
+
+def _plan_case_ids(T, K, E, kind, seed):
+    if kind == "one_expert_pair":
+        return torch.tensor([[0, 5]] * T)
+    return _plan_ids(T, K, E, seed)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("T, K, E, kind", PLAN_CASES, ids=lambda v: str(v))
+def test_decode_plan_is_the_plan(T, K, E, kind, masked, device="cpu"):
+    """One launch gives exactly plan_experts' plan (stable order, masked rows last, counts and int32 offsets)."""
+    from leanmoe.experts.plan import plan_experts
+
+    ids = _plan_case_ids(T, K, E, kind, seed=T + E).to(device)
+    mask = (torch.rand(T, generator=torch.Generator().manual_seed(E)) > 0.4).to(device) if masked else None
+    for ids_ in (ids, ids.to(torch.int32), ids.t().contiguous().t()):  # int32 ids, strided ids
+        got = moe_decode.decode_plan(ids_, E, mask)
+        ref = plan_experts(ids_, E, mask)
+        for name, g, r in zip(("sorted_rows_R", "sorted_tokens_R", "sorted_experts_R", "counts_E", "offsets_E"),
+                              got, (ref.sorted_rows_R, ref.sorted_tokens_R, ref.sorted_experts_R, ref.counts_E,
+                                    ref.offsets_E), strict=True):
+            assert g.dtype == r.dtype and torch.equal(g, r), f"{name} differs"
+
+
+def test_decode_plan_rejects_too_many_rows():
+    with pytest.raises(ValueError, match="T\\*K <= 4096"):
+        moe_decode.decode_plan(torch.zeros(513, 8, dtype=torch.int64), 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T, K, E, kind", GPU_PLAN_CASES, ids=lambda v: str(v))
+def test_gpu_decode_plan_is_the_plan(T, K, E, kind):
+    for masked in (False, True):
+        test_decode_plan_is_the_plan(T, K, E, kind, masked, device="cuda")

@@ -6,7 +6,9 @@ R routed rows (T*K).
 Inference only (``no_grad``, ``inference_mode`` or nothing requiring grad): it keeps nothing and has no backward,
 so it refuses calls that require grad, and ``auto`` never takes it for training. Pipeline
 (``leanmoe::triton_decode_fwd``, a custom op with a fake, so it traces under ``torch.compile``):
-1. plan: stable sort of the routed rows by expert (masked tokens' rows last, out of the counts);
+1. plan: stable sort of the routed rows by expert (masked tokens' rows last, out of the counts), in one kernel
+   launch up to :data:`leanmoe.kernels.moe_decode.PLAN_MAX_ROWS` routed rows
+   (:func:`~leanmoe.kernels.moe_decode.decode_plan`), else with :func:`leanmoe.experts.plan.plan_experts`;
 2. :func:`leanmoe.kernels.moe_decode.decode_gate_up`: gather-fused gate/up GEMM, bias and activation, small row
    tiles and the reduction split over D when the output tiles alone would not fill the GPU;
 3. :func:`leanmoe.kernels.moe_decode.decode_down_combine`: the down projection (bias, routing weight) into fp32
@@ -27,7 +29,8 @@ from typing import Optional
 
 import torch
 
-from leanmoe.experts.plan import plan_experts
+from leanmoe.experts.eager import op_or_body
+from leanmoe.experts.plan import ExpertPlan, plan_experts
 from leanmoe.experts.registry import ExpertsBackend, ExpertsCall
 from leanmoe.experts.triton import triton_call_reason
 from leanmoe.experts.weights import ExpertWeights
@@ -41,28 +44,40 @@ AUTO_MAX_TOKENS = 256
 MAX_ROWS = 16384
 
 
+_CODES: dict[str, int] = {}
+
+
 def _activation_codes() -> dict[str, int]:
-    from leanmoe.kernels.moe_common import ACTIVATION_CODES
+    # Filled on first use: importing the kernels imports triton. (Not functools.cache: torch.compile traces the
+    # support check, and warns on a cached function.)
+    if not _CODES:
+        from leanmoe.kernels.moe_common import ACTIVATION_CODES
 
-    return ACTIVATION_CODES
+        _CODES.update(ACTIVATION_CODES)
+    return _CODES
 
 
-@torch.library.custom_op("leanmoe::triton_decode_fwd", mutates_args=())
-def triton_decode_fwd(
+def _triton_decode_fwd(
     x_TD: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
     gate_up_bias: Optional[Tensor], down_bias: Optional[Tensor], token_mask_T: Optional[Tensor], activation: str,
     gated: bool, alpha: float, limit: float, gate_up_layout: str,
 ) -> Tensor:
     """``y_TD`` in x's dtype (see :func:`leanmoe.moe_experts`); forward only."""
-    from leanmoe.kernels.moe_decode import decode_down_combine, decode_gate_up
+    from leanmoe.kernels.moe_decode import PLAN_MAX_ROWS, decode_down_combine, decode_gate_up, decode_plan
 
     E = gate_up_proj.shape[0]
-    plan = plan_experts(topk_ids_TK, E, token_mask_T)
+    if topk_ids_TK.numel() <= PLAN_MAX_ROWS:  # one launch instead of the plan's torch ops (host time at decode)
+        plan = ExpertPlan(*decode_plan(topk_ids_TK, E, token_mask_T))
+    else:
+        plan = plan_experts(topk_ids_TK, E, token_mask_T)
     h_RI = decode_gate_up(x_TD, plan.sorted_tokens_R, plan.sorted_experts_R, plan.offsets_E, gate_up_proj,
                           gate_up_bias, act_code=_activation_codes()[activation], gated=gated,
                           interleaved=gate_up_layout == "interleaved", alpha=alpha, limit=limit)
     return decode_down_combine(h_RI, down_proj, down_bias, topk_weights_TK, plan.sorted_rows_R, plan.offsets_E,
                                token_mask_T)
+
+
+triton_decode_fwd = torch.library.custom_op("leanmoe::triton_decode_fwd", mutates_args=())(_triton_decode_fwd)
 
 
 @triton_decode_fwd.register_fake
@@ -119,7 +134,9 @@ class TritonDecodeBackend(ExpertsBackend):
             raise ValueError("backend 'triton_decode' is forward only: got inputs that require grad with grad mode "
                              "on; use torch.no_grad()/inference_mode, or a training backend")
         activation = weights.activation
-        return triton_decode_fwd(x_TD, topk_ids_TK, topk_weights_TK, weights.gate_up_proj, weights.down_proj,
-                                 weights.gate_up_bias, weights.down_bias, token_mask, activation.name,
-                                 activation.gated, float(activation.alpha), float(activation.limit),
-                                 weights.gate_up_layout)
+        # Forward only: in eager, the op's body without the dispatcher (leanmoe.experts.eager).
+        args = (x_TD, topk_ids_TK, topk_weights_TK, weights.gate_up_proj, weights.down_proj, weights.gate_up_bias,
+                weights.down_bias, token_mask)
+        fwd = op_or_body(triton_decode_fwd, _triton_decode_fwd, *args)
+        return fwd(*args, activation.name, activation.gated, float(activation.alpha), float(activation.limit),
+                   weights.gate_up_layout)

@@ -39,6 +39,7 @@ from typing import Optional
 import torch
 
 from leanmoe.activations import Activation, activation_backward, apply_activation
+from leanmoe.experts.eager import op_or_body
 from leanmoe.experts.plan import ExpertPlan, combine_routed, plan_experts, sum_per_token
 from leanmoe.experts.registry import ExpertsBackend, ExpertsCall, cuda_capability, same_dtype_reason
 from leanmoe.experts.weights import ExpertWeights, check_token_mask
@@ -85,8 +86,7 @@ def _activation(name: str, alpha: float, limit: float) -> Activation:
     return Activation(name=name, alpha=alpha, limit=limit)  # type: ignore[arg-type]
 
 
-@torch.library.custom_op("leanmoe::grouped_mm_experts_fwd", mutates_args=())
-def grouped_mm_experts_fwd(
+def _grouped_mm_experts_fwd(
     x_TD: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
     gate_up_bias: Optional[Tensor], down_bias: Optional[Tensor], token_mask_T: Optional[Tensor], activation: str,
     alpha: float, limit: float, gate_up_layout: str, save_gate_up: bool,
@@ -117,6 +117,10 @@ def grouped_mm_experts_fwd(
         # Masked tokens' rows of out_TKD were never written: exact zeros, whatever x or the weights hold.
         y_TD.masked_fill_(~token_mask_T[:, None], 0)
     return y_TD, gate_up_RN
+
+
+grouped_mm_experts_fwd = torch.library.custom_op("leanmoe::grouped_mm_experts_fwd",
+                                                 mutates_args=())(_grouped_mm_experts_fwd)
 
 
 @grouped_mm_experts_fwd.register_fake
@@ -254,9 +258,13 @@ def grouped_mm_moe_experts(x_TD: Tensor, topk_ids_TK: Tensor, topk_weights_TK: T
                                                     down_bias))
     # Inference keeps nothing for backward, whatever save_percent says.
     save_gate_up = requires_grad and save_percent > 0
-    return grouped_mm_experts_fwd(x_TD.contiguous(), topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj,
-                                  gate_up_bias, down_bias, token_mask, activation.name, float(activation.alpha),
-                                  float(activation.limit), gate_up_layout, save_gate_up)[0]
+    args = (x_TD.contiguous(), topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias,
+            token_mask)
+    # Without autograd, in eager: the op's body without the dispatcher (leanmoe.experts.eager).
+    fwd = grouped_mm_experts_fwd if requires_grad else op_or_body(grouped_mm_experts_fwd, _grouped_mm_experts_fwd,
+                                                                   *args)
+    return fwd(*args, activation.name, float(activation.alpha), float(activation.limit), gate_up_layout,
+               save_gate_up)[0]
 
 
 class GroupedMMBackend(ExpertsBackend):

@@ -53,11 +53,13 @@ gathered ``dy_RD`` (until ``d down_proj``) and then ``x_RD`` (until ``d gate_up_
 from __future__ import annotations
 
 import os
-from typing import Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 
 from leanmoe.activations import GATED_ACTIVATIONS, Activation
+from leanmoe.experts.eager import op_or_body
 from leanmoe.experts.plan import plan_experts, valid_rows
 from leanmoe.experts.registry import ExpertsBackend, ExpertsCall, cuda_capability, same_dtype_reason
 from leanmoe.experts.weights import ExpertWeights
@@ -79,8 +81,7 @@ def kernel_act(activation: str, alpha: float, limit: float, gate_up_layout: str)
                 interleaved=gate_up_layout == "interleaved", alpha=alpha, limit=limit)
 
 
-@torch.library.custom_op("leanmoe::triton_experts_fwd", mutates_args=())
-def triton_experts_fwd(
+def _triton_experts_fwd(
     x_TD: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
     gate_up_bias: Optional[Tensor], down_bias: Optional[Tensor], activation: str, alpha: float, limit: float,
     gate_up_layout: str, save_percent: float, token_mask: Optional[Tensor] = None,
@@ -104,6 +105,9 @@ def triton_experts_fwd(
         combine_chunked(h_RI, down_proj, down_bias, scale_R, plan.sorted_rows_R, plan.offsets_E, T, K, y_TD,
                          token_mask)
     return y_TD, plan.sorted_rows_R, plan.sorted_tokens_R, plan.offsets_E, scale_R, saved_SN
+
+
+triton_experts_fwd = torch.library.custom_op("leanmoe::triton_experts_fwd", mutates_args=())(_triton_experts_fwd)
 
 
 @triton_experts_fwd.register_fake
@@ -333,12 +337,16 @@ def triton_moe_experts(x_TD: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tenso
                        *, activation: Activation, gate_up_layout: str, save_percent: float = 0,
                        token_mask: Optional[Tensor] = None) -> Tensor:
     """The fused Triton expert compute; same contract as :func:`leanmoe.moe_experts` (validated inputs)."""
+    fwd: Callable[..., Any] = triton_experts_fwd
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
             x_TD, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias))):
         save_percent = 0  # no backward can run: keep no pre-activations, whatever save_percent asks
-    return triton_experts_fwd(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias,
-                              activation.name, float(activation.alpha), float(activation.limit), gate_up_layout,
-                              float(save_percent), token_mask)[0]
+        # and no autograd is needed: in eager, the op's body without the dispatcher (leanmoe.experts.eager)
+        fwd = op_or_body(triton_experts_fwd, _triton_experts_fwd, x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj,
+                         down_proj, gate_up_bias, down_bias, token_mask)
+    return fwd(x_TD, topk_ids_TK, topk_weights_TK, gate_up_proj, down_proj, gate_up_bias, down_bias,
+               activation.name, float(activation.alpha), float(activation.limit), gate_up_layout,
+               float(save_percent), token_mask)[0]
 
 
 def lora_call_reason(call: ExpertsCall) -> str | None:

@@ -230,6 +230,42 @@ def decode_combine_kernel(
              mask=(tokens < T)[:, None] & (cs < D)[None, :])
 
 
+@triton.jit
+def decode_plan_kernel(
+    # pointers
+    ids_ptr, keep_ptr, sorted_rows_ptr, sorted_tokens_ptr, sorted_experts_ptr, counts_ptr, offsets_ptr,
+    # sizes
+    R, K, E,
+    # strides
+    stride_it, stride_ik,
+    # meta-parameters
+    HAS_MASK: tl.constexpr, R_P2: tl.constexpr, BINS: tl.constexpr,
+):
+    """The routing plan of :func:`leanmoe.experts.plan.plan_experts` in one program: each row's key (its expert, E
+    for a masked token's row) packed with its row index and sorted (so ties keep row order: a stable sort), and the
+    per-expert counts and inclusive offsets from a histogram of the keys."""
+    r = tl.arange(0, R_P2)
+    valid = r < R
+    t = r // K
+    key = tl.load(ids_ptr + t.to(tl.int64) * stride_it + (r % K) * stride_ik, mask=valid, other=0).to(tl.int64)
+    if HAS_MASK:
+        keep = tl.load(keep_ptr + t, mask=valid, other=0) != 0
+        key = tl.where(keep, key, E)
+    key = tl.where(valid, key, BINS - 1)  # padding lanes sort last, in a bin past E
+    packed = tl.sort(key * R_P2 + r)
+    s_key = packed // R_P2
+    s_row = packed % R_P2
+    tl.store(sorted_rows_ptr + r, s_row, mask=valid)
+    tl.store(sorted_tokens_ptr + r, s_row // K, mask=valid)
+    # Masked rows (key E) read expert E-1: indexing by it stays in range, the column non-decreasing.
+    tl.store(sorted_experts_ptr + r, tl.minimum(s_key, E - 1).to(sorted_experts_ptr.dtype.element_ty), mask=valid)
+    counts = tl.histogram(key.to(tl.int32), BINS)
+    offsets = tl.cumsum(counts, 0)
+    b = tl.arange(0, BINS)
+    tl.store(counts_ptr + b, counts.to(tl.int64), mask=b < E)
+    tl.store(offsets_ptr + b, offsets.to(tl.int32), mask=b < E)
+
+
 def _configs(shapes):
     return [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s) for bm, bn, bk, w, s in shapes]
 
@@ -279,12 +315,26 @@ def _chunk(reduce_dim: int, split: int, quantum: int) -> int:
     return triton.cdiv(triton.cdiv(reduce_dim, split), quantum) * quantum
 
 
-def _launch(plain, tuned, R, E, num_cols, split, args, meta):
+#: ``(autotuner, its config count, tuning key) -> the chosen config's launch options``: a decode call launches the
+#: plain kernel with them once its shape bucket is tuned. Triton's autotuner costs tens of microseconds of host
+#: time per launch on top of the kernel's own launch, which a decode step spends once per layer.
+_CHOSEN_CONFIGS: dict[tuple, dict] = {}
+
+
+def _launch(plain, tuned, R, E, num_cols, split, args, meta, tune_key: tuple):
     if tuned is None:
         meta = {**meta, **INTERPRETER_META}
         plain[(row_tiles_bound(R, E, meta["BM"]) * triton.cdiv(num_cols, meta["BN"]), split)](*args, **meta)
-    else:
+        return
+    # tune_key: the values of the autotuner's key and the tensors' dtypes, as the autotuner keys its own cache.
+    key = (id(tuned), len(tuned.configs), *tune_key)
+    chosen = _CHOSEN_CONFIGS.get(key)
+    if chosen is None:
         tuned[lambda m: (row_tiles_bound(R, E, m["BM"]) * triton.cdiv(num_cols, m["BN"]), split)](*args, **meta)
+        _CHOSEN_CONFIGS[key] = dict(tuned.best_config.all_kwargs())
+        return
+    grid = (row_tiles_bound(R, E, chosen["BM"]) * triton.cdiv(num_cols, chosen["BN"]), split)
+    plain[grid](*args, **meta, **chosen)
 
 
 def _quantum() -> int:
@@ -315,7 +365,8 @@ def decode_gate_up(x_TD: torch.Tensor, sorted_tokens_R: torch.Tensor, sorted_exp
             float(limit), rows_bucket(R), x_TD.stride(0), x_TD.stride(1), *gate_up_proj.stride(), bias.stride(0),
             bias.stride(1), h_RI.stride(0), part.stride(0) if split > 1 else 0, part.stride(1) if split > 1 else 0)
     _launch(decode_gate_up_kernel, _decode_gate_up_tuned, R, E, I, split, args,
-            dict(flags, E_P2=e_p2(E), DOT_PREC=dot_precision(x_TD.dtype)))
+            dict(flags, E_P2=e_p2(E), DOT_PREC=dot_precision(x_TD.dtype)),
+            (D, I, rows_bucket(R), split, x_TD.dtype, gate_up_proj.dtype, bias.dtype, h_RI.dtype, part.dtype))
     if split > 1:
         BR, BC = 16, 64
         gate_up_finish_kernel[(triton.cdiv(R, BR), triton.cdiv(I, BC))](
@@ -347,7 +398,8 @@ def decode_down_combine(h_RI: torch.Tensor, down_proj: torch.Tensor, down_bias: 
             rows_bucket(R), h_RI.stride(0), *down_proj.stride(), bias.stride(0), bias.stride(1),
             topk_weights_TK.stride(0), topk_weights_TK.stride(1), part.stride(0), part.stride(1))
     _launch(decode_down_kernel, _decode_down_tuned, R, E, D, split, args,
-            dict(HAS_BIAS=down_bias is not None, E_P2=e_p2(E), DOT_PREC=dot_precision(h_RI.dtype)))
+            dict(HAS_BIAS=down_bias is not None, E_P2=e_p2(E), DOT_PREC=dot_precision(h_RI.dtype)),
+            (D, I, rows_bucket(R), chunk, h_RI.dtype, down_proj.dtype, bias.dtype, topk_weights_TK.dtype))
     BT, BC = (16, 64) if interpreting() else (16, 256)
     mask = token_mask_T if token_mask_T is not None else y_TD
     decode_combine_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BC))](
@@ -356,4 +408,39 @@ def decode_down_combine(h_RI: torch.Tensor, down_proj: torch.Tensor, down_bias: 
     return y_TD
 
 
-__all__ = ["choose_split", "decode_down_combine", "decode_gate_up", "row_tiles_bound"]
+#: Routed rows up to which :func:`decode_plan` sorts in one program (beyond, the plan's torch ops are as cheap).
+PLAN_MAX_ROWS = 4096
+
+
+def decode_plan(topk_ids_TK: torch.Tensor, num_experts: int, token_mask_T: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(sorted_rows_R, sorted_tokens_R, sorted_experts_R, counts_E, offsets_E)``, exactly
+    :func:`leanmoe.experts.plan.plan_experts`'s, from one kernel launch instead of its ~9 torch ops: at decode
+    sizes each op's launch is host time the step waits for. ``R = T*K <= PLAN_MAX_ROWS``; ids trusted in
+    ``[0, E)``; ``token_mask_T`` bool ``[T]`` (True = keep) or None. The ``[R]`` outputs and ``counts_E`` share one
+    int64 buffer (``sorted_experts_R`` in the ids' dtype)."""
+    T, K = topk_ids_TK.shape
+    R, E = T * K, num_experts
+    if R > PLAN_MAX_ROWS or E < 1:
+        raise ValueError(f"decode_plan: expected T*K <= {PLAN_MAX_ROWS} and num_experts >= 1, got T*K={R}, "
+                         f"num_experts={E}")
+    dev = topk_ids_TK.device
+    buf = torch.empty(3 * R + E, device=dev, dtype=torch.int64)
+    sorted_rows_R, sorted_tokens_R, counts_E = buf[:R], buf[R:2 * R], buf[3 * R:]
+    sorted_experts_R = buf[2 * R:3 * R] if topk_ids_TK.dtype == torch.int64 else \
+        torch.empty(R, device=dev, dtype=topk_ids_TK.dtype)
+    offsets_E = torch.empty(E, device=dev, dtype=torch.int32)
+    if R == 0:
+        counts_E.zero_()
+        offsets_E.zero_()
+        return sorted_rows_R, sorted_tokens_R, sorted_experts_R, counts_E, offsets_E
+    keep = token_mask_T if token_mask_T is not None else offsets_E
+    R_P2 = max(triton.next_power_of_2(R), 16)
+    decode_plan_kernel[(1,)](topk_ids_TK, keep, sorted_rows_R, sorted_tokens_R, sorted_experts_R, counts_E,
+                             offsets_E, R, K, E, topk_ids_TK.stride(0), topk_ids_TK.stride(1),
+                             HAS_MASK=token_mask_T is not None, R_P2=R_P2, BINS=triton.next_power_of_2(E + 2),
+                             num_warps=4 if R_P2 <= 1024 else 8)
+    return sorted_rows_R, sorted_tokens_R, sorted_experts_R, counts_E, offsets_E
+
+
+__all__ = ["choose_split", "decode_down_combine", "decode_gate_up", "decode_plan", "row_tiles_bound"]
