@@ -4,16 +4,18 @@
 # Steps:
 #   tests    every GPU-marked test (-m "gpu and not multigpu"), tuning off (LEANMOE_AUTOTUNE=0; a test of tuning
 #            sets it itself): the no-host-sync and compile tests first, then the rest on 4 workers, then the tests
-#            that take tens of GB alone
+#            that take tens of GB alone (caps TESTS_CORE_S 120, TESTS_S 300, TESTS_BIG_S 150; TESTS_WORKERS 4)
 #   peers    benchmarks/peers.py, one process per preset (PEERS_PRESETS, default all six, most wanted first; each
 #            at most PEERS_PRESET_S seconds, default 270; fwdbwd first; PEERS_ARGS adds arguments, a later
 #            --mode replacing it), merged into $OUT/h200-peers.{json,md,png}; rows a time limit cut are "not run"
 #   decode   leanmoe bench --decode --preset all -> $OUT/h200-decode.json
 #   bench    leanmoe bench --preset qwen3-30b-a3b mixtral-8x7b -> $OUT/bench.json
 #   lora     leanmoe bench --lora 16 (skipped with a note while the option does not exist) -> $OUT/lora.json
+#   lora-ab  benchmarks/lora_ab.py: the LoRA step with its B-factor terms fused or not, and the frozen step
 #   retest   the GPU tests matching RETEST_K      peers-decode  peers.py --cuda-graphs at T in DECODE_T (64)
 #   hf-lora  leanmoe bench --hf M --lora 16 for M in HF_LORA_MODELS (qwen3_moe mixtral)
 #   hf-decode  leanmoe bench --hf M --mode decode for M in HF_DECODE_MODELS (qwen3_moe mixtral) -> $OUT/hf_decode_M.json
+#   hf-decode-compiled  the same with --cuda-graphs (compiled generate()) -> $OUT/hf_decode_compiled_M.json
 #   profile  benchmarks/profile_step.py: the step's CUDA kernels by name (PROFILE_ARGS) -> $OUT/profile.json
 #   ab       benchmarks/ab_versions.py, .old/leanmoe_v5 against the checkout (carry .old)
 #   engines  benchmarks/gemm_engines.py: every GEMM of a fwd+bwd on both backward engines, and the backward op per
@@ -95,12 +97,12 @@ for step in $steps; do
   case $step in
     tests)
       big="64bit_offsets or bench_on_the_gpu or peak_cuda_memory"
-      LEANMOE_AUTOTUNE=0 run tests-core 120 "$TEST_PAT" python3 -m pytest -q -rfE -m "gpu and not multigpu" \
+      LEANMOE_AUTOTUNE=0 run tests-core "${TESTS_CORE_S:-120}" "$TEST_PAT" python3 -m pytest -q -rfE -m "gpu and not multigpu" \
         -p no:cacheprovider --timeout 100 --tb=short tests/test_gpu_core.py
       # Four workers share the GPU, so the tests that take tens of GB run after them, alone.
-      LEANMOE_AUTOTUNE=0 run tests 300 "$TEST_PAT" python3 -m pytest -q -rfE -n 4 -m "gpu and not multigpu" \
-        -k "not ($big)" -p no:cacheprovider --timeout 200 --tb=short --ignore=tests/test_gpu_core.py tests
-      LEANMOE_AUTOTUNE=0 run tests-big 150 "$TEST_PAT" python3 -m pytest -q -rfE -m "gpu and not multigpu" \
+      LEANMOE_AUTOTUNE=0 run tests "${TESTS_S:-300}" "$TEST_PAT" python3 -m pytest -q -rfE -n "${TESTS_WORKERS:-4}" -m "gpu and not multigpu" \
+        -k "not ($big)" -p no:cacheprovider --timeout 200 --tb=short --durations 15 --ignore=tests/test_gpu_core.py tests
+      LEANMOE_AUTOTUNE=0 run tests-big "${TESTS_BIG_S:-150}" "$TEST_PAT" python3 -m pytest -q -rfE -m "gpu and not multigpu" \
         -k "$big" -p no:cacheprovider --timeout 150 --tb=short --ignore=tests/test_gpu_core.py tests ;;
     peers)
       dir=/tmp/peers
@@ -143,6 +145,9 @@ for step in $steps; do
           python3 benchmarks/peers.py --preset ${DECODE_PRESETS:-qwen3-30b-a3b} --tokens "$T" --mode fwd \
           --cuda-graphs --json "$OUT/peers-decode-$T.json"
       done ;;
+    lora-ab)  # the LoRA step's B-factor terms fused or as grouped GEMMs, beside the frozen step, in one process
+      run lora-ab 240 "Error|Traceback|rank 16" python3 benchmarks/lora_ab.py --preset ${LORA_AB_PRESETS:-qwen3-30b-a3b \
+        mixtral-8x7b} --json "$OUT/lora_ab.json" ;;
     ab)  # v5 against the checkout in one process (needs .old/leanmoe_v5, carried; see benchmarks/ab_versions.py)
       PYTHONPATH=$PYTHONPATH:.old run ab 240 "Traceback|Error|\|" python3 benchmarks/ab_versions.py --old leanmoe_v5 \
         --backend triton grouped_mm --preset ${AB_PRESETS:-qwen3-30b-a3b mixtral-8x7b} --json "$OUT/ab.json" ;;
@@ -158,6 +163,12 @@ for step in $steps; do
       for m in ${HF_DECODE_MODELS:-qwen3_moe mixtral}; do
         run "hf-decode-$m" 200 "FAILED|Error|Traceback" python3 -m leanmoe bench --hf "$m" --mode decode \
           --json "$OUT/hf_decode_$m.json"
+      done ;;
+    hf-decode-compiled)  # the same with generate() compiled by transformers (CUDA graphs); HF_DECODE_COMPILED_ARGS
+      for m in ${HF_DECODE_MODELS:-qwen3_moe mixtral}; do
+        run "hf-decode-compiled-$m" "${HF_DECODE_COMPILED_S:-240}" "FAILED|Error|Traceback" python3 -m leanmoe bench \
+          --hf "$m" --mode decode --cuda-graphs ${HF_DECODE_COMPILED_ARGS:---backend triton_decode} \
+          --json "$OUT/hf_decode_compiled_$m.json"
       done ;;
     profile)
       run profile 240 "==|Error|Traceback" python3 benchmarks/profile_step.py ${PROFILE_ARGS:-} --json "$OUT/profile.json" ;;

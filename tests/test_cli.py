@@ -273,18 +273,23 @@ def test_hf_decode_runs_the_decode_bench(monkeypatch, capsys):
 
     calls = []
 
-    def fake_decode(model_type, *, device, dtype, layers, batch):
-        calls.append((model_type, device.type, layers, batch))
+    def fake_decode(model_type, *, device, dtype, layers, batch, compiled, backends):
+        calls.append((model_type, device.type, layers, batch, compiled))
         return [dict(model_type=model_type, implementation="leanmoe:auto", mode="decode", ms=2.0, tokens_per_s=500.0,
                      peak_mem_mb=None, ok=True, rel_err=1e-6, note="")]
 
     monkeypatch.setattr(leanmoe.cli, "_load_hf_bench", lambda: lambda *a, **k: pytest.fail("not the decode bench"))
     monkeypatch.setattr(leanmoe.bench.hf, "run_hf_decode_bench", fake_decode)
     assert main(["bench", "--device", "cpu", "--hf", "mixtral", "--mode", "decode", "--tokens", "3"]) == 0
-    assert calls == [("mixtral", "cpu", 2, 3)]
+    assert calls == [("mixtral", "cpu", 2, 3, False)]
     out = capsys.readouterr().out
     assert "tokens/s" in out and "500" in out
     assert "greedy generate() runs" in out and "do_bench" not in out  # the timer line names what was timed
+    assert "; eager" in out
+    # --cuda-graphs asks for the compiled generate(), which needs CUDA.
+    assert "--cuda-graphs needs a CUDA device" in _usage_error(capsys, [
+        "bench", "--device", "cpu", "--hf", "mixtral", "--mode", "decode", "--cuda-graphs"])
+    assert len(calls) == 1
 
 
 def test_info(capsys):

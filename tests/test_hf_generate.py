@@ -112,3 +112,11 @@ def test_hf_decode_bench_rows():
     with pytest.raises(ValueError, match="new_tokens must be >= 2"):
         run_hf_decode_bench("qwen3_moe", device="cpu", dtype=torch.float32, batch=2, layers=1, new_tokens=1,
                             config_overrides={"tiny": True})
+    # backends= names the leanmoe rows beside auto's; an unknown name raises before anything is timed.
+    rows = run_hf_decode_bench("qwen3_moe", device="cpu", dtype=torch.float32, batch=2, layers=1, prompt_len=4,
+                               new_tokens=2, backends=["reference"], config_overrides={"tiny": True})
+    assert [r["implementation"] for r in rows] == ["eager", "grouped_mm", "batched_mm", "leanmoe:auto",
+                                                   "leanmoe:reference"]
+    with pytest.raises(ValueError, match="backends: unknown"):
+        run_hf_decode_bench("qwen3_moe", device="cpu", dtype=torch.float32, batch=2, layers=1, backends=["nope"],
+                            config_overrides={"tiny": True})

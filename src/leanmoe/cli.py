@@ -103,7 +103,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode", action="store_true", help="the same as --mode decode")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="time the forward as CUDA-graph replays, as a server runs it (no host launch overhead; "
-                        "CUDA only; default: on for the decode table on CUDA, off otherwise)")
+                        "CUDA only; default: on for the decode table on CUDA, off otherwise); with --hf M --mode "
+                        "decode: generate() compiled by transformers (torch.compile, CUDA graphs), else eager")
     p.add_argument("--routing", action="extend", nargs="+", choices=ROUTINGS, help="default: uniform")
     p.add_argument("--save-percent", type=float, default=0, metavar="S",
                    help="the backends' save_percent in [0, 100] (default 0)")
@@ -447,7 +448,9 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list
     if run_hf_bench is not None and args.decode:
         from leanmoe.bench.hf import HF_DECODE_TIMER
 
-        env["timer"] = HF_DECODE_TIMER  # generate() wall times, not the expert-layer timer
+        # generate() wall times, not the expert-layer timer; --cuda-graphs: transformers' compiled decode step
+        env["timer"] = HF_DECODE_TIMER + ("; compiled (torch.compile, CUDA graphs)" if args.cuda_graphs
+                                          else "; eager")
     if plan.device.type == "cuda" and not check_only and not hf_only and plan.lora_rank is None:
         print("measuring the dense bf16 matmul and device copy rates ...", file=sys.stderr, flush=True)
         env["dense_tflops"] = dense_matmul_tflops(plan.device)
@@ -476,8 +479,11 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list
             from leanmoe.bench.hf import HF_DECODE_BATCH, run_hf_decode_bench
 
             print(f"benchmarking Hugging Face model type {args.hf!r} in decode ...", file=sys.stderr, flush=True)
+            # --cuda-graphs: generate() as transformers compiles it (CUDA graphs); by default eager.
             hf_rows = run_hf_decode_bench(args.hf, device=plan.device, dtype=plan.dtype, layers=args.hf_layers,
-                                          batch=hf_tokens or HF_DECODE_BATCH[plan.device.type])
+                                          batch=hf_tokens or HF_DECODE_BATCH[plan.device.type],
+                                          compiled=args.cuda_graphs is True,
+                                          backends=plan.backends if args.backend else None)
         elif run_hf_bench is not None and args.lora is not None:
             # The LoRA step of the model: leanmoe's expert adapters against transformers + PEFT, same adapter.
             from leanmoe.bench.hf_lora import run_hf_lora_bench

@@ -313,7 +313,7 @@ def run_hf_bench(model_type: str, *, device, dtype, tokens: int, layers: int, sa
                 if need > _free_bytes(device) // 2:
                     note = f"skipped: batched_mm gathers {need / 2**30:.1f} GiB of expert weights per layer"
                     rows += [dict(model_type=model_type, implementation=impl, mode=mode, ms=None, peak_mem_mb=None,
-                                  ok=False, rel_err=None, note=note) for mode in ("train", "prefill")]
+                                  ok=False, rel_err=None, tol=tol, note=note) for mode in ("train", "prefill")]
                     continue
         else:
             if _supports_hf_experts_implementation(model):
@@ -329,7 +329,7 @@ def run_hf_bench(model_type: str, *, device, dtype, tokens: int, layers: int, sa
         for mode, fn in (("train", train_step), ("prefill", prefill)):
             ms, peak = _measure_step(fn, params, device, train=mode == "train") if ok else (None, None)
             rows.append(dict(model_type=model_type, implementation=impl, mode=mode, ms=ms, peak_mem_mb=peak, ok=ok,
-                             rel_err=rel_err, note=note))
+                             rel_err=rel_err, tol=tol, note=note))
     leanmoe.hf.unpatch(model)
     _write_json(json_path, device, {"model_type": model_type, "tokens": tokens, "layers": layers, "dtype": str(dtype),
                                     "save_percent": save_percent}, rows)
@@ -373,7 +373,8 @@ def _generate_ms(model, input_ids: torch.Tensor, new_tokens: int, device: torch.
 
 def run_hf_decode_bench(model_type: str, *, device, dtype, batch: int, layers: int,
                         prompt_len: int = HF_DECODE_PROMPT_LEN, new_tokens: int = HF_DECODE_NEW_TOKENS,
-                        compiled: bool = False, json_path=None, config_overrides: dict | None = None) -> list[dict]:
+                        compiled: bool = False, backends: list[str] | None = None, json_path=None,
+                        config_overrides: dict | None = None) -> list[dict]:
     """Greedy decode throughput of one transformers MoE family on its own experts implementations and on leanmoe.
 
     ``batch`` prompts of ``prompt_len`` random tokens generate ``new_tokens`` tokens each with a static KV cache,
@@ -385,8 +386,9 @@ def run_hf_decode_bench(model_type: str, *, device, dtype, batch: int, layers: i
     Each implementation is first checked: the logits of a prefill (``batch x prompt_len`` tokens) and of a
     decode-sized forward (``batch x 1``) against the model run in fp32 with eager experts, with the tolerance of
     :func:`run_hf_bench`. Rows that fail are not timed. Implementations: transformers' ``eager``,
-    ``grouped_mm`` and ``batched_mm`` (where the family has them), ``leanmoe:auto``, and every other leanmoe
-    backend that runs the no-grad decode call (the reference loop excepted).
+    ``grouped_mm`` and ``batched_mm`` (where the family has them; ``compiled`` leaves out ``eager``, whose loop
+    over the hit experts breaks the compiled graph at every step), ``leanmoe:auto``, and ``backends`` (default:
+    every other leanmoe backend that runs the no-grad decode call, the reference loop excepted).
 
     Returns:
         One row per implementation: ``model_type, implementation, mode ("decode"), ms`` (one decode step),
@@ -412,6 +414,8 @@ def run_hf_decode_bench(model_type: str, *, device, dtype, batch: int, layers: i
     tol = _logits_tolerance(dtype, rel_err)
 
     hf_impls = ["eager", "grouped_mm", "batched_mm"] if _supports_hf_experts_implementation(model) else ["eager"]
+    if compiled and len(hf_impls) > 1:
+        hf_impls.remove("eager")
     leanmoe.hf.patch(model)
     with torch.no_grad():
         auto, others = _leanmoe_backends(model, batch, device, dtype)
@@ -420,6 +424,11 @@ def run_hf_decode_bench(model_type: str, *, device, dtype, batch: int, layers: i
 
     # Every backend that runs the decode call, auto's own choice included (it also runs under its own name).
     others = [b for b in dict.fromkeys([auto, *others]) if b in available_backends() and b != "reference"]
+    if backends is not None:
+        unknown = [b for b in backends if b not in available_backends()]
+        if unknown:
+            raise ValueError(f"backends: unknown {unknown}; registered: {available_backends()}")
+        others = list(dict.fromkeys(backends))
     impls = [(name, None) for name in hf_impls] + [("leanmoe:auto", "auto")] + [(f"leanmoe:{b}", b) for b in others]
 
     rows = []
@@ -451,7 +460,7 @@ def run_hf_decode_bench(model_type: str, *, device, dtype, batch: int, layers: i
             note = "; ".join(n for n in (note, f"auto -> {chosen} at T={batch}") if n)
         rows.append(dict(model_type=model_type, implementation=impl, mode="decode", ms=ms, tokens_per_s=tokens_per_s,
                          batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, peak_mem_mb=None, ok=ok,
-                         rel_err=err, note=note))
+                         rel_err=err, tol=tol, note=note))
     leanmoe.hf.unpatch(model)
     _write_json(json_path, device, {"model_type": model_type, "batch": batch, "prompt_len": prompt_len,
                                     "new_tokens": new_tokens, "layers": layers, "dtype": str(dtype),

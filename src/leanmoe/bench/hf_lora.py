@@ -120,7 +120,7 @@ def run_hf_lora_bench(model_type: str, *, device, dtype, tokens: int, layers: in
         note = "" if ok else f"logits off the fp32 reference by {rel_err:.2e} > {tol:.1e}: not timed"
         ms, peak = _measure_step(train_step, params, device, train=True) if ok else (None, None)
         rows.append(dict(model_type=model_type, implementation=impl, mode="train", ms=ms, peak_mem_mb=peak, ok=ok,
-                         rel_err=rel_err, note=note, lora_rank=rank))
+                         rel_err=rel_err, tol=tol, note=note, lora_rank=rank))
     _write_json(json_path, device, {"model_type": model_type, "tokens": tokens, "layers": layers, "dtype": str(dtype),
                                     "lora_rank": rank}, rows)
     return rows

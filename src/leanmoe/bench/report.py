@@ -71,6 +71,8 @@ HF_COLUMNS: list[tuple[str, str, Callable[[object], str]]] = [
     ("tokens/s", "tokens_per_s", _rate),
     ("ok", "ok", str),
     ("rel err", "rel_err", _fmt(".1e")),
+    # The model's own tolerance (bf16: twice transformers' eager error, at least the dtype's), not the header's.
+    ("tol", "tol", _fmt(".1e")),
     ("note", "note", str),
 ]
 
