@@ -445,6 +445,26 @@ def activation_bwd_rows(pre_RN: torch.Tensor, dh_RI: torch.Tensor, scale_R: torc
     return dgu, dh_RI, dweights_R
 
 
+def _check_low_rank_operands(rows: tuple[str, torch.Tensor], low: tuple[str, torch.Tensor], offsets_E: torch.Tensor,
+                             factor: tuple[str, torch.Tensor], factor_shape) -> tuple[int, int, int, int]:
+    """The checks of a LoRA term's launcher: ``rows`` ``[R, X]`` and ``low`` ``[R, r]`` with unit column strides,
+    ``offsets_E`` int32 ``[E]``, ``factor`` of shape ``factor_shape(E, X, r)``, one float dtype and device.
+    Returns ``(R, X, r, E)``; raises ``ValueError`` naming the operand."""
+    (rows_name, rows_t), (low_name, low_t), (factor_name, factor_t) = rows, low, factor
+    check_tensor(rows_name, rows_t, shape=(None, None), dtypes=IO_DTYPES)
+    dev, dtype = rows_t.device, rows_t.dtype
+    R, X = rows_t.shape
+    check_tensor(low_name, low_t, shape=(R, None), dtypes=(dtype,), device=dev)
+    rank = low_t.shape[1]
+    check_tensor("offsets_E", offsets_E, shape=(None,), dtypes=(torch.int32,), device=dev)
+    E = offsets_E.numel()
+    check_tensor(factor_name, factor_t, shape=factor_shape(E, X, rank), dtypes=(dtype,), device=dev)
+    for name, t in (rows, low):
+        if t.stride(1) != 1 and t.shape[1] > 1:
+            raise ValueError(f"{name}: expected unit column stride, got strides {t.stride()}")
+    return R, X, rank, E
+
+
 def lora_rows_add_(out_RN: torch.Tensor, lo_RP: torch.Tensor, la_EPN: torch.Tensor, offsets_E: torch.Tensor,
                    scale: float) -> torch.Tensor:
     """``out_RN[r] += scale * lo_RP[r] @ la_EPN[e]`` in place for the kept sorted rows r of each expert e (rows past
@@ -454,17 +474,9 @@ def lora_rows_add_(out_RN: torch.Tensor, lo_RP: torch.Tensor, la_EPN: torch.Tens
     ``out_RN`` ``[R, N]`` with unit column stride; ``lo_RP`` ``[R, r]`` (unit column stride) and ``la_EPN``
     ``[E, r, N]`` (any strides) in out's dtype; ``offsets_E`` int32 inclusive ends.
     """
-    check_tensor("out_RN", out_RN, shape=(None, None), dtypes=IO_DTYPES)
-    dev, dtype = out_RN.device, out_RN.dtype
-    R, N = out_RN.shape
-    check_tensor("lo_RP", lo_RP, shape=(R, None), dtypes=(dtype,), device=dev)
-    rank = lo_RP.shape[1]
-    check_tensor("offsets_E", offsets_E, shape=(None,), dtypes=(torch.int32,), device=dev)
-    E = offsets_E.numel()
-    check_tensor("la_EPN", la_EPN, shape=(E, rank, N), dtypes=(dtype,), device=dev)
-    for name, t in (("out_RN", out_RN), ("lo_RP", lo_RP)):
-        if t.stride(1) != 1 and t.shape[1] > 1:
-            raise ValueError(f"{name}: expected unit column stride, got strides {t.stride()}")
+    R, N, rank, E = _check_low_rank_operands(("out_RN", out_RN), ("lo_RP", lo_RP), offsets_E,
+                                             ("la_EPN", la_EPN), lambda E, N, rank: (E, rank, N))
+    dtype = out_RN.dtype
     if R == 0 or E == 0 or N == 0 or rank == 0:
         return out_RN
     BM, BN, warps = (16, 32, 4) if interpreting() else (64, 128, 4)
@@ -491,17 +503,9 @@ def low_rank_pair(a_RX: torch.Tensor, w_EXP: torch.Tensor, b_RP: torch.Tensor, o
     ``[R, r]`` with unit column stride, ``w_EXP`` ``[E, X, r]`` (any strides), one float dtype; fp32 sums; one
     program per (expert, ``LOW_RANK_PAIR_BX`` columns), so an expert holding most rows runs longest.
     """
-    check_tensor("a_RX", a_RX, shape=(None, None), dtypes=IO_DTYPES)
+    R, X, rank, E = _check_low_rank_operands(("a_RX", a_RX), ("b_RP", b_RP), offsets_E, ("w_EXP", w_EXP),
+                                             lambda E, X, rank: (E, X, rank))
     dev, dtype = a_RX.device, a_RX.dtype
-    R, X = a_RX.shape
-    check_tensor("b_RP", b_RP, shape=(R, None), dtypes=(dtype,), device=dev)
-    rank = b_RP.shape[1]
-    check_tensor("offsets_E", offsets_E, shape=(None,), dtypes=(torch.int32,), device=dev)
-    E = offsets_E.numel()
-    check_tensor("w_EXP", w_EXP, shape=(E, X, rank), dtypes=(dtype,), device=dev)
-    for name, t in (("a_RX", a_RX), ("b_RP", b_RP)):
-        if t.stride(1) != 1 and t.shape[1] > 1:
-            raise ValueError(f"{name}: expected unit column stride, got strides {t.stride()}")
     dw_EXP = torch.empty(E, X, rank, device=dev, dtype=dtype)
     if R == 0 or E == 0 or X == 0 or rank == 0:
         return torch.zeros(R, rank, device=dev, dtype=dtype), dw_EXP.zero_()
