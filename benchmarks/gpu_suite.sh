@@ -16,6 +16,7 @@
 #   hf-lora  leanmoe bench --hf M --lora 16 for M in HF_LORA_MODELS (qwen3_moe mixtral)
 #   hf-decode  leanmoe bench --hf M --mode decode for M in HF_DECODE_MODELS (qwen3_moe mixtral) -> $OUT/hf_decode_M.json
 #   hf-decode-compiled  the same with --cuda-graphs (compiled generate()) -> $OUT/hf_decode_compiled_M.json
+#   host     benchmarks/host_overhead.py --profile: host time of eager decode-sized calls
 #   profile  benchmarks/profile_step.py: the step's CUDA kernels by name (PROFILE_ARGS) -> $OUT/profile.json
 #   ab       benchmarks/ab_versions.py, .old/leanmoe_v5 against the checkout (carry .old)
 #   engines  benchmarks/gemm_engines.py: every GEMM of a fwd+bwd on both backward engines, and the backward op per
@@ -170,6 +171,8 @@ for step in $steps; do
           --hf "$m" --mode decode --cuda-graphs ${HF_DECODE_COMPILED_ARGS:---backend triton_decode} \
           --json "$OUT/hf_decode_compiled_$m.json"
       done ;;
+    host)  # benchmarks/host_overhead.py: host time per eager decode-sized call and of its parts
+      run host 120 "." python3 benchmarks/host_overhead.py --profile ;;
     profile)
       run profile 240 "==|Error|Traceback" python3 benchmarks/profile_step.py ${PROFILE_ARGS:-} --json "$OUT/profile.json" ;;
     hftests)

@@ -445,6 +445,12 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list
     hf_tokens = _hf_tokens(parser, args) if run_hf_bench is not None else None
 
     env = _run_env(plan, argv, left_out)
+    if hf_only and plan.lora_rank is not None:  # no expert-layer rows: say what the model rows compare instead
+        env["notes"] = [f"LoRA (--hf): leanmoe's ExpertLoRA and PEFT's parameter LoRA with the same rank-"
+                        f"{plan.lora_rank} adapter (alpha {2 * plan.lora_rank}, gate_up and down, B small and random) "
+                        "on frozen base weights; each row's logits are checked against the fp32 model with the "
+                        "tolerance in its tol column, and the training step (forward with labels, backward into "
+                        "the adapters) is timed."]
     if run_hf_bench is not None and args.decode:
         from leanmoe.bench.hf import HF_DECODE_TIMER
 
