@@ -243,7 +243,7 @@ def test_token_mask(backend):
 def test_triton_low_rank_paths_with_frozen_base(low_rank, factor_grads, case, monkeypatch):
     """Both ways of the gate/up adapter's x A^T and its A gradient on the triton backend (token-major and gathered,
     :func:`leanmoe.lora.triton.token_major_low_rank`), and both ways of the B factors' terms (one pass over the
-    gradient rows, or two grouped GEMMs: :func:`leanmoe.lora.triton.factor_grads`), base weights frozen so no x rows
+    gradient rows, or two grouped GEMMs: :func:`leanmoe.experts.triton.factor_grads`), base weights frozen so no x rows
     are gathered for them."""
     monkeypatch.setenv("LEANMOE_LORA_LOW_RANK", low_rank)
     monkeypatch.setenv("LEANMOE_LORA_FACTOR_GRADS", factor_grads)
@@ -263,7 +263,7 @@ def test_triton_low_rank_paths_with_frozen_base(low_rank, factor_grads, case, mo
 
 
 def test_factor_grads_path_is_checked(monkeypatch):
-    from leanmoe.lora.triton import factor_grads
+    from leanmoe.experts.triton import factor_grads
 
     monkeypatch.setenv("LEANMOE_LORA_FACTOR_GRADS", "atomic")
     a = torch.zeros(4, 8)

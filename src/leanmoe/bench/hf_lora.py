@@ -99,6 +99,7 @@ def run_hf_lora_bench(model_type: str, *, device, dtype, tokens: int, layers: in
     peer = peft.get_peft_model(hf, peft.LoraConfig(**lora_config))
     peft.set_peft_model_state_dict(peer, state)
     del base
+
     def eager_err() -> float:  # transformers' eager experts, with the same adapter (not yet on hf_impl)
         with torch.no_grad():
             return _rel_rms(peer(input_ids).logits.float(), ref_logits)

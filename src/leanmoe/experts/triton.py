@@ -132,14 +132,14 @@ def split_gate_up_bwd(x_TD: Tensor, dy_TD: Tensor, sorted_tokens_R: Tensor, offs
     """The split engine's gate/up backward: ``(dgate_up_RN, hw_RI, dweights_R, dy_RD, down_low, gate_up_low)``;
     ``dy_RD``, the gathered dy rows, only with ``keep_dy`` (for ``d down_proj`` and the down adapter). The
     adapters' terms that read the ``[R, D]`` dy rows or the ``[R, N]`` dgate_up rows, each pair from one pass
-    over them (:func:`leanmoe.lora.triton.factor_grads`):
+    over them (:func:`factor_grads`):
     ``down_low = (dy B_d [R, P], d B_d [E, D, P])`` with ``down_lora = (A_d, B_d, s, w h A_d^T s [R, P])``;
     ``gate_up_low = (s dgate_up B_gu [R, P], d B_gu [E, N, P])`` with ``gate_up_lora = (s x A_gu^T, B_gu, s)``.
 
     The pre-activations are the saved ones when every row was saved, else the forward kernel recomputes all of
     them (bitwise the forward's sums: the same kernel and tuning key), with the gate/up adapter's term
     ``gate_up_lora = (s x A_gu^T [R, P], B_gu, s)``. ``W_down^T dy`` is a ``torch._grouped_mm`` on the gathered dy
-    rows; for ``down_lora = (A_d, B_d, s)``, ``s A_d^T (B_d^T dy)`` is added to it in place
+    rows; with ``down_lora``, ``s A_d^T (B_d^T dy)`` is added to it in place
     (:func:`~leanmoe.kernels.moe_bwd.lora_rows_add_`). The activation backward runs row by row in place (dgate_up
     over the recomputed pre-activations for the concatenated layout, ``w h`` over ``W_down^T dy``); its
     routing-weight gradient ``<W_down^T dy, h>`` lacks the down-bias term (:func:`routing_weight_grad`).
@@ -160,8 +160,6 @@ def split_gate_up_bwd(x_TD: Tensor, dy_TD: Tensor, sorted_tokens_R: Tensor, offs
     dh_RI = torch._grouped_mm(dy_RD, down_proj, offs=offsets_E) if R else dy_RD.new_empty(0, I)
     down_low = gate_up_low = None
     if down_lora is not None and R:
-        from leanmoe.lora.triton import factor_grads  # here: leanmoe.lora imports the experts package
-
         d_A, d_B, s, hlow_w_RP = down_lora
         down_low = factor_grads(dy_RD, d_B, hlow_w_RP, offsets_E, 1.0)  # (B_d^T dy [R, P], d B_d)
         # s (B_d^T dy) A_d added to dh in place: no [R, I] temporary. (Inside the row kernel, the MMA with one
@@ -171,11 +169,33 @@ def split_gate_up_bwd(x_TD: Tensor, dy_TD: Tensor, sorted_tokens_R: Tensor, offs
     dgate_up_RN, hw_RI, dweights_R = activation_bwd_rows(pre_RN, dh_RI, scale_R, offsets_E, **act,
                                                          dgate_up_RN=pre_RN if in_place else None)
     if gate_up_lora is not None and R:
-        from leanmoe.lora.triton import factor_grads
-
         xlow_RP, gu_B, s = gate_up_lora
         gate_up_low = factor_grads(dgate_up_RN, gu_B, xlow_RP, offsets_E, s)  # (d(s x A_gu^T), d B_gu)
     return dgate_up_RN, hw_RI, dweights_R, dy_RD if keep_dy else None, down_low, gate_up_low
+
+
+#: ``LEANMOE_LORA_FACTOR_GRADS``: ``fused`` (default) or ``grouped_mm`` (two grouped GEMMs, for measurements).
+FACTOR_GRADS_PATHS = ("fused", "grouped_mm")
+
+
+def factor_grads(a_RX: Tensor, B_EXP: Tensor, low_RP: Tensor, offsets_E: Tensor, s: float) -> tuple[Tensor, Tensor]:
+    """A LoRA factor's two backward terms that read the expert-sorted gradient rows ``a_RX`` (dy rows for the
+    down adapter, dgate_up rows for the gate/up adapter): ``(s a B[e] [R, P], d B [E, X, P] = a^T low)``.
+
+    By default one pass over ``a_RX`` for both (:func:`leanmoe.kernels.moe_bwd.low_rank_pair`); with
+    ``LEANMOE_LORA_FACTOR_GRADS=grouped_mm`` two ``torch._grouped_mm`` calls, each streaming ``a_RX``.
+    """
+    path = os.environ.get("LEANMOE_LORA_FACTOR_GRADS", "fused")
+    if path not in FACTOR_GRADS_PATHS:
+        raise ValueError(f"LEANMOE_LORA_FACTOR_GRADS: expected one of {FACTOR_GRADS_PATHS}, got {path!r}")
+    if path == "fused":
+        from leanmoe.kernels.moe_bwd import low_rank_pair  # here: importing kernels imports triton
+
+        return low_rank_pair(a_RX, B_EXP, low_RP, offsets_E, scale=s)
+    low = torch._grouped_mm(a_RX, B_EXP, offs=offsets_E)
+    if s != 1.0:
+        low.mul_(s)
+    return low, grouped_weight_grad(a_RX, low_RP, offsets_E, B_EXP)
 
 
 def routing_weight_grad(dweights_R: Tensor, dy_TD: Tensor, down_bias: Optional[Tensor], topk_ids_TK: Tensor,

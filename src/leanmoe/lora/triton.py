@@ -18,9 +18,10 @@ for Qwen3-30B-A3B at T=16384, rank 16). Nothing else: backward recomputes the pr
 
 Backward (``leanmoe::triton_lora_bwd``), the split engine of :mod:`leanmoe.experts.triton` with the adapters:
 the pre-activations recomputed bitwise as in forward; ``W_d^T dy`` as ``torch._grouped_mm`` on the gathered dy
-rows, and ``B_d^T dy`` with ``d B_d`` from one more pass over them (:func:`factor_grads`); ``s (B_d^T dy) A_d``
-added to dh in place (no ``[R, I]`` temporary); the activation backward row by row; ``dxlow = s dgate_up B_gu``
-with ``d B_gu`` from one pass over the dgate_up rows; ``d A_d`` as a grouped GEMM and ``d A_gu`` token-major or
+rows, and ``B_d^T dy`` with ``d B_d`` from one more pass over them
+(:func:`leanmoe.experts.triton.factor_grads`); ``s (B_d^T dy) A_d`` added to dh in place (no ``[R, I]``
+temporary); the activation backward row by row; ``dxlow = s dgate_up B_gu`` with ``d B_gu`` from one pass over
+the dgate_up rows; ``d A_d`` as a grouped GEMM and ``d A_gu`` token-major or
 gathered (as in forward); dx by the grouped GEMM kernel with ``dxlow A_gu`` as its start. Frozen base weights (and
 an x without grad) cost no kernel.
 LoRA dropout in training is not fused here: such calls go to the grouped_mm or reference backend.
@@ -77,30 +78,6 @@ def token_major_low_rank(E: int, P: int, K: int) -> bool:
     if path != "auto":
         return path == "token_major"
     return E * P <= TOKEN_MAJOR_MAX_PER_K * K
-
-
-#: ``LEANMOE_LORA_FACTOR_GRADS``: ``fused`` (default) or ``grouped_mm`` (two grouped GEMMs, for measurements).
-FACTOR_GRADS_PATHS = ("fused", "grouped_mm")
-
-
-def factor_grads(a_RX: Tensor, B_EXP: Tensor, low_RP: Tensor, offsets_E: Tensor, s: float) -> tuple[Tensor, Tensor]:
-    """A LoRA factor's two backward terms that read the expert-sorted gradient rows ``a_RX`` (dy rows for the
-    down adapter, dgate_up rows for the gate/up adapter): ``(s a B[e] [R, P], d B [E, X, P] = a^T low)``.
-
-    By default one pass over ``a_RX`` for both (:func:`leanmoe.kernels.moe_bwd.low_rank_pair`); with
-    ``LEANMOE_LORA_FACTOR_GRADS=grouped_mm`` two ``torch._grouped_mm`` calls, each streaming ``a_RX``.
-    """
-    path = os.environ.get("LEANMOE_LORA_FACTOR_GRADS", "fused")
-    if path not in FACTOR_GRADS_PATHS:
-        raise ValueError(f"LEANMOE_LORA_FACTOR_GRADS: expected one of {FACTOR_GRADS_PATHS}, got {path!r}")
-    if path == "fused":
-        from leanmoe.kernels.moe_bwd import low_rank_pair
-
-        return low_rank_pair(a_RX, B_EXP, low_RP, offsets_E, scale=s)
-    low = torch._grouped_mm(a_RX, B_EXP, offs=offsets_E)
-    if s != 1.0:
-        low.mul_(s)
-    return low, grouped_weight_grad(a_RX, low_RP, offsets_E, B_EXP)
 
 
 def _x_low_rank(x_TD: Tensor, A_EPD: Tensor, plan: ExpertPlan, s: float, K: int) -> Tensor:
