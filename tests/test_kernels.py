@@ -32,7 +32,7 @@ from leanmoe.kernels.moe_bwd import (  # noqa: E402
     low_rank_pair,
 )
 from leanmoe.kernels.moe_common import ACTIVATION_CODES  # noqa: E402
-from leanmoe.kernels.moe_fwd import combine, gate_up_fwd, grouped_gemm  # noqa: E402
+from leanmoe.kernels.moe_fwd import combine, gate_up_fwd, grouped_gemm, low_rank_rows  # noqa: E402
 from leanmoe.kernels.policy import saved_rows  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -387,6 +387,47 @@ def test_low_rank_pair(case, dtype, strided, rank):
     assert (dw[empty] == 0).all(), "an expert without rows must get an exact zero gradient"
 
 
+@pytest.mark.parametrize("gathered", [True, False], ids=["x_rows", "sorted_rows"])
+@pytest.mark.parametrize("rank", [1, 8, 24])
+@pytest.mark.parametrize("case,dtype,strided", CASES)
+def test_low_rank_rows(case, dtype, strided, rank, gathered):
+    """``s a[rows[r]] @ A[e]^T`` for the kept rows: the gate/up adapter's ``s x A^T`` (x's rows gathered, masked
+    tokens' rows NaN) and the down adapter's ``s h A^T`` (rows in expert order, NaN past the kept ones)."""
+    T, K, counts_E, n_masked = ROUTINGS[case]
+    routing = make_routing(T, K, counts_E, n_masked)
+    E, X = routing.offsets_E.numel(), 72  # 72 columns: the interpreter's 32-wide steps end in a partial one
+    if gathered:
+        a = rand(T, X, dtype=dtype, strided=strided)
+        a[~routing.keep_T] = float("nan")
+        kwargs = dict(a_rows_R=routing.sorted_tokens_R)
+    else:
+        a = rand(routing.R, X, dtype=dtype, strided=strided)
+        a[routing.kept:] = float("nan")
+        kwargs = {}
+    w_EPX = rand(E, rank, X, dtype=dtype, strided=strided)
+    out = low_rank_rows(a, w_EPX, routing.offsets_E, scale=0.5, **kwargs)
+    ref = reference.low_rank_rows_reference(a, w_EPX, routing.offsets_E, scale=0.5, **kwargs)
+    assert out.shape == (routing.R, rank) and out.dtype == dtype
+    assert_close(out[:routing.kept], ref[:routing.kept], tol=TOLERANCES[dtype], name="out_RP")
+
+
+def test_low_rank_rows_rejects():
+    routing = make_routing(*ROUTINGS["E4-empty_expert"][:3], 0)
+    E = routing.offsets_E.numel()
+    a = rand(routing.R, 8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="w_EPX"):
+        low_rank_rows(a, rand(E, 4, 9, dtype=torch.float32), routing.offsets_E)
+    with pytest.raises(ValueError, match="w_EPX"):
+        low_rank_rows(a, rand(E, 4, 8, dtype=torch.float16), routing.offsets_E)
+    with pytest.raises(ValueError, match="at most 128"):
+        low_rank_rows(a, rand(E, 130, 8, dtype=torch.float32), routing.offsets_E)
+    with pytest.raises(ValueError, match="offsets_E"):
+        low_rank_rows(a, rand(E, 4, 8, dtype=torch.float32), routing.offsets_E.long())
+    with pytest.raises(ValueError, match="a_rows_R"):
+        low_rank_rows(a, rand(E, 4, 8, dtype=torch.float32), routing.offsets_E,
+                      a_rows_R=routing.sorted_tokens_R.float())
+
+
 def test_low_rank_pair_rejects():
     routing = make_routing(*ROUTINGS["E4-empty_expert"][:3], 0)
     E = routing.offsets_E.numel()
@@ -446,7 +487,7 @@ def test_expert_bias_grad(case, dtype, _strided, scaled):
     assert_close(out, ref, tol=TOLERANCES[dtype], name="dbias_EM")
 
 
-@pytest.mark.parametrize("use", ["d_down_proj", "d_gate_up_proj"])
+@pytest.mark.parametrize("use", ["d_down_proj", "d_gate_up_proj", "d_lora_A"])
 @pytest.mark.parametrize("case,dtype,strided", CASES)
 def test_expert_weight_grad(case, dtype, strided, use):
     routing, x_TD, gate_up_proj, down_proj, _ = operands(case, dtype, strided)
@@ -459,6 +500,15 @@ def test_expert_weight_grad(case, dtype, strided, use):
         b_RX[routing.kept:] = float("nan")
         a, b, M, X = dy_TD, b_RX, D, I
         kwargs = dict(a_rows_R=routing.sorted_tokens_R, bias_scale_R=torch.rand(routing.R, device=DEVICE))
+    elif use == "d_lora_A":
+        # The gate/up adapter's d A^T: x[tokens]^T dxlow (a gathered, rank-wide output tiles), into a transposed
+        # view of [E, P, D].
+        x_TD = x_TD.clone()
+        x_TD[~routing.keep_T] = float("nan")
+        b_RP = rand(routing.R, 16, dtype=dtype)
+        b_RP[routing.kept:] = float("nan")
+        a, b, M, X = x_TD, b_RP, D, 16
+        kwargs = dict(a_rows_R=routing.sorted_tokens_R)
     else:
         # out[e] = dgate_up^T x[tokens] (b gathered), dbias[e] = sum of dgate_up rows.
         a_RN = rand(routing.R, 2 * I, dtype=dtype)
@@ -468,6 +518,8 @@ def test_expert_weight_grad(case, dtype, strided, use):
     outs = []
     for fn in (expert_weight_grad, reference.expert_weight_grad_reference):
         out_EMX = torch.empty(E, M, X, dtype=dtype, device=DEVICE)
+        if use == "d_lora_A":
+            out_EMX = torch.empty(E, X, M, dtype=dtype, device=DEVICE).transpose(1, 2)
         dbias_EM = torch.empty(E, M, dtype=dtype, device=DEVICE)
         assert fn(a, b, routing.offsets_E, out_EMX, dbias_EM=dbias_EM, **kwargs) is out_EMX
         outs.append((out_EMX, dbias_EM))

@@ -254,6 +254,21 @@ def low_rank_pair_kernel(
              mask=col_mask[:, None] & p_mask[None, :])
 
 
+@triton.jit(do_not_specialize=["R"])
+def sum_partials_kernel(part_ptr, out_ptr, S, R, rank, scale, stride_ps, stride_pr, stride_or, RP: tl.constexpr,
+                        BR: tl.constexpr):
+    """``out[r] = scale * sum_s part[s, r]`` (fp32, in chunk order), rounded once to out's dtype."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    ps = tl.arange(0, RP)
+    mask = (rows < R)[:, None] & (ps < rank)[None, :]
+    offs = rows.to(tl.int64)[:, None] * stride_pr + ps[None, :]
+    acc = tl.zeros((BR, RP), dtype=tl.float32)
+    for chunk in range(0, S):
+        acc += tl.load(part_ptr + chunk * stride_ps + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_or + ps[None, :], (acc * scale).to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
 @triton.jit
 def expert_weight_grad_kernel(
     # pointers
@@ -345,6 +360,18 @@ _WEIGHT_GRAD_CONFIGS = configs([(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128
                                 (256, 128, 64, 8, 3), (128, 128, 128, 8, 2)])
 _gate_up_bwd_tuned = autotuned(gate_up_bwd_kernel, _GATE_UP_BWD_CONFIGS, ["D", "I", "rows_key"])
 _weight_grad_tuned = autotuned(expert_weight_grad_kernel, _WEIGHT_GRAD_CONFIGS, ["M", "N", "E"])
+# Row tiles of low_rank_pair (its BX columns are fixed: they size the partials). On an H200, qwen3's [R, 2048] dy
+# rows: 228 us at BM=64, 4 warps; 166 us at 32; its [R, 1536] dgate_up rows: 173, 144 and 137 us at 64 with 8 warps.
+_low_rank_pair_tuned = autotuned(low_rank_pair_kernel, [
+    triton.Config({"BM": bm}, num_warps=w, num_stages=st) for bm, w, st in ((32, 4, 3), (64, 8, 3), (32, 8, 3),
+                                                                            (32, 4, 4))], ["X", "RP"])
+#: Output tiles ``BN`` wide for an ``out_EMN`` at most this many columns wide (the LoRA factors' ``d A``: N the
+#: padded rank): the row loads, not the MMA, bound these, and a 128-wide tile would mask most of its columns.
+THIN_N_MAX = 64
+_weight_grad_thin_tuned = {
+    bn: autotuned(expert_weight_grad_kernel, configs([(128, bn, 64, 4, 4), (256, bn, 64, 8, 3), (128, bn, 128, 4, 3),
+                                                      (64, bn, 128, 4, 4), (256, bn, 128, 8, 2)]), ["M", "N", "E"])
+    for bn in (16, 32, 64)}
 
 
 def gate_up_bwd(x_TD: torch.Tensor, dy_TD: torch.Tensor, sorted_tokens_R: torch.Tensor, offsets_E: torch.Tensor,
@@ -509,17 +536,22 @@ def low_rank_pair(a_RX: torch.Tensor, w_EXP: torch.Tensor, b_RP: torch.Tensor, o
     dw_EXP = torch.empty(E, X, rank, device=dev, dtype=dtype)
     if R == 0 or E == 0 or X == 0 or rank == 0:
         return torch.zeros(R, rank, device=dev, dtype=dtype), dw_EXP.zero_()
-    BM, BX, warps, stages = (16, 16, 4, 1) if interpreting() else (64, LOW_RANK_PAIR_BX, 4, 3)
+    BX = 16 if interpreting() else LOW_RANK_PAIR_BX
     chunks = triton.cdiv(X, BX)
+    RP = lora_rank_block(rank)
     part_SRP = torch.empty(chunks, R, rank, device=dev, dtype=torch.float32)
-    low_rank_pair_kernel[(E, chunks)](
-        a_RX, w_EXP, b_RP, offsets_E, part_SRP, dw_EXP, X, rank, a_RX.stride(0), *w_EXP.stride(), b_RP.stride(0),
-        part_SRP.stride(0), part_SRP.stride(1), dw_EXP.stride(0), dw_EXP.stride(1),
-        DOT_PREC=dot_precision(dtype), RP=lora_rank_block(rank), BM=BM, BX=BX, num_warps=warps, num_stages=stages)
-    low_RP = part_SRP.sum(0) if chunks > 1 else part_SRP[0]
-    if scale != 1.0:
-        low_RP.mul_(scale)
-    return low_RP.to(dtype), dw_EXP
+    args = (a_RX, w_EXP, b_RP, offsets_E, part_SRP, dw_EXP, X, rank, a_RX.stride(0), *w_EXP.stride(),
+            b_RP.stride(0), part_SRP.stride(0), part_SRP.stride(1), dw_EXP.stride(0), dw_EXP.stride(1))
+    if _low_rank_pair_tuned is None:
+        low_rank_pair_kernel[(E, chunks)](*args, DOT_PREC=dot_precision(dtype), RP=RP, BX=BX, BM=16, num_warps=4,
+                                          num_stages=1)
+    else:
+        _low_rank_pair_tuned[(E, chunks)](*args, DOT_PREC=dot_precision(dtype), RP=RP, BX=BX)
+    low_RP = torch.empty(R, rank, device=dev, dtype=dtype)
+    BR = 16 if interpreting() else 64
+    sum_partials_kernel[(triton.cdiv(R, BR),)](part_SRP, low_RP, chunks, R, rank, float(scale), part_SRP.stride(0),
+                                               part_SRP.stride(1), low_RP.stride(0), RP=RP, BR=BR)
+    return low_RP, dw_EXP
 
 
 def expert_bias_grad(a: torch.Tensor, offsets_E: torch.Tensor, dbias_EM: torch.Tensor, *,
@@ -596,7 +628,8 @@ def expert_weight_grad(a: torch.Tensor, b: torch.Tensor, offsets_E: torch.Tensor
         grid = (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]), E)
         expert_weight_grad_kernel[grid](*args, **meta)
     else:
-        _weight_grad_tuned[lambda m: (triton.cdiv(M, m["BM"]) * triton.cdiv(N, m["BN"]), E)](*args, **meta)
+        tuned = _weight_grad_thin_tuned[max(16, triton.next_power_of_2(N))] if N <= THIN_N_MAX else _weight_grad_tuned
+        tuned[lambda m: (triton.cdiv(M, m["BM"]) * triton.cdiv(N, m["BN"]), E)](*args, **meta)
     if dbias_EM is not None:
         expert_bias_grad(a, offsets_E, dbias_EM, a_rows_R=a_rows_R, scale_R=bias_scale_R)
     return out_EMN

@@ -10,8 +10,11 @@ R routed rows (T*K), sorted by expert (see :mod:`leanmoe.experts.plan`).
 2. :func:`grouped_gemm`: ``out[out_rows_R] = (a_R @ b[e].T + bias[e]) * scale_R`` with the result rows scattered
    to token-slot order (so that a combine is a contiguous sum of K rows). The down projection (bias and routing
    weight in the epilogue) and dX in backward both use it.
+3. :func:`low_rank_rows`: ``out_RP = scale * a[rows] @ A[e]^T`` for a LoRA factor A ``[E, P, X]`` with P at most
+   :data:`~leanmoe.kernels.policy.LOW_RANK_ROWS_MAX`: the adapters' ``s x A_gu^T`` (x's rows gathered in the
+   loads) and ``s h A_d^T``.
 
-Both accept any T without recompiling: T, R, D, I are runtime values; only block sizes and flags are constexpr.
+All accept any T without recompiling: T, R, D, I are runtime values; only block sizes and flags are constexpr.
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ from leanmoe.kernels.moe_common import (
     lora_rank_block,
     offsets_fit_int32,
     rows_bucket,
+    source_rows,
     tile_coords,
 )
+from leanmoe.kernels.policy import LOW_RANK_ROWS_MAX
 
 
 # T-dependent integers are not specialised (on divisibility by 16 or == 1), so a new token count never recompiles.
@@ -208,6 +213,85 @@ _gate_up_fwd_tuned = autotuned(gate_up_fwd_kernel, _GATE_UP_CONFIGS, ["D", "I", 
 _grouped_gemm_tuned = autotuned(grouped_gemm_kernel, _GEMM_CONFIGS, ["N", "KD", "rows_key"])
 
 
+@triton.jit(do_not_specialize=["R"])
+def low_rank_rows_kernel(
+    # pointers
+    a_ptr, a_rows_ptr, w_ptr, offsets_E_ptr, out_ptr,
+    # sizes and scalars
+    R, X, E, rank, scale,
+    # strides
+    stride_ar, stride_ax, stride_we, stride_wp, stride_wx, stride_or,
+    # meta-parameters
+    A_GATHER: tl.constexpr, E_P2: tl.constexpr, DOT_PREC: tl.constexpr, RP: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr,
+):
+    """``out[r] = scale * a[a_rows[r]] @ w[e]^T`` for one row tile of one expert: the whole rank in one tile, a
+    loop over X (fp32 sums, rounded once)."""
+    expert, row_start, row_end = expert_tile(tl.program_id(0), offsets_E_ptr, E, E_P2, BM)
+    if expert >= E:
+        return
+    rows = row_start + tl.arange(0, BM)
+    row_mask = rows < row_end
+    a_rows = source_rows(a_rows_ptr, rows, row_mask, A_GATHER)
+    ps = tl.arange(0, RP)
+    p_mask = ps < rank
+    ks = tl.arange(0, BK)
+    a_base = a_ptr + a_rows[:, None] * stride_ar
+    w_base = w_ptr + expert.to(tl.int64) * stride_we + ps[None, :] * stride_wp
+    acc = tl.zeros((BM, RP), dtype=tl.float32)
+    for k0 in range(0, X, BK):
+        k = k0 + ks
+        k_mask = k < X
+        a = tl.load(a_base + k[None, :] * stride_ax, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_base + k[:, None] * stride_wx, mask=k_mask[:, None] & p_mask[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PREC)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_or + ps[None, :],
+             (acc * scale).to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & p_mask[None, :])
+
+
+_LOW_RANK_ROWS_CONFIGS = [triton.Config({"BM": bm, "BK": bk}, num_warps=w, num_stages=st)
+                          for bm, bk, w, st in ((64, 128, 4, 4), (128, 128, 8, 3), (64, 256, 4, 3), (32, 256, 4, 3),
+                                                (128, 64, 4, 4))]
+_low_rank_rows_tuned = autotuned(low_rank_rows_kernel, _LOW_RANK_ROWS_CONFIGS, ["X", "RP", "A_GATHER"])
+
+
+def low_rank_rows(a: torch.Tensor, w_EPX: torch.Tensor, offsets_E: torch.Tensor, *,
+                  a_rows_R: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+    """``out_RP[r] = scale * a[a_rows_R[r]] @ w_EPX[e]^T`` for the sorted rows r of each expert e (``a_rows_R``
+    defaults to r itself: ``a`` already in expert order); ``[R, P]`` in a's dtype, R = ``a_rows_R``'s length (or
+    a's), rows past ``offsets_E[-1]`` unwritten.
+
+    ``a`` ``[*, X]`` (any strides), ``w_EPX`` ``[E, P, X]`` (any strides,
+    P <= :data:`~leanmoe.kernels.policy.LOW_RANK_ROWS_MAX`) in a's dtype; ``offsets_E`` int32 inclusive ends.
+    One program per row tile of an expert streams its rows of ``a`` once for all P columns: a LoRA factor's
+    low-rank input without a gathered copy of the rows.
+    """
+    check_tensor("a", a, shape=(None, None), dtypes=IO_DTYPES)
+    dev, dtype = a.device, a.dtype
+    X = a.shape[1]
+    check_tensor("w_EPX", w_EPX, shape=(None, None, X), dtypes=(dtype,), device=dev)
+    E, P, _ = w_EPX.shape
+    if P > LOW_RANK_ROWS_MAX:
+        raise ValueError(f"w_EPX: expected at most {LOW_RANK_ROWS_MAX} rows per expert (the rank), got {P}")
+    check_tensor("offsets_E", offsets_E, shape=(E,), dtypes=(torch.int32,), device=dev)
+    if a_rows_R is not None:
+        check_tensor("a_rows_R", a_rows_R, shape=(None,), dtypes=(torch.int64, torch.int32), device=dev)
+    R = a_rows_R.numel() if a_rows_R is not None else a.shape[0]
+    check_rows("a_rows_R" if a_rows_R is not None else "a", R)
+    out_RP = torch.empty(R, P, device=dev, dtype=dtype)
+    if R == 0 or E == 0 or P == 0:
+        return out_RP
+    args = (a, a_rows_R if a_rows_R is not None else offsets_E, w_EPX, offsets_E, out_RP, R, X, E, P, float(scale),
+            a.stride(0), a.stride(1), *w_EPX.stride(), out_RP.stride(0))
+    meta = dict(A_GATHER=a_rows_R is not None, E_P2=e_p2(E), DOT_PREC=dot_precision(dtype),
+                RP=lora_rank_block(P))
+    if _low_rank_rows_tuned is None:
+        low_rank_rows_kernel[(triton.cdiv(R, 32) + E,)](*args, **meta, BM=32, BK=32)
+    else:
+        _low_rank_rows_tuned[lambda m: (triton.cdiv(R, m["BM"]) + E,)](*args, **meta)
+    return out_RP
+
+
 def lora_operands(lora_in_RP: torch.Tensor | None, lora_B: torch.Tensor | None, *, R: int, E: int, out: int,
                   dtype: torch.dtype, device: torch.device) -> tuple[tuple, dict]:
     """Kernel arguments ``(lo, lb, rank, strides...)`` and meta (``HAS_LORA``, ``RP``) for an optional LoRA term
@@ -337,4 +421,4 @@ def combine(out_RC: torch.Tensor, y_TC: torch.Tensor, K: int, token_mask_T: torc
     return y_TC
 
 
-__all__ = ["combine", "gate_up_fwd", "grouped_gemm"]
+__all__ = ["combine", "gate_up_fwd", "grouped_gemm", "low_rank_rows"]

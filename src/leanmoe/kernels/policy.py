@@ -21,6 +21,9 @@ COMBINE_CHUNK_BYTES = 256 * 2**20
 #: Chunks are multiples of this many columns (whole column tiles of every config).
 CHUNK_COLUMNS = 128
 
+#: The widest LoRA factor (padded rank) :func:`leanmoe.kernels.moe_fwd.low_rank_rows` takes: one tile holds it.
+LOW_RANK_ROWS_MAX = 128
+
 
 def saved_rows(num_rows: int, save_percent: float) -> int:
     """Rows whose pre-activations forward keeps: ``floor(R * save_percent / 100)``, ``save_percent`` taken to

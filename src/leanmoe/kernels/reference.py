@@ -147,6 +147,16 @@ def lora_rows_add_reference(out_RN, lo_RP, la_EPN, offsets_E, scale) -> torch.Te
     return out_RN
 
 
+def low_rank_rows_reference(a, w_EPX, offsets_E, *, a_rows_R=None, scale=1.0) -> torch.Tensor:
+    """:func:`~leanmoe.kernels.moe_fwd.low_rank_rows`: ``out[r] = scale * a[a_rows[r]] @ w[e]^T`` for the kept rows
+    (zeros after them), fp32 sums rounded once."""
+    rows_R = a_rows_R if a_rows_R is not None else torch.arange(a.shape[0], device=a.device)
+    out_RP = torch.zeros(rows_R.numel(), w_EPX.shape[1], device=a.device, dtype=a.dtype)
+    for e, start, end in _expert_rows(offsets_E):
+        out_RP[start:end] = (scale * (a[rows_R[start:end]].float() @ w_EPX[e].float().T)).to(a.dtype)
+    return out_RP
+
+
 def low_rank_pair_reference(a_RX, w_EXP, b_RP, offsets_E, *, scale=1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`~leanmoe.kernels.moe_bwd.low_rank_pair`: ``low[r] = scale * a[r] @ w[e]`` for the kept rows (zeros
     after them) and ``dw[e] = a[rows of e]^T b[rows of e]`` (zeros for experts without rows), fp32 sums."""
@@ -178,4 +188,4 @@ def expert_weight_grad_reference(a, b, offsets_E, out_EMN, *, a_rows_R=None, b_r
 
 __all__ = ["activation_bwd_rows_reference", "combine_reference", "expert_weight_grad_reference",
            "gate_up_bwd_reference", "gate_up_fwd_reference", "grouped_gemm_reference", "lora_rows_add_reference",
-           "low_rank_pair_reference"]
+           "low_rank_pair_reference", "low_rank_rows_reference"]
