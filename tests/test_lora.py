@@ -231,8 +231,9 @@ def test_token_mask(backend):
         check_against_reference(p, lora, backend, token_mask=mask)
 
 
-@pytest.mark.parametrize("low_rank, factor_grads", [("token_major", "fused"), ("gathered", "fused"),
-                                                     ("token_major", "grouped_mm")])
+@pytest.mark.parametrize("low_rank, factor_grads, a_grads", [
+    ("token_major", "fused", "torch"), ("gathered", "fused", "torch"), ("token_major", "grouped_mm", "torch"),
+    ("token_major", "fused", "triton"), ("rows", "fused", "triton"), ("rows", "grouped_mm", "torch")])
 @pytest.mark.parametrize("case", [
     dict(T=14, E=5, K=2, masked=True),  # masked tokens' x rows NaN, rows past the kept ones in every [R, P] block
     dict(T=12, E=4, K=1, routing="one_expert"),  # experts with no rows
@@ -240,13 +241,15 @@ def test_token_mask(backend):
     dict(T=21, E=7, K=3),  # prime E
     dict(T=0, E=5, K=2),
 ], ids=lambda c: f"T{c['T']}-E{c['E']}-K{c['K']}{'-masked' if c.get('masked') else ''}")
-def test_triton_low_rank_paths_with_frozen_base(low_rank, factor_grads, case, monkeypatch):
-    """Both ways of the gate/up adapter's x A^T and its A gradient on the triton backend (token-major and gathered,
-    :func:`leanmoe.lora.triton.token_major_low_rank`), and both ways of the B factors' terms (one pass over the
-    gradient rows, or two grouped GEMMs: :func:`leanmoe.experts.triton.factor_grads`), base weights frozen so no x rows
-    are gathered for them."""
+def test_triton_low_rank_paths_with_frozen_base(low_rank, factor_grads, a_grads, case, monkeypatch):
+    """Every way of the adapters' low-rank inputs and the gate/up A gradient on the triton backend (one pass over the
+    rows, token-major and gathered: :func:`leanmoe.lora.triton.low_rank_rows_path`,
+    :func:`leanmoe.lora.triton.token_major_low_rank`), both ways of the B factors' terms (one pass over the
+    gradient rows, or two grouped GEMMs: :func:`leanmoe.experts.triton.factor_grads`) and of the A factors' gradients
+    (:func:`leanmoe.lora.triton.a_grads_path`), base weights frozen so no x rows are gathered for them."""
     monkeypatch.setenv("LEANMOE_LORA_LOW_RANK", low_rank)
     monkeypatch.setenv("LEANMOE_LORA_FACTOR_GRADS", factor_grads)
+    monkeypatch.setenv("LEANMOE_LORA_A_GRADS", a_grads)
     p = make_problem(case["T"], 16, 8, case["E"], case["K"], routing=case.get("routing", "uniform"), bias=True,
                      seed=12)
     for w in (p.gate_up_proj, p.down_proj, p.gate_up_bias, p.down_bias):
@@ -271,6 +274,43 @@ def test_factor_grads_path_is_checked(monkeypatch):
         factor_grads(a, torch.zeros(2, 8, 4), torch.zeros(4, 4), torch.tensor([2, 4], dtype=torch.int32), 1.0)
 
 
+def test_a_grads_path_is_checked(monkeypatch):
+    from leanmoe.lora.triton import a_grads_path
+
+    monkeypatch.delenv("LEANMOE_LORA_A_GRADS", raising=False)
+    assert a_grads_path() == "triton"
+    monkeypatch.setenv("LEANMOE_LORA_A_GRADS", "cutlass")
+    with pytest.raises(ValueError, match="LEANMOE_LORA_A_GRADS.*'cutlass'"):
+        a_grads_path()
+
+
+def test_low_rank_rows_rule(monkeypatch):
+    from leanmoe.kernels.policy import LOW_RANK_ROWS_MAX
+    from leanmoe.lora.triton import low_rank_rows_path
+
+    monkeypatch.delenv("LEANMOE_LORA_LOW_RANK", raising=False)
+    assert low_rank_rows_path(16) and low_rank_rows_path(LOW_RANK_ROWS_MAX)
+    assert not low_rank_rows_path(LOW_RANK_ROWS_MAX + 8)  # past one tile: the GEMMs
+    monkeypatch.setenv("LEANMOE_LORA_LOW_RANK", "token_major")
+    assert not low_rank_rows_path(16)
+    monkeypatch.setenv("LEANMOE_LORA_LOW_RANK", "rows")
+    assert low_rank_rows_path(16)
+    with pytest.raises(ValueError, match="LEANMOE_LORA_LOW_RANK.*at most 128.*got 136"):
+        low_rank_rows_path(LOW_RANK_ROWS_MAX + 8)
+    monkeypatch.setenv("LEANMOE_LORA_LOW_RANK", "dense")
+    with pytest.raises(ValueError, match="LEANMOE_LORA_LOW_RANK.*'dense'"):
+        low_rank_rows_path(16)
+
+
+@pytest.mark.parametrize("low_rank", ["auto", "token_major"])
+def test_triton_rank_past_one_tile(low_rank, monkeypatch):
+    """A rank past :data:`leanmoe.kernels.policy.LOW_RANK_ROWS_MAX`: ``auto`` leaves the rows path for the
+    GEMMs, and the result still matches the reference."""
+    monkeypatch.setenv("LEANMOE_LORA_LOW_RANK", low_rank)
+    p = make_problem(11, 16, 8, 3, 2, bias=False, seed=13)
+    check_against_reference(p, make_lora(p, rank=131), "triton")
+
+
 def test_token_major_rule(monkeypatch):
     from leanmoe.lora.triton import TOKEN_MAJOR_MAX_PER_K, token_major_low_rank
 
@@ -279,6 +319,8 @@ def test_token_major_rule(monkeypatch):
     assert not token_major_low_rank(128, 64, 8)  # rank 64: 8192 columns, more than the gather costs
     assert token_major_low_rank(8, TOKEN_MAJOR_MAX_PER_K // 4, 2)
     assert not token_major_low_rank(8, TOKEN_MAJOR_MAX_PER_K // 4 + 8, 2)
+    monkeypatch.setenv("LEANMOE_LORA_LOW_RANK", "rows")  # forward's choice: backward's torch path keeps the rule
+    assert token_major_low_rank(128, 16, 8)
     monkeypatch.setenv("LEANMOE_LORA_LOW_RANK", "gathered")
     assert not token_major_low_rank(8, 16, 2)
     monkeypatch.setenv("LEANMOE_LORA_LOW_RANK", "dense")

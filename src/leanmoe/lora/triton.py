@@ -9,10 +9,11 @@ With ``s = alpha / rank``, expert e computes ``gate_up = x W_gu^T + (s x A_gu^T)
 
 Forward (``leanmoe::triton_lora_fwd``):
 1. the triton backend's plan (sorted rows, int32 offsets, no host sync);
-2. ``xlow_RP = s x[sorted_tokens] A_gu^T``, token-major or gathered (:func:`token_major_low_rank`);
+2. ``xlow_RP = s x[sorted_tokens] A_gu^T`` in one pass over the rows, x's rows gathered in the loads
+   (:func:`low_rank_rows_path`; token-major or gathered GEMMs past rank 128: :func:`token_major_low_rank`);
 3. the gate/up Triton kernel with ``xlow_RP @ B_gu[e]^T`` as its accumulators' start (activation in the epilogue);
-4. ``hlow_RP = s h A_d^T`` (``torch._grouped_mm``), then the down projection and combine kernels with
-   ``hlow_RP @ B_d[e]^T`` as the accumulator's start.
+4. ``hlow_RP = s h A_d^T`` the same way (``torch._grouped_mm`` past rank 128), then the down projection and
+   combine kernels with ``hlow_RP @ B_d[e]^T`` as the accumulator's start.
 Kept for backward: the caller's tensors, the plan and the two ``[R, P]`` low-rank blocks (``R * 2P`` elements: 4 MiB
 for Qwen3-30B-A3B at T=16384, rank 16). Nothing else: backward recomputes the pre-activations with the same kernel.
 
@@ -46,7 +47,7 @@ from leanmoe.experts.triton import (
     routing_weight_grad,
     split_gate_up_bwd,
 )
-from leanmoe.kernels.policy import combine_chunked
+from leanmoe.kernels.policy import LOW_RANK_ROWS_MAX, combine_chunked
 
 Tensor = torch.Tensor
 
@@ -58,7 +59,29 @@ def _low_rank(a_RX: Tensor, A_EPX: Tensor, offsets_E: Tensor, s: float) -> Tenso
 
 #: :func:`token_major_low_rank` holds while ``E * P <= TOKEN_MAJOR_MAX_PER_K * K``.
 TOKEN_MAJOR_MAX_PER_K = 512
-LOW_RANK_PATHS = ("auto", "token_major", "gathered")
+#: ``LEANMOE_LORA_LOW_RANK``: how forward computes the adapters' low-rank inputs ``s x A_gu^T`` and ``s h A_d^T``.
+LOW_RANK_PATHS = ("auto", "rows", "token_major", "gathered")
+
+
+def low_rank_rows_path(P: int) -> bool:
+    """Whether forward's ``s x A_gu^T`` and ``s h A_d^T`` run on :func:`~leanmoe.kernels.moe_fwd.low_rank_rows`
+    (one pass over the expert-sorted rows, x's rows gathered in the loads) rather than
+    :func:`token_major_low_rank`'s GEMMs (``torch._grouped_mm`` for ``h A_d^T``).
+
+    ``auto`` (the default) takes ``rows`` for every padded rank P up to
+    :data:`~leanmoe.kernels.policy.LOW_RANK_ROWS_MAX`. Measured in one
+    process on an H200 (rank 16, base frozen, ``benchmarks/lora_ab.py``): the LoRA step 8.548 -> 8.263 ms on
+    qwen3-30b-a3b (the frozen step 7.763), 55.36 -> 54.94 ms on mixtral-8x7b (52.80); in isolation qwen3's
+    ``x A_gu^T`` 265 -> 85 us and Mixtral's ``h A_d^T`` 414 -> 220 us, qwen3's ``h A_d^T`` 94 -> 104 us.
+    ``LEANMOE_LORA_LOW_RANK=token_major`` / ``gathered`` choose the GEMMs, for measurements.
+    """
+    path = os.environ.get("LEANMOE_LORA_LOW_RANK", "auto")
+    if path not in LOW_RANK_PATHS:
+        raise ValueError(f"LEANMOE_LORA_LOW_RANK: expected one of {LOW_RANK_PATHS}, got {path!r}")
+    if path == "rows" and P > LOW_RANK_ROWS_MAX:
+        raise ValueError(f"LEANMOE_LORA_LOW_RANK: 'rows' takes a padded rank of at most {LOW_RANK_ROWS_MAX}, "
+                         f"got {P}; use 'auto', 'token_major' or 'gathered'")
+    return path in ("auto", "rows") and P <= LOW_RANK_ROWS_MAX
 
 
 def token_major_low_rank(E: int, P: int, K: int) -> bool:
@@ -69,13 +92,14 @@ def token_major_low_rank(E: int, P: int, K: int) -> bool:
     ``[T, E*P]`` zero matrix, times ``x_TD``. Gathered: ``x[sorted_tokens]`` (a transient ``[R, D]`` copy) and
     grouped GEMMs. Token-major does E/K times the useful FLOPs but never writes or reads ``[R, D]``: on an H200
     (~700 TFLOP/s dense, ~3.5 TB/s) the dense GEMM's ``2 T D E P`` FLOPs cost less than the gather's ``3 R D`` bf16
-    passes while ``E P`` stays below about 600 K; the bound here keeps a margin. ``LEANMOE_LORA_LOW_RANK``
-    (``token_major`` / ``gathered``) overrides the rule, for measurements.
+    passes while ``E P`` stays below about 600 K; the bound here keeps a margin. Forward takes this rule only when
+    :func:`low_rank_rows_path` does not hold; backward's ``LEANMOE_LORA_A_GRADS=torch`` path always.
+    ``LEANMOE_LORA_LOW_RANK`` (``token_major`` / ``gathered``) overrides the rule, for measurements.
     """
     path = os.environ.get("LEANMOE_LORA_LOW_RANK", "auto")
     if path not in LOW_RANK_PATHS:
         raise ValueError(f"LEANMOE_LORA_LOW_RANK: expected one of {LOW_RANK_PATHS}, got {path!r}")
-    if path != "auto":
+    if path in ("token_major", "gathered"):
         return path == "token_major"
     return E * P <= TOKEN_MAJOR_MAX_PER_K * K
 
@@ -86,6 +110,10 @@ def _x_low_rank(x_TD: Tensor, A_EPD: Tensor, plan: ExpertPlan, s: float, K: int)
     R = plan.sorted_tokens_R.numel()
     if R == 0:
         return x_TD.new_empty(0, P)
+    if low_rank_rows_path(P):
+        from leanmoe.kernels.moe_fwd import low_rank_rows  # here: importing kernels imports triton
+
+        return low_rank_rows(x_TD, A_EPD, plan.offsets_E, a_rows_R=plan.sorted_tokens_R, scale=s)
     if token_major_low_rank(E, P, K):
         xa_TQ = x_TD @ A_EPD.reshape(E * P, D).t()  # [T, E*P]
         slots_R = plan.sorted_tokens_R * E + plan.sorted_experts_R
@@ -94,12 +122,46 @@ def _x_low_rank(x_TD: Tensor, A_EPD: Tensor, plan: ExpertPlan, s: float, K: int)
     return _low_rank(x_RD, A_EPD, plan.offsets_E, s)
 
 
+#: ``LEANMOE_LORA_A_GRADS``: how backward computes ``d A_gu`` and ``d A_d`` (for measurements).
+A_GRADS_PATHS = ("torch", "triton")
+
+
+def a_grads_path() -> str:
+    """``triton`` (default): ``d A_d`` and ``d A_gu`` from :func:`~leanmoe.kernels.moe_bwd.expert_weight_grad` with
+    rank-wide output tiles, ``d A_gu`` gathering x's rows in its loads (no ``[T, E*P]`` product, no ``[R, D]``
+    copy); ``torch``: ``d A_d`` a ``torch._grouped_mm`` over the ``w h`` rows, ``d A_gu`` token-major or on a
+    gathered copy of x (:func:`token_major_low_rank`). Measured in one process on an H200 (rank 16, base frozen,
+    ``benchmarks/lora_ab.py``): qwen3's step 8.939 -> 8.727 ms, Mixtral's 56.11 -> 55.37 ms."""
+    path = os.environ.get("LEANMOE_LORA_A_GRADS", "triton")
+    if path not in A_GRADS_PATHS:
+        raise ValueError(f"LEANMOE_LORA_A_GRADS: expected one of {A_GRADS_PATHS}, got {path!r}")
+    return path
+
+
+def _down_A_grad(dylow_RP: Tensor, hw_RI: Tensor, offsets_E: Tensor, A_EPI: Tensor, s: float) -> Tensor:
+    """``d A_d[e] = s sum_r dylow_r (w_r h_r)^T`` over the expert's sorted rows, ``[E, P, I]``."""
+    if a_grads_path() == "triton":
+        from leanmoe.kernels.moe_bwd import expert_weight_grad  # here: importing kernels imports triton
+
+        dA_EPI = torch.empty(A_EPI.shape, device=A_EPI.device, dtype=A_EPI.dtype)
+        expert_weight_grad(hw_RI, dylow_RP, offsets_E, dA_EPI.transpose(1, 2))
+        return dA_EPI.mul_(s)
+    return grouped_weight_grad(dylow_RP, hw_RI, offsets_E, A_EPI).mul_(s)
+
+
 def _gate_up_A_grad(dxlow_RP: Tensor, x_TD: Tensor, sorted_tokens_R: Tensor, offsets_E: Tensor, A_EPD: Tensor,
                     token_mask: Optional[Tensor], K: int, x_RD: Optional[Tensor]) -> Tensor:
     """``d A_gu[e] = sum_r dxlow_r x_r^T`` over the expert's sorted rows, ``[E, P, D]`` (``dxlow_RP`` with the
     scale folded in); ``x_RD``, the gathered rows, when the caller has them."""
     E, P, D = A_EPD.shape
     R = sorted_tokens_R.numel()
+    if x_RD is None and a_grads_path() == "triton":
+        from leanmoe.kernels.moe_bwd import expert_weight_grad
+
+        # Only the kept rows of each expert are read: masked tokens' rows (and their x) never are.
+        dA_EPD = torch.empty(A_EPD.shape, device=A_EPD.device, dtype=A_EPD.dtype)
+        expert_weight_grad(x_TD, dxlow_RP, offsets_E, dA_EPD.transpose(1, 2), a_rows_R=sorted_tokens_R)
+        return dA_EPD
     if x_RD is not None or not token_major_low_rank(E, P, K):
         x_RD = x_TD.index_select(0, sorted_tokens_R) if x_RD is None else x_RD
         return grouped_weight_grad(dxlow_RP, x_RD, offsets_E, A_EPD)
@@ -141,8 +203,14 @@ def triton_lora_fwd(
                           lora_in_RP=xlow_RP if gu_A is not None else None, lora_B=gu_B,
                           **kernel_act(activation, alpha, limit, gate_up_layout))
     hlow_RP = x_TD.new_empty(0, d_A.shape[1] if d_A is not None else 0)
-    if d_A is not None:
-        hlow_RP = _low_rank(h_RI, d_A, offs, scale) if R else x_TD.new_empty(0, d_A.shape[1])
+    if d_A is not None and not R:
+        hlow_RP = x_TD.new_empty(0, d_A.shape[1])
+    elif d_A is not None and low_rank_rows_path(d_A.shape[1]):
+        from leanmoe.kernels.moe_fwd import low_rank_rows
+
+        hlow_RP = low_rank_rows(h_RI, d_A, offs, scale=scale)
+    elif d_A is not None:
+        hlow_RP = _low_rank(h_RI, d_A, offs, scale)
     y_TD = torch.empty(T, D, device=x_TD.device, dtype=x_TD.dtype)
     if R:
         combine_chunked(h_RI, down_proj, down_bias, scale_R, plan.sorted_rows_R, offs, T, K, y_TD, token_mask,
@@ -211,7 +279,7 @@ def triton_lora_bwd(
                                                           bias_scale_R=scale_R)
     if down_low is not None and d_A is not None:
         dylow_RP, dd_B = down_low
-        dd_A = grouped_weight_grad(dylow_RP, hw_RI, offs, d_A).mul_(scale)
+        dd_A = _down_A_grad(dylow_RP, hw_RI, offs, d_A, scale)
         del dylow_RP
     del dy_RD, hw_RI, down_low
 
