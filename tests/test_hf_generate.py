@@ -120,3 +120,18 @@ def test_hf_decode_bench_rows():
     with pytest.raises(ValueError, match="backends: unknown"):
         run_hf_decode_bench("qwen3_moe", device="cpu", dtype=torch.float32, batch=2, layers=1, backends=["nope"],
                             config_overrides={"tiny": True})
+
+
+def test_hf_decode_bench_skips_batched_mm_that_cannot_fit(monkeypatch):
+    """transformers' batched_mm copies an expert's weights per routed row: where generate()'s prefill would need more
+    than half the free memory (Mixtral's experts on a GPU), its row says so and is not run, and the others are."""
+    import leanmoe.bench.hf as hf
+
+    monkeypatch.setattr(hf, "_free_bytes", lambda device: 2**10)
+    rows = hf.run_hf_decode_bench("qwen3_moe", device="cpu", dtype=torch.float32, batch=2, layers=1, prompt_len=4,
+                                  new_tokens=2, backends=["reference"], config_overrides={"tiny": True})
+    by_impl = {r["implementation"]: r for r in rows}
+    skipped = by_impl["batched_mm"]
+    assert not skipped["ok"] and skipped["ms"] is None and skipped["rel_err"] is None
+    assert "batched_mm gathers" in skipped["note"] and "for 8 tokens" in skipped["note"], skipped
+    assert all(r["ok"] for name, r in by_impl.items() if name != "batched_mm")

@@ -205,6 +205,17 @@ def _free_bytes(device: torch.device) -> int:
     return 16 * 2**30
 
 
+def _batched_mm_skip_note(config, tokens: int, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why transformers' ``batched_mm`` experts cannot run a forward of ``tokens`` tokens here, or None: they index
+    a copy of an expert's weights per routed row (``gate_up_proj[expert_ids]``), which for large experts (Mixtral's
+    352 MB) outgrows the GPU at a few hundred rows."""
+    need, free = _batched_mm_bytes(config, tokens, dtype), _free_bytes(device)
+    if need <= free // 2:
+        return None
+    return (f"skipped: batched_mm gathers {need / 2**30:.1f} GiB of expert weights per layer for {tokens} tokens, "
+            f"more than half of the {free / 2**30:.1f} GiB free")
+
+
 def _leanmoe_backends(model, tokens: int, device, dtype) -> tuple[str, list[str]]:
     """The backend ``auto`` picks for this model's expert calls, and the other non-reference backends that run."""
     import leanmoe.hf
@@ -308,13 +319,10 @@ def run_hf_bench(model_type: str, *, device, dtype, tokens: int, layers: int, sa
         if backend is None:
             if impl != "eager" or _supports_hf_experts_implementation(model):
                 model.set_experts_implementation(impl)
-            if impl == "batched_mm":
-                need = _batched_mm_bytes(config, tokens, dtype)
-                if need > _free_bytes(device) // 2:
-                    note = f"skipped: batched_mm gathers {need / 2**30:.1f} GiB of expert weights per layer"
-                    rows += [dict(model_type=model_type, implementation=impl, mode=mode, ms=None, peak_mem_mb=None,
-                                  ok=False, rel_err=None, tol=tol, note=note) for mode in ("train", "prefill")]
-                    continue
+            if impl == "batched_mm" and (skip := _batched_mm_skip_note(config, tokens, dtype, device)):
+                rows += [dict(model_type=model_type, implementation=impl, mode=mode, ms=None, peak_mem_mb=None,
+                              ok=False, rel_err=None, tol=tol, note=skip) for mode in ("train", "prefill")]
+                continue
         else:
             if _supports_hf_experts_implementation(model):
                 model.set_experts_implementation("eager")
@@ -436,6 +444,12 @@ def run_hf_decode_bench(model_type: str, *, device, dtype, batch: int, layers: i
         note = ""
         leanmoe.hf.unpatch(model)
         if backend is None:
+            # generate()'s prefill runs batch x prompt_len tokens through the experts.
+            if impl == "batched_mm" and (skip := _batched_mm_skip_note(config, batch * prompt_len, dtype, device)):
+                rows.append(dict(model_type=model_type, implementation=impl, mode="decode", ms=None,
+                                 tokens_per_s=None, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
+                                 peak_mem_mb=None, ok=False, rel_err=None, tol=tol, note=skip))
+                continue
             if _supports_hf_experts_implementation(model):
                 model.set_experts_implementation(impl)
         else:
