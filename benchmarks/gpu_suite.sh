@@ -5,6 +5,8 @@
 #   tests    every GPU-marked test (-m "gpu and not multigpu"), tuning off (LEANMOE_AUTOTUNE=0; a test of tuning
 #            sets it itself): the no-host-sync and compile tests first, then the rest on 4 workers, then the tests
 #            that take tens of GB alone (caps TESTS_CORE_S 120, TESTS_S 300, TESTS_BIG_S 150; TESTS_WORKERS 4)
+#   kernels  tests/test_kernels.py compiled: every case with tuning off, the fp32 masked prime-E routing with it on
+#            (caps KERNELS_S 240, KERNELS_TUNED_S 150; KERNELS_WORKERS 12)
 #   peers    benchmarks/peers.py, one process per preset (PEERS_PRESETS, default all six, most wanted first; each
 #            at most PEERS_PRESET_S seconds, default 270; fwdbwd first; PEERS_ARGS adds arguments, a later
 #            --mode replacing it), merged into $OUT/h200-peers.{json,md,png}; rows a time limit cut are "not run"
@@ -105,6 +107,13 @@ for step in $steps; do
         -k "not ($big)" -p no:cacheprovider --timeout 200 --tb=short --durations 15 --ignore=tests/test_gpu_core.py tests
       LEANMOE_AUTOTUNE=0 run tests-big "${TESTS_BIG_S:-150}" "$TEST_PAT" python3 -m pytest -q -rfE -m "gpu and not multigpu" \
         -k "$big" -p no:cacheprovider --timeout 150 --tb=short --ignore=tests/test_gpu_core.py tests ;;
+    kernels)  # tests/test_kernels.py (no gpu mark: it runs wherever it is called) compiled on the GPU, both ways;
+      # each case compiles its own kernels (CPU-bound), so many workers (KERNELS_WORKERS, default 12)
+      LEANMOE_AUTOTUNE=0 run kernels-untuned "${KERNELS_S:-240}" "$TEST_PAT" python3 -m pytest -q -rfE \
+        -n "${KERNELS_WORKERS:-12}" -p no:cacheprovider --timeout 200 --tb=short tests/test_kernels.py
+      LEANMOE_AUTOTUNE=1 run kernels-tuned "${KERNELS_TUNED_S:-150}" "$TEST_PAT" python3 -m pytest -q -rfE \
+        -n "${KERNELS_WORKERS:-12}" -p no:cacheprovider --timeout 140 --tb=short -k "fp32-E7-masked_tail" \
+        tests/test_kernels.py ;;
     peers)
       dir=/tmp/peers
       rm -rf "$dir" && mkdir -p "$dir"

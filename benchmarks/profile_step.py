@@ -38,6 +38,31 @@ def kernel_sequence(prof, steps: int) -> list[dict]:
     return [{"kernel": e.name[:60], "us": e.device_time} for e in evts[-per_step:]]
 
 
+#: CUDA runtime calls that make the host wait for the GPU (a host-device synchronisation) when they run.
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy ",
+              "cudaMemcpyAsync")
+
+
+def idle_gaps(prof, steps: int, top: int = 12) -> dict:
+    """Where the GPU waits between the last step's kernels: the total idle time, the largest gaps with the kernels
+    either side, and the host calls per step that can synchronise (``cudaMemcpyAsync`` counts device-to-device
+    copies too: a row says where to look, not that it waited)."""
+    evts = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                  key=lambda e: e.time_range.start)
+    last = evts[-(len(evts) // steps):] if evts else []
+    gaps = []
+    for prev, nxt in zip(last, last[1:], strict=False):
+        gap = nxt.time_range.start - prev.time_range.end
+        if gap > 0:
+            gaps.append({"us": gap, "after": prev.name[:60], "before": nxt.name[:60]})
+    syncs: dict[str, float] = defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith(SYNC_CALLS):
+            syncs[e.name] += 1 / steps
+    return {"idle_us": sum(g["us"] for g in gaps), "span_us": (last[-1].time_range.end - last[0].time_range.start)
+            if last else 0.0, "largest": sorted(gaps, key=lambda g: -g["us"])[:top], "sync_calls_per_step": syncs}
+
+
 def kernel_table(prof, steps: int) -> list[dict]:
     """CUDA kernel events grouped by (shortened) name: ms and calls per step, largest first."""
     total_us: dict[str, float] = defaultdict(float)
@@ -78,14 +103,14 @@ def profile_variant(preset, rank: int, train_base: bool, steps: int, save_percen
     end.record()
     torch.cuda.synchronize()
     step_ms = start.elapsed_time(end) / steps
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
     rows = kernel_table(prof, steps)
     return {"preset": preset.name, "lora_rank": rank, "train_base": train_base, "save_percent": save_percent,
             "step_ms": step_ms, "kernel_ms": sum(r["ms"] for r in rows), "kernels": rows,
-            "sequence": kernel_sequence(prof, steps)}
+            "sequence": kernel_sequence(prof, steps), "gaps": idle_gaps(prof, steps)}
 
 
 def main() -> None:
@@ -109,6 +134,11 @@ def main() -> None:
                   f"kernels {res['kernel_ms']:.3f} ms")
             for r in res["kernels"][:25]:
                 print(f"  {r['ms']:8.3f} ms {r['calls']:5.1f}x {100 * r['ms'] / res['kernel_ms']:5.1f}%  {r['kernel']}")
+            gaps = res["gaps"]
+            print(f"  GPU idle between the last step's kernels: {gaps['idle_us']:.0f} us of {gaps['span_us']:.0f} us;"
+                  f" host calls that can synchronise, per step: {dict(gaps['sync_calls_per_step']) or 'none'}")
+            for g in gaps["largest"]:
+                print(f"    gap {g['us']:7.1f} us after {g['after']} | before {g['before']}")
             if args.sequence:
                 print("  -- launch order (us):")
                 for r in res["sequence"]:
