@@ -29,6 +29,8 @@ import argparse
 import json
 import os
 import statistics
+import sys
+import time
 
 import torch
 
@@ -101,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{preset} T={row['T']} rank 16: frozen {ms['frozen']:.3f} ms | {parts} | max rel diff vs default: "
               f"{diffs or '-'}", flush=True)
     env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-               source_sha256=source_digest())
+               source_sha256=source_digest(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               command="python benchmarks/lora_ab.py " + " ".join(sys.argv[1:]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "rows": rows}, f, indent=1)
