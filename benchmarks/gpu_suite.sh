@@ -13,7 +13,9 @@
 #   decode   leanmoe bench --decode --preset all -> $OUT/h200-decode.json
 #   bench    leanmoe bench --preset qwen3-30b-a3b mixtral-8x7b -> $OUT/bench.json
 #   lora     leanmoe bench --lora 16 (skipped with a note while the option does not exist) -> $OUT/lora.json
-#   lora-ab  benchmarks/lora_ab.py: the LoRA step with its B-factor terms fused or not, and the frozen step
+#   tests-core  tests/test_gpu_core.py alone (no host sync, compile, CUDA graphs), tuning off
+#   lora-ab  benchmarks/lora_ab.py: the LoRA step in each of its variants, and the frozen step
+#   tma-ab   benchmarks/tma_ab.py: fwd+bwd and fwd with the gate/up weight tiles through TMA or pointer loads
 #   retest   the GPU tests matching RETEST_K      peers-decode  peers.py --cuda-graphs at T in DECODE_T (64)
 #   hf-lora  leanmoe bench --hf M --lora 16 for M in HF_LORA_MODELS (qwen3_moe mixtral)
 #   hf-decode  leanmoe bench --hf M --mode decode for M in HF_DECODE_MODELS (qwen3_moe mixtral) -> $OUT/hf_decode_M.json
@@ -107,6 +109,12 @@ for step in $steps; do
         -k "not ($big)" -p no:cacheprovider --timeout 200 --tb=short --durations 15 --ignore=tests/test_gpu_core.py tests
       LEANMOE_AUTOTUNE=0 run tests-big "${TESTS_BIG_S:-150}" "$TEST_PAT" python3 -m pytest -q -rfE -m "gpu and not multigpu" \
         -k "$big" -p no:cacheprovider --timeout 150 --tb=short --ignore=tests/test_gpu_core.py tests ;;
+    tests-core)  # the no-host-sync, compile and CUDA-graph tests alone (the first part of tests)
+      LEANMOE_AUTOTUNE=0 run tests-core "${TESTS_CORE_S:-120}" "$TEST_PAT" python3 -m pytest -q -rfE -m "gpu and not multigpu" \
+        -p no:cacheprovider --timeout 100 --tb=short tests/test_gpu_core.py ;;
+    tma-ab)  # the gate/up forward's weight tiles through TMA or pointer loads, fwd+bwd and fwd, in one process
+      run tma-ab 300 "Error|Traceback|T=" python3 benchmarks/tma_ab.py --preset ${TMA_AB_PRESETS:-qwen3-30b-a3b \
+        mixtral-8x7b deepseek-v3} --json "$OUT/tma_ab.json" ;;
     kernels)  # tests/test_kernels.py (no gpu mark: it runs wherever it is called) compiled on the GPU, both ways;
       # each case compiles its own kernels (CPU-bound), so many workers (KERNELS_WORKERS, default 12)
       LEANMOE_AUTOTUNE=0 run kernels-untuned "${KERNELS_S:-240}" "$TEST_PAT" python3 -m pytest -q -rfE \

@@ -32,7 +32,13 @@ from leanmoe.kernels.moe_bwd import (  # noqa: E402
     low_rank_pair,
 )
 from leanmoe.kernels.moe_common import ACTIVATION_CODES  # noqa: E402
-from leanmoe.kernels.moe_fwd import combine, gate_up_fwd, grouped_gemm, low_rank_rows  # noqa: E402
+from leanmoe.kernels.moe_fwd import (  # noqa: E402
+    combine,
+    gate_up_fwd,
+    grouped_gemm,
+    low_rank_rows,
+    tma_weight_desc,
+)
 from leanmoe.kernels.policy import saved_rows  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -120,9 +126,24 @@ def assert_rows(out: torch.Tensor, ref: torch.Tensor, written: torch.Tensor, *, 
     assert out[~written].isnan().all(), f"{name}: the launcher wrote rows it must leave alone"
 
 
+@pytest.fixture(params=["0", "1"], ids=["pointer_w", "tma_w"])
+def tma(request, monkeypatch):
+    """Both ways of the gate/up forward's weight loads (``LEANMOE_TMA``: ``1`` takes TMA wherever the weights
+    allow it, the interpreter included; on a GPU without TMA it keeps the pointer loads)."""
+    monkeypatch.setenv("LEANMOE_TMA", request.param)
+    return request.param == "1"
+
+
+def expects_tma(gate_up_proj: torch.Tensor, tma: bool, *, interleaved: bool = False) -> bool:
+    on_gpu_with_tma = DEVICE != "cuda" or torch.cuda.get_device_capability()[0] >= 9
+    return tma and on_gpu_with_tma and gate_up_proj.is_contiguous() and not interleaved
+
+
 @pytest.mark.parametrize("case,dtype,strided", CASES)
-def test_gate_up_fwd(case, dtype, strided):
+def test_gate_up_fwd(case, dtype, strided, tma):
     routing, x_TD, gate_up_proj, _, gate_up_bias = operands(case, dtype, strided)
+    desc = tma_weight_desc(gate_up_proj, gated=True, interleaved=False)
+    assert (desc is not None) == expects_tma(gate_up_proj, tma), "the TMA rule chose the other path"
     n_saved = saved_rows(routing.R, 50)  # half: in the masked case the saved range passes offsets_E[-1]
     kwargs = dict(act_code=SWIGLU, gated=True, interleaved=False, alpha=1.702, limit=7.0, n_saved=n_saved)
     args = (x_TD, routing.sorted_tokens_R, routing.offsets_E, gate_up_proj, gate_up_bias)
@@ -134,16 +155,49 @@ def test_gate_up_fwd(case, dtype, strided):
     assert_rows(out_saved, ref_saved, routing.kept, tol=tol, name="saved_SN")
 
 
+def test_tma_weight_loads_give_the_pointer_loads_bits(monkeypatch):
+    """Both weight-load paths sum in the same order: the same bits (forward and the recomputing backward rely on
+    it), with bias, saved rows and a LoRA term."""
+    routing, x_TD, gate_up_proj, _, gate_up_bias = operands("E3-one_expert_all_rows", torch.float16, False)
+    kwargs = dict(act_code=SWIGLU, gated=True, interleaved=False, alpha=1.0, limit=7.0, n_saved=routing.R,
+                  lora_in_RP=rand(routing.R, 8, dtype=torch.float16), lora_B=rand(3, 2 * I, 8, dtype=torch.float16))
+    args = (x_TD, routing.sorted_tokens_R, routing.offsets_E, gate_up_proj, gate_up_bias)
+    outs = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("LEANMOE_TMA", mode)
+        outs[mode] = gate_up_fwd(*args, **kwargs)
+    for a, b in zip(outs["0"], outs["1"], strict=True):
+        assert torch.equal(a[: routing.kept], b[: routing.kept])
+
+
+def test_tma_rule(monkeypatch):
+    w = rand(3, 2 * I, D, dtype=torch.float32)
+    monkeypatch.setenv("LEANMOE_TMA", "auto")
+    assert (tma_weight_desc(w, gated=True, interleaved=False) is not None) == (
+        DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9)  # auto: never under the interpreter
+    monkeypatch.setenv("LEANMOE_TMA", "1")
+    assert tma_weight_desc(w, gated=True, interleaved=True) is None  # gate and up rows alternate
+    assert tma_weight_desc(transposed(w), gated=True, interleaved=False) is None  # not contiguous
+    assert tma_weight_desc(rand(3, 2 * I, 36, dtype=torch.float16), gated=True, interleaved=False) is None  # 72 B rows
+    monkeypatch.setenv("LEANMOE_TMA", "0")
+    assert tma_weight_desc(w, gated=True, interleaved=False) is None
+    monkeypatch.setenv("LEANMOE_TMA", "yes")
+    with pytest.raises(ValueError, match="LEANMOE_TMA.*'yes'"):
+        tma_weight_desc(w, gated=True, interleaved=False)
+
+
 GATE_UP_ACTIVATIONS = [(name, interleaved) for name in ACTIVATION_CODES for interleaved in (False, True)
                        if not interleaved or name in GATED_ACTIVATIONS]
 
 
 @pytest.mark.parametrize("name,interleaved", GATE_UP_ACTIVATIONS,
                          ids=[f"{n}-{'inter' if il else 'concat'}" for n, il in GATE_UP_ACTIVATIONS])
-def test_gate_up_fwd_activations(name, interleaved):
+def test_gate_up_fwd_activations(name, interleaved, tma):
     # Every activation code and both layouts, with a clamp limit that N(0, 1)-ish pre-activations hit.
     gated = name in GATED_ACTIVATIONS
     routing, x_TD, gate_up_proj, _, gate_up_bias = operands("E4-empty_expert", torch.float32, False, gated=gated)
+    desc = tma_weight_desc(gate_up_proj, gated=gated, interleaved=interleaved)
+    assert (desc is not None) == expects_tma(gate_up_proj, tma, interleaved=gated and interleaved)
     kwargs = dict(act_code=ACTIVATION_CODES[name], gated=gated, interleaved=interleaved,
                   alpha=1.702, limit=0.75 if name == "clamped_swiglu" else 7.0, n_saved=routing.R)
     args = (x_TD, routing.sorted_tokens_R, routing.offsets_E, gate_up_proj, gate_up_bias)

@@ -109,7 +109,8 @@ def gate_up_bwd_kernel(
         acc_g, acc_u = gate_up_preact(tl.zeros((BM, BN), dtype=tl.float32), tl.zeros((BM, BN), dtype=tl.float32),
                                       x_ptr + tokens[:, None] * stride_xt, row_mask, wgu_ptr + e64 * stride_wge,
                                       bgu_ptr + e64 * stride_bge, g_rows, u_rows, col_mask, D, stride_xd,
-                                      stride_wgd, stride_wgn, stride_bgn, GATED, HAS_BIAS, DOT_PREC, BK, OFFS64)
+                                      stride_wgd, stride_wgn, stride_bgn, GATED, HAS_BIAS, DOT_PREC, BK, OFFS64,
+                                      wgu_ptr, 0, 0, False)  # pointer loads: the same sums as the TMA ones
         g = acc_g.to(io_dtype).to(tl.float32)
         u = acc_u.to(io_dtype).to(tl.float32)
 

@@ -238,7 +238,8 @@ def gate_up_rows(cols, I, GATED: tl.constexpr, INTERLEAVED: tl.constexpr):
 @triton.jit
 def gate_up_preact(acc_g, acc_u, x_rows, row_mask, w_base, b_base, g_rows, u_rows, col_mask, D, stride_xd,
                    stride_wd, stride_wn, stride_bn, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   DOT_PREC: tl.constexpr, BK: tl.constexpr, OFFS64: tl.constexpr):
+                   DOT_PREC: tl.constexpr, BK: tl.constexpr, OFFS64: tl.constexpr, w_desc, g_row0, u_row0,
+                   W_TMA: tl.constexpr):
     """fp32 gate and up pre-activations of one tile: ``acc_g`` / ``acc_u`` (``[BM, BN]`` fp32, the accumulators'
     start: zeros, or a LoRA term) plus ``x_rows`` (row pointers, gathered) times the expert's weight rows
     ``g_rows`` / ``u_rows`` (base ``w_base``), plus its bias (base ``b_base``); up stays as given when not
@@ -246,11 +247,22 @@ def gate_up_preact(acc_g, acc_u, x_rows, row_mask, w_base, b_base, g_rows, u_row
 
     ``OFFS64`` (see :func:`offsets_fit_int32`): column offsets in int64, computed once per tile, the pointers
     stepping by ``BK`` columns (a transposed x has column stride T, so ``d * stride_xd`` can pass 2^31). Otherwise
-    int32 offsets recomputed each step, which is the faster loop (fewer live 64-bit pointer registers). Both sum in
-    the same order.
+    int32 offsets recomputed each step, which is the faster loop (fewer live 64-bit pointer registers).
+
+    ``W_TMA``: the weight tiles come through ``w_desc``, a TMA descriptor over the weights as ``[E*N, D]`` with
+    ``[BN, BK]`` blocks, at rows ``g_row0`` / ``u_row0`` (the tile's first gate / up row); x's rows stay pointer
+    loads (they are gathered). A tile's rows past its expert's gate or up block only reach masked columns, and past
+    ``E*N`` or D the descriptor reads zeros. Every path sums in the same order, so all give the same bits.
     """
     ks = tl.arange(0, BK)
-    if OFFS64:
+    if W_TMA:
+        for k0 in range(0, D, BK):
+            kk = k0 + ks
+            a = tl.load(x_rows + kk[None, :] * stride_xd, mask=row_mask[:, None] & (kk < D)[None, :], other=0.0)
+            acc_g = tl.dot(a, w_desc.load([g_row0, k0]).T, acc_g, input_precision=DOT_PREC)
+            if GATED:
+                acc_u = tl.dot(a, w_desc.load([u_row0, k0]).T, acc_u, input_precision=DOT_PREC)
+    elif OFFS64:
         ks64 = ks.to(tl.int64)
         g64 = g_rows.to(tl.int64)
         u64 = u_rows.to(tl.int64)

@@ -1,0 +1,90 @@
+"""The gate/up forward's weight tiles through TMA descriptors or pointer loads, side by side in one process (GPU).
+
+Legend: T tokens.
+
+For each preset (bf16, uniform routing, the training token count, base weights requiring grad as in training): the
+triton backend's fwd+bwd at save_percent 0 and its forward under ``no_grad``, with ``LEANMOE_TMA=0`` (pointer loads)
+and ``LEANMOE_TMA=auto`` (TMA where the weights allow it: :func:`leanmoe.kernels.moe_fwd.tma_weight_desc`), timed in
+turn for three rounds (``triton.testing.do_bench`` medians, the median of the rounds) after checking that both give
+the same bits.
+
+    python benchmarks/tma_ab.py [--preset P ...] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from leanmoe.bench.env import source_digest
+from leanmoe.bench.harness import make_case, time_ms
+from leanmoe.bench.lora import _step
+from leanmoe.bench.presets import PRESETS
+
+VARIANTS = {"pointer": "0", "tma": "auto"}
+
+
+def run(preset: str, device: torch.device, rounds: int = 3) -> dict:
+    p = PRESETS[preset]
+    case = make_case(p, "uniform", p.train_tokens, dtype=torch.bfloat16, device=device, seed=0)
+    leaves = [case.x_TD, case.topk_weights_TK, *case.params().values()]
+    outs = {}
+    for name, mode in VARIANTS.items():
+        os.environ["LEANMOE_TMA"] = mode
+        for t in leaves:
+            t.grad = None
+        y_TD = _step(case, "triton", None, "fwdbwd", 0)()
+        outs[name] = [y_TD.detach(), *(t.grad for t in leaves)]
+    for t in leaves:
+        t.grad = None
+    same_bits = all(torch.equal(a, b) for a, b in zip(outs["pointer"], outs["tma"], strict=True))
+    del outs
+    times: dict[str, list[float]] = {f"{m} {v}": [] for m in ("fwdbwd", "fwd") for v in VARIANTS}
+    for _ in range(rounds):
+        for mode in ("fwdbwd", "fwd"):
+            for name, env in VARIANTS.items():
+                os.environ["LEANMOE_TMA"] = env
+                fn = _step(case, "triton", None, mode, 0)
+                times[f"{mode} {name}"].append(time_ms(fn, device, grad_to_none=leaves))
+    os.environ.pop("LEANMOE_TMA", None)
+    ms = {k: statistics.median(v) for k, v in times.items()}
+    return dict(preset=preset, T=p.train_tokens, ms=ms, runs_ms=times, same_bits=same_bits,
+                speedup={m: ms[f"{m} pointer"] / ms[f"{m} tma"] for m in ("fwdbwd", "fwd")})
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", nargs="+", default=["qwen3-30b-a3b", "mixtral-8x7b"], choices=list(PRESETS))
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("tma_ab: needs a CUDA GPU", file=sys.stderr)
+        return 1
+    import triton
+
+    rows = []
+    for preset in args.preset:
+        row = run(preset, torch.device("cuda"))
+        rows.append(row)
+        ms = row["ms"]
+        print(f"{preset} T={row['T']}: fwdbwd pointer {ms['fwdbwd pointer']:.3f} ms | tma {ms['fwdbwd tma']:.3f} ms "
+              f"({row['speedup']['fwdbwd']:.3f}x) | fwd pointer {ms['fwd pointer']:.3f} | tma {ms['fwd tma']:.3f} "
+              f"({row['speedup']['fwd']:.3f}x) | same bits {row['same_bits']}", flush=True)
+        torch.cuda.empty_cache()
+    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+               source_sha256=source_digest(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               command="python benchmarks/tma_ab.py " + " ".join(sys.argv[1:]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
