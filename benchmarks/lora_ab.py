@@ -30,11 +30,10 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 
-from leanmoe.bench.env import source_digest
+from leanmoe.bench.env import collect_env
 from leanmoe.bench.harness import make_case, time_ms
 from leanmoe.bench.lora import _leaves, _step, make_lora, run_lora_once
 from leanmoe.bench.presets import PRESETS
@@ -91,8 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (the timings compare GPU kernels)")
-    import triton
-
     rows = []
     for preset in args.preset:
         row = run(preset, torch.device("cuda"), list(dict.fromkeys(args.variants)))
@@ -102,9 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         diffs = ", ".join(f"{v} {d:.1e}" for v, d in row["max_rel_diff_vs_default"].items())
         print(f"{preset} T={row['T']} rank 16: frozen {ms['frozen']:.3f} ms | {parts} | max rel diff vs default: "
               f"{diffs or '-'}", flush=True)
-    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-               source_sha256=source_digest(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               command="python benchmarks/lora_ab.py " + " ".join(sys.argv[1:]))
+    env = collect_env(torch.device("cuda"), sys.argv[1:] if argv is None else argv,
+                      program=("python", "benchmarks/lora_ab.py"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "rows": rows}, f, indent=1)

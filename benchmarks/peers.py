@@ -40,7 +40,6 @@ import dataclasses
 import importlib.metadata
 import importlib.util
 import os
-import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -517,8 +516,7 @@ def markdown(rows: list[dict], env: dict) -> str:
 
 
 def collect_env(device: torch.device, argv: list[str], dtype: torch.dtype) -> dict:
-    env = bench_env.collect_env(device, argv)
-    env["command"] = shlex.join(["python", "benchmarks/peers.py", *argv])
+    env = bench_env.collect_env(device, argv, program=("python", "benchmarks/peers.py"))
     env.update(dtype=str(dtype).removeprefix("torch."), tolerance=TOLERANCES[dtype], dense_tflops=None, notes=[],
                timer="triton.testing.do_bench median" if device.type == "cuda" else "median of perf_counter timings")
     versions = {name: Impl.version(IMPLS[name]) for name in PEER_PACKAGES}

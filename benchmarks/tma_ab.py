@@ -18,11 +18,10 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 
-from leanmoe.bench.env import source_digest
+from leanmoe.bench.env import collect_env
 from leanmoe.bench.harness import make_case, time_ms
 from leanmoe.bench.lora import _step
 from leanmoe.bench.presets import PRESETS
@@ -66,8 +65,6 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("tma_ab: needs a CUDA GPU", file=sys.stderr)
         return 1
-    import triton
-
     rows = []
     for preset in args.preset:
         row = run(preset, torch.device("cuda"))
@@ -77,9 +74,7 @@ def main() -> int:
               f"({row['speedup']['fwdbwd']:.3f}x) | fwd pointer {ms['fwd pointer']:.3f} | tma {ms['fwd tma']:.3f} "
               f"({row['speedup']['fwd']:.3f}x) | same bits {row['same_bits']}", flush=True)
         torch.cuda.empty_cache()
-    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-               source_sha256=source_digest(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               command="python benchmarks/tma_ab.py " + " ".join(sys.argv[1:]))
+    env = collect_env(torch.device("cuda"), sys.argv[1:], program=("python", "benchmarks/tma_ab.py"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "rows": rows}, f, indent=1)

@@ -79,8 +79,9 @@ def source_digest(root: Path | None = None) -> str:
     return digest.hexdigest()[:12]
 
 
-def collect_env(device: torch.device, argv: list[str]) -> dict:
-    """What produced a table. ``argv`` is the command's arguments after ``leanmoe``."""
+def collect_env(device: torch.device, argv: list[str], *, program: tuple[str, ...] = ("leanmoe",)) -> dict:
+    """What produced a table. ``argv`` is the command's arguments after ``program`` (a script under benchmarks/
+    passes ``("python", "benchmarks/NAME.py")``)."""
     return {
         "device": device_name(device),
         "torch": torch.__version__,
@@ -91,5 +92,5 @@ def collect_env(device: torch.device, argv: list[str]) -> dict:
         "source_sha256": source_digest(),
         "python": platform.python_version(),
         "date": utc_date(),
-        "command": shlex.join(["leanmoe", *argv]),
+        "command": shlex.join([*program, *argv]),
     }
