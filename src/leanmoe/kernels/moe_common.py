@@ -144,8 +144,10 @@ def set_autotuning(enabled: bool) -> None:
 GROUP_M = 8
 
 
-def configs(shapes):
-    return [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s) for bm, bn, bk, w, s in shapes]
+def configs(shapes, *, pre_hook=None):
+    """``(BM, BN, BK, warps, stages)`` tuples as Triton configs (``pre_hook`` runs before each launch with one)."""
+    return [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s, pre_hook=pre_hook)
+            for bm, bn, bk, w, s in shapes]
 
 
 @functools.cache

@@ -122,6 +122,15 @@ def _x_low_rank(x_TD: Tensor, A_EPD: Tensor, plan: ExpertPlan, s: float, K: int)
     return _low_rank(x_RD, A_EPD, plan.offsets_E, s)
 
 
+def _h_low_rank(h_RI: Tensor, A_EPI: Tensor, offsets_E: Tensor, s: float) -> Tensor:
+    """``hlow_RP = s h A_d[e]^T`` for the sorted rows, ``[R, P]`` (rows past ``offsets_E[-1]`` mean nothing)."""
+    if low_rank_rows_path(A_EPI.shape[1]):
+        from leanmoe.kernels.moe_fwd import low_rank_rows
+
+        return low_rank_rows(h_RI, A_EPI, offsets_E, scale=s)
+    return _low_rank(h_RI, A_EPI, offsets_E, s)
+
+
 #: ``LEANMOE_LORA_A_GRADS``: how backward computes ``d A_gu`` and ``d A_d`` (for measurements).
 A_GRADS_PATHS = ("torch", "triton")
 
@@ -138,14 +147,21 @@ def a_grads_path() -> str:
     return path
 
 
+def _factor_A_grad(a: Tensor, low_RP: Tensor, offsets_E: Tensor, A_EPX: Tensor,
+                   a_rows_R: Optional[Tensor] = None) -> Tensor:
+    """``d A[e] = sum_r low_r a_r^T`` over the expert's sorted rows (``a_r`` = ``a[a_rows_R[r]]``, or ``a[r]``),
+    ``[E, P, X]``, by the weight-gradient kernel writing the transposed view."""
+    from leanmoe.kernels.moe_bwd import expert_weight_grad  # here: importing kernels imports triton
+
+    dA_EPX = torch.empty(A_EPX.shape, device=A_EPX.device, dtype=A_EPX.dtype)
+    expert_weight_grad(a, low_RP, offsets_E, dA_EPX.transpose(1, 2), a_rows_R=a_rows_R)
+    return dA_EPX
+
+
 def _down_A_grad(dylow_RP: Tensor, hw_RI: Tensor, offsets_E: Tensor, A_EPI: Tensor, s: float) -> Tensor:
     """``d A_d[e] = s sum_r dylow_r (w_r h_r)^T`` over the expert's sorted rows, ``[E, P, I]``."""
     if a_grads_path() == "triton":
-        from leanmoe.kernels.moe_bwd import expert_weight_grad  # here: importing kernels imports triton
-
-        dA_EPI = torch.empty(A_EPI.shape, device=A_EPI.device, dtype=A_EPI.dtype)
-        expert_weight_grad(hw_RI, dylow_RP, offsets_E, dA_EPI.transpose(1, 2))
-        return dA_EPI.mul_(s)
+        return _factor_A_grad(hw_RI, dylow_RP, offsets_E, A_EPI).mul_(s)
     return grouped_weight_grad(dylow_RP, hw_RI, offsets_E, A_EPI).mul_(s)
 
 
@@ -156,12 +172,8 @@ def _gate_up_A_grad(dxlow_RP: Tensor, x_TD: Tensor, sorted_tokens_R: Tensor, off
     E, P, D = A_EPD.shape
     R = sorted_tokens_R.numel()
     if x_RD is None and a_grads_path() == "triton":
-        from leanmoe.kernels.moe_bwd import expert_weight_grad
-
         # Only the kept rows of each expert are read: masked tokens' rows (and their x) never are.
-        dA_EPD = torch.empty(A_EPD.shape, device=A_EPD.device, dtype=A_EPD.dtype)
-        expert_weight_grad(x_TD, dxlow_RP, offsets_E, dA_EPD.transpose(1, 2), a_rows_R=sorted_tokens_R)
-        return dA_EPD
+        return _factor_A_grad(x_TD, dxlow_RP, offsets_E, A_EPD, a_rows_R=sorted_tokens_R)
     if x_RD is not None or not token_major_low_rank(E, P, K):
         x_RD = x_TD.index_select(0, sorted_tokens_R) if x_RD is None else x_RD
         return grouped_weight_grad(dxlow_RP, x_RD, offsets_E, A_EPD)
@@ -203,14 +215,8 @@ def triton_lora_fwd(
                           lora_in_RP=xlow_RP if gu_A is not None else None, lora_B=gu_B,
                           **kernel_act(activation, alpha, limit, gate_up_layout))
     hlow_RP = x_TD.new_empty(0, d_A.shape[1] if d_A is not None else 0)
-    if d_A is not None and not R:
-        hlow_RP = x_TD.new_empty(0, d_A.shape[1])
-    elif d_A is not None and low_rank_rows_path(d_A.shape[1]):
-        from leanmoe.kernels.moe_fwd import low_rank_rows
-
-        hlow_RP = low_rank_rows(h_RI, d_A, offs, scale=scale)
-    elif d_A is not None:
-        hlow_RP = _low_rank(h_RI, d_A, offs, scale)
+    if d_A is not None and R:
+        hlow_RP = _h_low_rank(h_RI, d_A, offs, scale)
     y_TD = torch.empty(T, D, device=x_TD.device, dtype=x_TD.dtype)
     if R:
         combine_chunked(h_RI, down_proj, down_bias, scale_R, plan.sorted_rows_R, offs, T, K, y_TD, token_mask,
