@@ -35,6 +35,7 @@ from leanmoe.kernels.moe_common import (
     expert_tile,
     gate_up_preact,
     gate_up_rows,
+    gate_up_tile,
     group_m,
     interpreting,
     launch_grouped,
@@ -42,7 +43,9 @@ from leanmoe.kernels.moe_common import (
     offsets_fit_int32,
     rows_bucket,
     source_rows,
+    tile_cols,
     tile_coords,
+    tile_rows,
 )
 
 # Hidden columns per routing-weight partial (divides every config's BN).
@@ -69,13 +72,10 @@ def gate_up_bwd_kernel(
     if expert >= E:
         return
     io_dtype = h_ptr.dtype.element_ty
-    rows = row_start + tl.arange(0, BM)
-    row_mask = rows < row_end
+    rows, row_mask = tile_rows(row_start, row_end, BM)
     rows64 = rows.to(tl.int64)
-    tokens = tl.load(sorted_tokens_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    cols = pid_n * BN + tl.arange(0, BN)
-    col_mask = cols < I
-    g_rows, u_rows = gate_up_rows(cols, I, GATED, INTERLEAVED)
+    tokens, cols, col_mask, g_rows, u_rows = gate_up_tile(pid_n, sorted_tokens_ptr, rows, row_mask, I, BN, GATED,
+                                                          INTERLEAVED)
     e64 = expert.to(tl.int64)
 
     # dh_unweighted = dy[tokens] @ down_proj[e][:, cols]; int64 offsets once per tile (dy may be a transposed view
@@ -193,11 +193,9 @@ def lora_rows_add_kernel(
     expert, row_start, row_end = expert_tile(tl.program_id(0), offsets_E_ptr, E, E_P2, BM)
     if expert >= E:
         return
-    rows = row_start + tl.arange(0, BM)
-    row_mask = rows < row_end
+    rows, row_mask = tile_rows(row_start, row_end, BM)
     rows64 = rows.to(tl.int64)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    col_mask = cols < N
+    cols, col_mask = tile_cols(tl.program_id(1), N, BN)
     cols64 = cols.to(tl.int64)
     rs = tl.arange(0, RP)
     r_mask = rs < rank

@@ -227,6 +227,32 @@ def expert_tile(pid_m, offsets_E_ptr, E, E_P2: tl.constexpr, BM: tl.constexpr):
 
 
 @triton.jit
+def tile_rows(row_start, row_end, BM: tl.constexpr):
+    """A row tile from :func:`expert_tile`'s bounds -> ``(rows [BM], row_mask [BM])``: its sorted rows, masked to
+    the expert's own. (Called after the surplus programs' exit, so that they compute nothing more.)"""
+    rows = row_start + tl.arange(0, BM)
+    return rows, rows < row_end
+
+
+@triton.jit
+def tile_cols(pid_n, n_cols, BN: tl.constexpr):
+    """Column tile ``pid_n`` -> ``(cols [BN], col_mask [BN])``, masked to ``n_cols``."""
+    cols = pid_n * BN + tl.arange(0, BN)
+    return cols, cols < n_cols
+
+
+@triton.jit
+def gate_up_tile(pid_n, sorted_tokens_ptr, rows, row_mask, I, BN: tl.constexpr, GATED: tl.constexpr,
+                 INTERLEAVED: tl.constexpr):
+    """A gate/up tile's operands: ``(tokens [BM] int64, cols [BN], col_mask, gate rows, up rows)``, the tokens
+    the sorted rows gather x from and the ``gate_up_proj[e]`` rows of hidden columns ``cols`` (:func:`gate_up_rows`)."""
+    tokens = tl.load(sorted_tokens_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    cols, col_mask = tile_cols(pid_n, I, BN)
+    g_rows, u_rows = gate_up_rows(cols, I, GATED, INTERLEAVED)
+    return tokens, cols, col_mask, g_rows, u_rows
+
+
+@triton.jit
 def gate_up_rows(cols, I, GATED: tl.constexpr, INTERLEAVED: tl.constexpr):
     """Rows of ``gate_up_proj[e]`` holding the gate and up pre-activations of hidden columns ``cols``
     (non-gated: both are the column's own row)."""

@@ -37,8 +37,11 @@ from leanmoe.kernels.moe_common import (
     e_p2,
     expert_tile,
     gate_up_rows,
+    gate_up_tile,
     interpreting,
     rows_bucket,
+    tile_cols,
+    tile_rows,
 )
 
 #: Every split's chunk of the reduction dimension is a multiple of this (and so of every BK in the configs).
@@ -67,12 +70,9 @@ def decode_gate_up_kernel(
     expert, row_start, row_end = expert_tile(pid_m, offsets_E_ptr, E, E_P2, BM)
     if expert >= E:
         return
-    rows = row_start + tl.arange(0, BM)
-    row_mask = rows < row_end
-    tokens = tl.load(sorted_tokens_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    cols = pid_n * BN + tl.arange(0, BN)
-    col_mask = cols < I
-    g_rows, u_rows = gate_up_rows(cols, I, GATED, INTERLEAVED)
+    rows, row_mask = tile_rows(row_start, row_end, BM)
+    tokens, cols, col_mask, g_rows, u_rows = gate_up_tile(pid_n, sorted_tokens_ptr, rows, row_mask, I, BN, GATED,
+                                                          INTERLEAVED)
     e64 = expert.to(tl.int64)
     w_base = w_ptr + e64 * stride_we
     x_rows = x_ptr + tokens[:, None] * stride_xt
@@ -171,11 +171,9 @@ def decode_down_kernel(
     expert, row_start, row_end = expert_tile(pid_m, offsets_E_ptr, E, E_P2, BM)
     if expert >= E:
         return
-    rows = row_start + tl.arange(0, BM)
-    row_mask = rows < row_end
+    rows, row_mask = tile_rows(row_start, row_end, BM)
     rows64 = rows.to(tl.int64)
-    cols = pid_n * BN + tl.arange(0, BN)
-    col_mask = cols < D
+    cols, col_mask = tile_cols(pid_n, D, BN)
     e64 = expert.to(tl.int64)
     w_base = w_ptr + e64 * stride_we
     acc = tl.zeros((BM, BN), dtype=tl.float32)

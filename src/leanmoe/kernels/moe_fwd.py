@@ -44,7 +44,7 @@ from leanmoe.kernels.moe_common import (
     e_p2,
     expert_tile,
     gate_up_preact,
-    gate_up_rows,
+    gate_up_tile,
     group_m,
     interpreting,
     launch_grouped,
@@ -53,7 +53,9 @@ from leanmoe.kernels.moe_common import (
     offsets_fit_int32,
     rows_bucket,
     source_rows,
+    tile_cols,
     tile_coords,
+    tile_rows,
 )
 from leanmoe.kernels.policy import LOW_RANK_ROWS_MAX
 
@@ -78,12 +80,9 @@ def gate_up_fwd_kernel(
     expert, row_start, row_end = expert_tile(pid_m, offsets_E_ptr, E, E_P2, BM)
     if expert >= E:
         return
-    rows = row_start + tl.arange(0, BM)
-    row_mask = rows < row_end
-    tokens = tl.load(sorted_tokens_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    cols = pid_n * BN + tl.arange(0, BN)
-    col_mask = cols < I
-    g_rows, u_rows = gate_up_rows(cols, I, GATED, INTERLEAVED)
+    rows, row_mask = tile_rows(row_start, row_end, BM)
+    tokens, cols, col_mask, g_rows, u_rows = gate_up_tile(pid_n, sorted_tokens_ptr, rows, row_mask, I, BN, GATED,
+                                                          INTERLEAVED)
     e64 = expert.to(tl.int64)
     rows64 = rows.to(tl.int64)
     acc_g = tl.zeros((BM, BN), dtype=tl.float32)
@@ -139,11 +138,9 @@ def grouped_gemm_kernel(
     expert, row_start, row_end = expert_tile(pid_m, offsets_E_ptr, E, E_P2, BM)
     if expert >= E:
         return
-    rows = row_start + tl.arange(0, BM)
-    row_mask = rows < row_end
+    rows, row_mask = tile_rows(row_start, row_end, BM)
     rows64 = rows.to(tl.int64)
-    cols = pid_n * BN + tl.arange(0, BN)
-    col_mask = cols < N
+    cols, col_mask = tile_cols(pid_n, N, BN)
     cols64 = cols.to(tl.int64)
     e64 = expert.to(tl.int64)
     ks = tl.arange(0, BK)
@@ -288,8 +285,7 @@ def low_rank_rows_kernel(
     expert, row_start, row_end = expert_tile(tl.program_id(0), offsets_E_ptr, E, E_P2, BM)
     if expert >= E:
         return
-    rows = row_start + tl.arange(0, BM)
-    row_mask = rows < row_end
+    rows, row_mask = tile_rows(row_start, row_end, BM)
     a_rows = source_rows(a_rows_ptr, rows, row_mask, A_GATHER)
     ps = tl.arange(0, RP)
     p_mask = ps < rank
