@@ -92,6 +92,54 @@ def test_measures_once_and_takes_the_fastest(fake):
     assert fake.timed == ["slow_first", "fast_second"] and fake.calls[-1] == "fast_second"
 
 
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_no_grad_calls_are_timed_as_graph_replays(fake, monkeypatch, requires_grad):
+    # A served (captured) step pays the device time; eager timing of a decode-sized call measures host launches.
+    replays = []
+
+    def replayed(fn, device):
+        replays.append(device.type)
+        return fn
+
+    monkeypatch.setattr(autoselect, "replayed", replayed)
+    p = _problem(requires_grad=requires_grad)
+    leanmoe.moe_experts(*p.args(), **p.kwargs())
+    assert fake.timed == ["slow_first", "fast_second"]
+    assert replays == ([] if requires_grad else ["cpu", "cpu"])
+
+
+def test_replayed_keeps_the_call_off_cuda_and_where_capture_fails():
+    def fn():
+        return None
+
+    assert autoselect.replayed(fn, torch.device("cpu")) is fn
+    assert "CUDA-graph replays" in autoselect.METHOD
+
+
+@pytest.mark.gpu
+def test_replayed_is_a_graph_replay_on_the_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    dev = torch.device("cuda")
+    a = torch.randn(64, device=dev)
+    out = torch.empty_like(a)
+
+    def fn():
+        torch.mul(a, 2, out=out)
+
+    replay = autoselect.replayed(fn, dev)
+    assert replay is not fn
+    a.copy_(torch.arange(64.0, device=dev))
+    replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, 2 * torch.arange(64.0, device=dev))
+
+    def sync():  # a host sync cannot be captured: timed as it runs
+        a.sum().item()
+
+    assert autoselect.replayed(sync, dev) is sync
+
+
 def test_measured_choice_is_memoised(fake, monkeypatch):
     # A decode step asks auto once per layer: a measured bucket's choice is derived once, then looked up.
     p = _problem(requires_grad=False)

@@ -44,6 +44,7 @@ from leanmoe.experts import (
     moe_experts,
     select_backend,
 )
+from leanmoe.experts.autoselect import graph_replay
 from leanmoe.testing import TOLERANCES_VS_FP32_REFERENCE, Problem
 
 #: Relative-error tolerance ``||out - ref|| / ||ref||`` per dtype against the fp32 reference (leanmoe.testing).
@@ -403,27 +404,10 @@ def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none: list[t
     return statistics.median(times_s) * 1e3
 
 
-def graph_replay(fn: Callable[[], object], device: torch.device, *, warmup: int = 3) -> Callable[[], None]:
-    """``fn`` captured in a ``torch.cuda.CUDAGraph`` after ``warmup`` eager calls on a side stream (where Triton tunes
-    and compiles), returned as the graph's ``replay``: the step as a server runs it, without host launch overhead.
-    Raises what capture raises (a backend that cannot be captured is reported, never timed eagerly instead)."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    torch.cuda.synchronize(device)
-    return graph.replay
-
-
 def time_row(row: dict, fn: Callable[[], object], device: torch.device, *, cuda_graphs: bool,
              grad_to_none: list[torch.Tensor] | None = None) -> float | None:
-    """:func:`time_ms` of ``fn``, or with ``cuda_graphs`` of its :func:`graph_replay`; None when capture fails, the
-    row then marked ``FAILED`` with the reason (never timed eagerly instead)."""
+    """:func:`time_ms` of ``fn``, or with ``cuda_graphs`` of its :func:`~leanmoe.experts.autoselect.graph_replay`;
+    None when capture fails, the row then marked ``FAILED`` with the reason (never timed eagerly instead)."""
     if not cuda_graphs:
         return time_ms(fn, device, grad_to_none=grad_to_none)
     try:
@@ -502,7 +486,7 @@ class BenchPlan:
     seed: int = 0
     #: Fraction of each case's tokens masked (``token_mask``), in ``[0, 1)``.
     mask_fraction: float = 0.0
-    #: Time the forward as CUDA-graph replays (:func:`graph_replay`; CUDA only): the decode table's default there.
+    #: Time the forward as CUDA-graph replays (``graph_replay``; CUDA only): the decode table's default there.
     cuda_graphs: bool = False
     #: With a rank, the LoRA run of :mod:`leanmoe.bench.lora` (``backends`` are then LoRA backends or ``auto``).
     lora_rank: int | None = None

@@ -9,7 +9,11 @@ Legend: T tokens, D model dim, I expert hidden dim, E experts, K top-k.
 3. Otherwise ``auto`` returns a measuring stand-in: on its first call it times every backend that can run the
    call on the call's own tensors (forward for no-grad calls, forward and backward for grad calls;
    ``triton.testing.do_bench`` medians, autotuning done in its warm-up), keeps the fastest in memory and in
-   ``$LEANMOE_CACHE_DIR/autoselect.json`` (default ``~/.cache/leanmoe``), and runs it.
+   ``$LEANMOE_CACHE_DIR/autoselect.json`` (default ``~/.cache/leanmoe``), and runs it. A no-grad call is timed as
+   replays of a CUDA graph of it (:func:`graph_replay`): the device time, which is what a served step (captured,
+   or compiled with ``reduce-overhead``) pays; timed eagerly, a decode-sized call measures the host's launch time
+   instead, and the choice would favour the backend with the fewest launches over the one with the fastest
+   kernels. A backend whose call cannot be captured is timed eagerly (it cannot serve a captured step either).
 
 Never measured: while a CUDA graph is being captured or under torch.compile tracing (``auto`` then takes the
 cached choice where there is one, else the priority order), on CPU tensors (priority order), with
@@ -38,6 +42,8 @@ ENV_CACHE_DIR = "LEANMOE_CACHE_DIR"
 CACHE_FILE = "autoselect.json"
 #: ``triton.testing.do_bench`` budget per backend (ms of warm-up, ms of timed runs).
 WARMUP_MS, REP_MS = 10, 40
+#: How the times are taken; part of the environment key, so that a cache written another way is not read.
+METHOD = "no-grad as CUDA-graph replays"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +114,7 @@ def _environment_key(index: int) -> str:
     # Cached: it is asked on every auto call on CUDA, and reading package versions takes a file system walk.
     major, minor = torch.cuda.get_device_capability(index)
     return (f"{torch.cuda.get_device_name(index)} sm{major}{minor} | torch {torch.__version__} | "
-            f"triton {_version('triton')} | leanmoe {_version('leanmoe')}")
+            f"triton {_version('triton')} | leanmoe {_version('leanmoe')} | {METHOD}")
 
 
 _MEMORY: dict[str, dict[str, Measurement]] = {}
@@ -160,6 +166,34 @@ def record(env: str, key: str, measurement: Measurement) -> None:
 def can_measure(device: torch.device) -> bool:
     """Only CUDA timings mean anything here (tests patch this)."""
     return device.type == "cuda"
+
+
+def graph_replay(fn, device: torch.device, *, warmup: int = 3):
+    """``fn`` captured in a ``torch.cuda.CUDAGraph`` after ``warmup`` eager calls on a side stream (where Triton tunes
+    and compiles), returned as the graph's ``replay``: the call as a server runs it, without host launch overhead.
+    Raises what capture raises."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize(device)
+    return graph.replay
+
+
+def replayed(fn, device: torch.device):
+    """:func:`graph_replay` of a no-grad ``fn`` on a CUDA device, else (other devices, or capture fails) ``fn``."""
+    if device.type != "cuda":
+        return fn
+    try:
+        return graph_replay(fn, device)
+    except Exception:  # noqa: BLE001 - a call that cannot be captured is timed as it runs: eagerly
+        torch.cuda.synchronize(device)
+        return fn
 
 
 def time_ms(fn, device: torch.device) -> float:
@@ -277,10 +311,12 @@ class MeasuringBackend(ExpertsBackend):
                     y = backend(*args, **kwargs)
                     torch.autograd.grad(y, inputs, torch.ones_like(y))
             else:
-                def fn(backend=backend):
+                def eager(backend=backend):
                     with torch.no_grad():
                         backend(*args, **kwargs)
+                fn = replayed(eager, args[0].device)
             times[backend.name] = time_ms(fn, args[0].device)
+            del fn  # a graph's memory pool goes with its replay
         names = [b.name for b in self.cands]
         return Measurement(min(names, key=lambda n: (times[n], names.index(n))), times)
 
