@@ -16,7 +16,10 @@
 #   tests-core  tests/test_gpu_core.py alone (no host sync, compile, CUDA graphs), tuning off
 #   lora-ab  benchmarks/lora_ab.py: the LoRA step in each of its variants, and the frozen step
 #   tma-ab   benchmarks/tma_ab.py: fwd+bwd and fwd with the gate/up weight tiles through TMA or pointer loads
-#   retest   the GPU tests matching RETEST_K      peers-decode  peers.py --cuda-graphs at T in DECODE_T (64)
+#   retest   the GPU tests matching RETEST_K
+#   peers-decode  peers.py --cuda-graphs at every T in DECODE_T (1 4 16 64 256), a process per preset in
+#            DECODE_PRESETS (each at most PEERS_DECODE_S, default 150) -> $OUT/h200-peers-decode.{json,md}; then
+#            eagerly (no graphs: liger-kernel cannot be captured) for DECODE_EAGER_PRESETS -> ...-eager-P.json
 #   hf-lora  leanmoe bench --hf M --lora 16 for M in HF_LORA_MODELS (qwen3_moe mixtral)
 #   hf-decode  leanmoe bench --hf M --mode decode for M in HF_DECODE_MODELS (qwen3_moe mixtral) -> $OUT/hf_decode_M.json
 #   hf-decode-compiled  the same with --cuda-graphs (compiled generate()) -> $OUT/hf_decode_compiled_M.json
@@ -157,12 +160,34 @@ for step in $steps; do
     retest)  # the GPU tests matching RETEST_K (pytest -k), tuning off
       LEANMOE_AUTOTUNE=0 run retest 200 "$TEST_PAT" python3 -m pytest -q -rfE -n 4 -m "gpu and not multigpu" \
         -k "${RETEST_K:?retest needs RETEST_K}" -p no:cacheprovider --timeout 180 --tb=short tests ;;
-    peers-decode)  # the decode figure beside the peers: forward as CUDA-graph replays, one process per T
-      for T in ${DECODE_T:-64}; do
-        run "peers-decode-$T" "${PEERS_PRESET_S:-120}" "ms, first call|FAILED|Error|Traceback" \
-          python3 benchmarks/peers.py --preset ${DECODE_PRESETS:-qwen3-30b-a3b} --tokens "$T" --mode fwd \
-          --cuda-graphs --json "$OUT/peers-decode-$T.json"
-      done ;;
+    peers-decode)  # the decode figure beside the peers: forward as CUDA-graph replays at every T in DECODE_T, one
+      # process per preset in DECODE_PRESETS, merged into $OUT/h200-peers-decode.{json,md}
+      dir=/tmp/peers-decode
+      rm -rf "$dir" && mkdir -p "$dir"
+      dpresets=${DECODE_PRESETS:-qwen3-30b-a3b olmoe-1b-7b gpt-oss-20b deepseek-v3 mixtral-8x7b}
+      for p in $dpresets; do
+        RESERVE=30 run "peers-decode-$p" "${PEERS_DECODE_S:-150}" "ms, first call|FAILED|Error|Traceback" \
+          python3 benchmarks/peers.py --preset "$p" --tokens ${DECODE_T:-1 4 16 64 256} --mode fwd --cuda-graphs \
+          --impl leanmoe-auto leanmoe-triton-s0 leanmoe-triton_decode leanmoe-grouped_mm torchtitan-style moe-ops \
+          liger-kernel transformers-batched_mm --json "$dir/$p.json"
+      done
+      # liger-kernel cannot be captured (a host sync per call): the same T timed eagerly, beside leanmoe eagerly
+      for p in ${DECODE_EAGER_PRESETS:-}; do
+        RESERVE=30 run "peers-decode-eager-$p" "${PEERS_DECODE_S:-150}" "ms, first call|FAILED|Error|Traceback" \
+          python3 benchmarks/peers.py --preset "$p" --tokens ${DECODE_T:-1 4 16 64 256} --mode fwd \
+          --impl leanmoe-auto leanmoe-triton_decode moe-ops liger-kernel --json "$dir/eager-$p.json"
+      done
+      done_json=()
+      for p in $dpresets; do [ -s "$dir/$p.json" ] && done_json+=("$dir/$p.json"); done
+      for p in ${DECODE_EAGER_PRESETS:-}; do
+        [ -s "$dir/eager-$p.json" ] && cp "$dir/eager-$p.json" "$OUT/h200-peers-decode-eager-$p.json"
+      done
+      if ((${#done_json[@]})); then
+        run peers-decode-merge 30 "Traceback|Error" python3 benchmarks/peers.py --from-json "${done_json[@]}" \
+          --json "$OUT/h200-peers-decode.json" --markdown "$OUT/h200-peers-decode.md"
+        [ -f "$OUT/h200-peers-decode.md" ] && sed -n '/against the fastest peer/,/^MiB/p' "$OUT/h200-peers-decode.md" \
+          | head -40
+      fi ;;
     lora-ab)  # the LoRA step's B-factor terms fused or as grouped GEMMs, beside the frozen step, in one process
       run lora-ab 240 "Error|Traceback|rank 16" python3 benchmarks/lora_ab.py --preset ${LORA_AB_PRESETS:-qwen3-30b-a3b \
         mixtral-8x7b} --json "$OUT/lora_ab.json" ;;

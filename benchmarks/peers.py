@@ -1,6 +1,6 @@
 """leanmoe beside the MoE expert layers a user would pick instead, in one process (docs/BENCHMARK_PROTOCOL.md).
 
-    PYTHONPATH=src python benchmarks/peers.py [--preset all] [--mode fwd fwdbwd] [--tokens T] [--impl ...]
+    PYTHONPATH=src python benchmarks/peers.py [--preset all] [--mode fwd fwdbwd] [--tokens T ...] [--impl ...]
         [--json FILE] [--markdown FILE] [--plot PNG]
     PYTHONPATH=src python benchmarks/peers.py --from-json A.json B.json --json ALL.json --markdown ALL.md
     PYTHONPATH=src python benchmarks/peers.py --small      # tiny shapes (the default on the CPU)
@@ -16,7 +16,11 @@ The implementations (``--impl``):
 - ``moe-ops`` (PyPI): its counting-sort ``permute``, ``grouped_gemm`` (TMA on Hopper) and ``unpermute``, with the
   activation (and the biases of a preset that has them) in PyTorch between them;
 - ``liger-kernel`` (PyPI): ``LigerFusedMoEFunction`` (fused gather + gate/up GEMM + SwiGLU, down GEMM, weighted
-  gather-sum), with its own autotuning on unless ``LIGER_FUSED_MOE_AUTOTUNE=0`` is set.
+  gather-sum), with its own autotuning on unless ``LIGER_FUSED_MOE_AUTOTUNE=0`` is set;
+- ``transformers-batched_mm`` (PyPI ``transformers``): transformers' own ``batched_mm`` experts function (the one a
+  model gets with ``experts_implementation="batched_mm"``), called on the case's weights, with the preset's
+  activation as the module's gate. It gathers a ``[R, N, D]`` and a ``[R, D, I]`` copy of the expert weights, so
+  it is skipped, saying so, where those copies would not fit (every training size; decode sizes fit).
 
 Per preset (one case from :func:`leanmoe.bench.harness.make_case`: seeded routing, bf16 on CUDA, fp32 on the CPU):
 1. the dense bf16 8192³ matmul rate is measured (CUDA);
@@ -69,7 +73,7 @@ from leanmoe.experts import ExpertsCall
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 #: (impl id, PyPI distribution) of the peers that come from PyPI.
-PEER_PACKAGES = {"moe-ops": "moe-ops", "liger-kernel": "liger-kernel"}
+PEER_PACKAGES = {"moe-ops": "moe-ops", "liger-kernel": "liger-kernel", "transformers-batched_mm": "transformers"}
 
 # ------------------------------------------------------------------------------------------ torchtitan-style path
 
@@ -150,6 +154,63 @@ def _liger_experts(case: Case) -> Callable[[], torch.Tensor]:
     return call
 
 
+class _HFExperts(torch.nn.Module):
+    """What transformers' experts functions read of their module (``transformers.integrations.moe``): the weights
+    in its layout (``[E, N, D]`` and ``[E, D, I]``, not transposed: leanmoe's), the flags and the gate."""
+
+    def __init__(self, case: Case) -> None:
+        super().__init__()
+        p = case.preset
+        self.num_experts = p.num_experts
+        self.has_gate, self.has_bias, self.is_transposed = p.gated, p.bias, False
+        self.has_post_expert_norm, self._is_expert_parallel = False, False
+        self.gate_up_proj, self.down_proj = case.gate_up_proj, case.down_proj
+        self.up_proj = case.gate_up_proj  # the name it reads for a non-gated preset
+        self.gate_up_proj_bias = self.up_proj_bias = case.gate_up_bias
+        self.down_proj_bias = case.down_bias
+        self._activation, self._layout = p.activation, p.gate_up_layout
+
+    def _apply_gate(self, gate_up_RN: torch.Tensor) -> torch.Tensor:
+        return apply_activation(gate_up_RN, self._activation, self._layout)
+
+    def act_fn(self, up_RI: torch.Tensor) -> torch.Tensor:
+        return apply_activation(up_RI, self._activation, self._layout)
+
+
+def _batched_mm_experts(case: Case) -> Callable[[], torch.Tensor]:
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    forward = ALL_EXPERTS_FUNCTIONS["batched_mm"]
+    module = _HFExperts(case)
+
+    def call() -> torch.Tensor:
+        return forward(module, case.x_TD, case.topk_ids_TK, case.topk_weights_TK)
+
+    return call
+
+
+def batched_mm_bytes(case: Case) -> int:
+    """Bytes of the weight copies transformers' ``batched_mm`` gathers: ``[R, N, D]`` for gate/up, then
+    ``[R, D, I]`` for down (the first is still alive when the second is made)."""
+    p = case.preset
+    N = 2 * p.hidden_dim if p.gated else p.hidden_dim
+    return case.topk_ids_TK.numel() * (N + p.hidden_dim) * p.dim * case.gate_up_proj.element_size()
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Free memory of a CUDA device (None elsewhere: nothing to compare with)."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
+def _batched_mm_reason(case: Case, mode: str) -> tuple[str, str] | None:
+    need = batched_mm_bytes(case) * (3 if mode == "fwdbwd" else 1)  # backward adds the copies' gradients
+    free = free_bytes(case.x_TD.device)
+    if free is not None and need > 0.8 * free:
+        return "skipped", (f"batched_mm gathers {need / 2**30:.1f} GiB of expert-weight copies for "
+                           f"{case.topk_ids_TK.numel()} routed rows; {free / 2**30:.1f} GiB free")
+    return None
+
+
 def _describe(case: Case, mode: str) -> ExpertsCall:
     return case.describe(mode, 0)
 
@@ -198,6 +259,8 @@ class Impl:
     save_percent: float = 0
     #: The triton backend's backward engine to force (``leanmoe.kernels.policy.set_backward_engine``; None: auto).
     backward_engine: str | None = None
+    #: Why a CUDA graph cannot capture its call (None: it can); its ``--cuda-graphs`` rows are then skipped.
+    not_capturable: str | None = None
     #: For the others: a builder of the call on a case, and why it cannot run a case (None: it can).
     build: Callable[[Case], Callable[[], torch.Tensor]] | None = None
     reason: Callable[[Case, str], tuple[str, str] | None] | None = None
@@ -225,8 +288,8 @@ class Impl:
 
 def default_impls(*, cuda_graphs: bool) -> list[str]:
     """The implementations run when ``--impl`` is not given: all of :data:`IMPLS`, the decode backend (forward
-    only, small T) only when the forward is timed as a server runs it (``--cuda-graphs``)."""
-    return [n for n in IMPLS if cuda_graphs or IMPLS[n].backend != "triton_decode"]
+    only, small T) and ``auto`` only when the forward is timed as a server runs it (``--cuda-graphs``)."""
+    return [n for n in IMPLS if cuda_graphs or IMPLS[n].backend not in ("triton_decode", "auto")]
 
 
 IMPLS: dict[str, Impl] = {impl.name: impl for impl in (
@@ -236,6 +299,7 @@ IMPLS: dict[str, Impl] = {impl.name: impl for impl in (
     Impl(name="leanmoe-triton-s0-fused", backend="triton", save_percent=0, backward_engine="fused"),
     Impl(name="leanmoe-grouped_mm", backend="grouped_mm", save_percent=0),
     Impl(name="leanmoe-triton_decode", backend="triton_decode", save_percent=0),
+    Impl(name="leanmoe-auto", backend="auto", save_percent=0),
     Impl(name="torchtitan-style", reason=_torchtitan_reason,
          build=lambda case: lambda: torchtitan_style_experts(
              case.x_TD, case.topk_ids_TK, case.topk_weights_TK, case.gate_up_proj, case.down_proj,
@@ -244,14 +308,25 @@ IMPLS: dict[str, Impl] = {impl.name: impl for impl in (
     Impl(name="moe-ops", package="moe-ops", module="moe_ops", needs_cuda=True, reason=_moe_ops_reason,
          build=_moe_ops_experts),
     Impl(name="liger-kernel", package="liger-kernel", module="liger_kernel", needs_cuda=True, reason=_liger_reason,
-         build=_liger_experts),
+         build=_liger_experts,
+         not_capturable="LigerFusedMoEFunction reads its tile count to the host in every call (an .item() in "
+                        "liger_kernel/ops/fused_moe.py), which CUDA-graph capture forbids; time it without "
+                        "--cuda-graphs"),
+    Impl(name="transformers-batched_mm", package="transformers", module="transformers", reason=_batched_mm_reason,
+         build=_batched_mm_experts),
 )}
 
 LEANMOE_BASELINE = "leanmoe-triton-s0"
+#: The forward's baseline where it ran: what a served model gets (``auto`` picks by measurement, here among triton,
+#: triton_decode and grouped_mm). A forward keeps nothing whatever save_percent says, so s0 stands for s100 too.
+LEANMOE_FWD_BASELINE = "leanmoe-auto"
 
 
-def why_not(impl: Impl, case: Case, mode: str, *, named: bool) -> tuple[str, str] | None:
+def why_not(impl: Impl, case: Case, mode: str, *, named: bool, cuda_graphs: bool = False
+            ) -> tuple[str, str] | None:
     """``(status, reason)`` when ``impl`` is not to run ``case`` in ``mode``, else None."""
+    if cuda_graphs and mode == "fwd" and impl.not_capturable:
+        return "skipped", impl.not_capturable
     if impl.is_leanmoe:
         if impl.backward_engine is not None and mode == "fwd":
             return "skipped", "the backward engine changes no forward: see the row without it"
@@ -386,7 +461,7 @@ def run_case(case: Case, impls: list[Impl], modes: list[str], *, named: frozense
         for impl in impls:
             row = base_row(case, impl, mode, dense_tflops)
             try:
-                skip = why_not(impl, case, mode, named=impl.name in named)
+                skip = why_not(impl, case, mode, named=impl.name in named, cuda_graphs=cuda_graphs)
                 if skip is not None:
                     row.update(status=skip[0], reason=skip[1])
                 else:
@@ -405,13 +480,29 @@ def run_case(case: Case, impls: list[Impl], modes: list[str], *, named: frozense
     return rows
 
 
-def add_ratios(rows: list[dict]) -> None:
-    """``vs_leanmoe``: leanmoe triton save 0's time over the row's, per (preset, tokens, routing, mode); > 1 means
-    the row is faster than leanmoe."""
-    base = {_key(r): r["ms"] for r in rows if r["impl"] == LEANMOE_BASELINE and r["ms"]}
+def baseline(group: list[dict]) -> dict | None:
+    """The leanmoe row of one (preset, tokens, routing, mode) group that the others are measured against:
+    :data:`LEANMOE_FWD_BASELINE` for a forward where it ran, else :data:`LEANMOE_BASELINE` (None: neither ran)."""
+    timed = {r["impl"]: r for r in group if r["ms"]}
+    if group and group[0]["mode"] == "fwd" and LEANMOE_FWD_BASELINE in timed:
+        return timed[LEANMOE_FWD_BASELINE]
+    return timed.get(LEANMOE_BASELINE)
+
+
+def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        b = base.get(_key(r))
-        r["vs_leanmoe"] = b / r["ms"] if b and r["ms"] else None
+        groups.setdefault(_key(r), []).append(r)
+    return groups
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """``vs_leanmoe``: the leanmoe baseline's time (:func:`baseline`) over the row's, per (preset, tokens, routing,
+    mode); > 1 means the row is faster than leanmoe."""
+    for group in _groups(rows).values():
+        base = baseline(group)
+        for r in group:
+            r["vs_leanmoe"] = base["ms"] / r["ms"] if base and r["ms"] else None
 
 
 def _key(row: dict) -> tuple:
@@ -444,28 +535,30 @@ COLUMNS = [
     ("TFLOP/s", "tflops", _rate),
     ("% dense", "frac_dense", _pct),
     ("dense TFLOP/s", "dense_tflops", _fmt(".0f")),
+    ("GB/s", "gbps", _fmt(".0f")),
+    ("% copy", "frac_copy", _pct),
     ("act MiB", "activation_mb", _fmt(".0f")),
     ("peak MiB", "peak_mem_mb", _fmt(".0f")),
     ("first call s", "first_call_s", _fmt(".2f")),
-    ("leanmoe s0 ÷ it", "vs_leanmoe", _fmt(".2f")),
+    ("leanmoe ÷ it", "vs_leanmoe", _fmt(".2f")),
     ("max rel err", "max_error", _fmt(".1e")),
 ]
 
 
 def summary(rows: list[dict]) -> list[dict]:
-    """Per (preset, tokens, routing, mode): leanmoe triton save 0 against the fastest peer that passed its check.
-    ``ratio`` is the peer's time over leanmoe's (> 1: leanmoe wins), as the issue's tables give it."""
+    """Per (preset, tokens, routing, mode): the leanmoe baseline (:func:`baseline`) against the fastest peer that
+    passed its check. ``ratio`` is the peer's time over leanmoe's (> 1: leanmoe wins), as the issues give it."""
     out = []
-    for key in dict.fromkeys(_key(r) for r in rows):
-        group = [r for r in rows if _key(r) == key]
-        lean = next((r for r in group if r["impl"] == LEANMOE_BASELINE and r["ms"]), None)
+    for key, group in _groups(rows).items():
+        lean = baseline(group)
         peers = [r for r in group if not r["impl"].startswith("leanmoe") and r["ms"]]
         best = min(peers, key=lambda r: r["ms"]) if peers else None
         out.append({
-            "label": key[0], "tokens": key[1], "mode": key[3],
+            "label": key[0], "tokens": key[1], "mode": key[3], "leanmoe": lean["impl"] if lean else None,
             "leanmoe_ms": lean["ms"] if lean else None, "leanmoe_frac": lean["frac_dense"] if lean else None,
+            "leanmoe_copy": lean.get("frac_copy") if lean else None,
             "peer": best["backend"] if best else None, "peer_ms": best["ms"] if best else None,
-            "peer_frac": best["frac_dense"] if best else None,
+            "peer_frac": best["frac_dense"] if best else None, "peer_copy": best.get("frac_copy") if best else None,
             "ratio": best["ms"] / lean["ms"] if best and lean else None,
         })
     return out
@@ -475,20 +568,26 @@ SUMMARY_COLUMNS = [
     ("preset", "label", str),
     ("T", "tokens", str),
     ("mode", "mode", str),
-    ("leanmoe triton s0 ms", "leanmoe_ms", _fmt(".3f")),
+    ("leanmoe", "leanmoe", str),
+    ("leanmoe ms", "leanmoe_ms", _fmt(".3f")),
     ("% dense", "leanmoe_frac", _pct),
+    ("% copy", "leanmoe_copy", _pct),
     ("fastest peer", "peer", str),
-    ("its ms", "peer_ms", _fmt(".3f")),
-    ("its % dense", "peer_frac", _pct),
+    ("peer ms", "peer_ms", _fmt(".3f")),
+    ("peer % dense", "peer_frac", _pct),
+    ("peer % copy", "peer_copy", _pct),
     ("peer ÷ leanmoe", "ratio", _fmt(".2f")),
 ]
 
 UNITS = ("MiB = 2²⁰ bytes. act MiB: fwdbwd, peak extra memory of one call minus the weight-gradient bytes; fwd, the "
          "peak extra memory itself. TFLOP/s counts 6·T·K·D·I per forward (gated; 4·T·K·D·I non-gated), three times "
-         "that for fwdbwd; % dense is its ratio to the dense bf16 8192³ matmul measured in the same process. first "
+         "that for fwdbwd; % dense is its ratio to the dense bf16 8192³ matmul measured in the same process. GB/s "
+         "(forward): the touched experts' weight bytes over the time; % copy its ratio to the device-to-device copy "
+         "rate measured in the same process (--cuda-graphs runs). first "
          "call s: the first call with its compiling and autotuning (not in ms); rows run in table order, so a first "
-         "call finds the kernels that an earlier row of the same process compiled or tuned. leanmoe s0 ÷ it > 1: the "
-         "row is faster than leanmoe triton at save_percent 0. max rel err: the largest ‖out − ref‖ / ‖ref‖ over the "
+         "call finds the kernels that an earlier row of the same process compiled or tuned. leanmoe ÷ it > 1: the row "
+         "is faster than the leanmoe baseline (triton at save_percent 0; for a forward, auto where it ran). "
+         "max rel err: the largest ‖out − ref‖ / ‖ref‖ over the "
          "output and every gradient, against the fp32 reference.")
 
 
@@ -509,7 +608,8 @@ def markdown(rows: list[dict], env: dict) -> str:
     out += [f"- {line.replace('save_percent 0, ', '')}" for line in env_lines(env) if not line.startswith("command: ")]
     out += ["", "Command:", "", "```bash", env["command"], "```", ""]
     out += _md_table(rows, COLUMNS)
-    out += ["leanmoe triton (save_percent 0) against the fastest peer that passed its check:", ""]
+    out += ["leanmoe (triton at save_percent 0; for a forward, auto where it ran) against the fastest peer that "
+            "passed its check:", ""]
     out += _md_table(summary(rows), SUMMARY_COLUMNS)
     out.append(UNITS)
     return "\n".join(out) + "\n"
@@ -542,7 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="benchmarks/peers.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", nargs="+", metavar="P", default=["all"],
                         help=f"presets (default all): {', '.join(PRESETS)}")
-    parser.add_argument("--tokens", type=int, metavar="T", help="tokens per call (default: the preset's train T)")
+    parser.add_argument("--tokens", type=int, nargs="+", metavar="T",
+                        help="tokens per call, one case each (default: the preset's train T)")
     parser.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES), help="default: fwd fwdbwd")
     parser.add_argument("--impl", nargs="+", choices=list(IMPLS), metavar="I",
                         help=f"implementations (default all): {', '.join(IMPLS)}")
@@ -598,8 +699,9 @@ def main(argv: list[str] | None = None) -> int:
         rows, env = load_json(args.from_json)[:2]
         add_ratios(rows)
         return report(args, rows, env)
-    if args.tokens is not None and args.tokens < 1:
-        parser.error(f"--tokens must be >= 1, got {args.tokens}")
+    bad_tokens = [t for t in args.tokens or () if t < 1]
+    if bad_tokens:
+        parser.error(f"--tokens: every T must be >= 1, got {bad_tokens}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch.cuda.is_available() is False")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -618,12 +720,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
 
     modes = list(dict.fromkeys(args.mode))
-    rows = [planned_row(preset, args.tokens or preset.train_tokens, args.routing, mode, impl, dtype, device,
-                        env["dense_tflops"]) for preset in presets for mode in modes for impl in impls]
+    cases = [(preset, tokens) for preset in presets for tokens in dict.fromkeys(args.tokens or [preset.train_tokens])]
+    rows = [planned_row(preset, tokens, args.routing, mode, impl, dtype, device, env["dense_tflops"])
+            for preset, tokens in cases for mode in modes for impl in impls]
     done = 0
 
     def on_row(row: dict) -> None:
         nonlocal done
+        if row.get("gbps") and env.get("copy_gbps"):
+            row["frac_copy"] = row["gbps"] / env["copy_gbps"]  # the decode target's unit
         rows[done] = row
         done += 1
         result = (f"{row['ms']:.3f} ms, first call {row['first_call_s']:.1f} s" if row["ms"]
@@ -636,9 +741,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.json:
         save_json(args.json, rows, env)
-    for preset in presets:
-        case = make_case(preset, args.routing, args.tokens or preset.train_tokens, dtype=dtype, device=device,
-                         seed=args.seed)
+    for preset, tokens in cases:
+        case = make_case(preset, args.routing, tokens, dtype=dtype, device=device, seed=args.seed)
         run_case(case, impls, modes, named=frozenset(args.impl or ()), dense_tflops=env["dense_tflops"],
                  check_only=args.check_only, cuda_graphs=args.cuda_graphs, on_row=on_row)
         del case

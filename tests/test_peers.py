@@ -181,7 +181,7 @@ def test_cpu_run_writes_one_row_per_impl_and_mode(cpu_run):
             assert row["activation_mb"] is None  # memory is measured on CUDA only
     env = payload["env"]
     assert env["command"].startswith("python benchmarks/peers.py --small") and env["date"] and env["torch"]
-    assert set(env["peers"]) == {"moe-ops", "liger-kernel"}
+    assert set(env["peers"]) == {"moe-ops", "liger-kernel", "transformers-batched_mm"}
     # The report carries the environment, the command, every row and the skip reasons.
     assert md in stdout
     assert "python benchmarks/peers.py --small" in md and "torchtitan-style" in md
@@ -228,6 +228,68 @@ def test_a_run_stopped_early_lists_the_rows_it_did_not_reach(tmp_path, monkeypat
     assert all(r["status"] == "not run" and "not reached" in r["reason"] for r in rows[1:])
 
 
+@pytest.mark.parametrize("preset_name", ["qwen3-30b-a3b", "gpt-oss-20b", "gpt-oss-20b-native"])
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+def test_transformers_batched_mm_matches_the_reference(preset_name, mode):
+    pytest.importorskip("transformers")
+    case = _small_case(preset_name, 7, E=5, K=3, seed=11)  # prime E, an expert or two without rows
+    assert peers.why_not(peers.IMPLS["transformers-batched_mm"], case, mode, named=True) is None
+    outs = peers.run_once(case, peers.IMPLS["transformers-batched_mm"].build(case), mode)
+    assert set(outs) == ({"out"} if mode == "fwd" else {"out", *(f"grad_{n}" for n in case.leaves())})
+    assert worst_error(reference_errors(case, outs))[1] < 1e-5
+
+
+def test_transformers_batched_mm_is_skipped_where_its_weight_copies_would_not_fit(monkeypatch):
+    case = _small_case("qwen3-30b-a3b", 16)
+    need = peers.batched_mm_bytes(case)
+    assert need == 16 * 2 * (2 * 16 + 16) * 32 * 4  # R * (N + I) * D * 4 bytes
+    impl = peers.IMPLS["transformers-batched_mm"]
+    monkeypatch.setattr(peers, "free_bytes", lambda device: 2 * need)  # room for the forward's copies only
+    assert peers._batched_mm_reason(case, "fwd") is None
+    status, reason = peers._batched_mm_reason(case, "fwdbwd")
+    assert status == "skipped" and "GiB of expert-weight copies for 32 routed rows" in reason
+    monkeypatch.setattr(peers, "free_bytes", lambda device: need // 2)
+    assert peers.why_not(impl, case, "fwd", named=False)[0] in ("skipped", "not installed")
+
+
+def test_a_peer_that_cannot_be_captured_is_skipped_under_cuda_graphs():
+    case = _small_case("qwen3-30b-a3b", 4)
+    liger = peers.IMPLS["liger-kernel"]
+    status, reason = peers.why_not(liger, case, "fwd", named=True, cuda_graphs=True)
+    assert status == "skipped" and ".item()" in reason and "without --cuda-graphs" in reason
+    assert peers.why_not(liger, case, "fwd", named=True) != (status, reason)  # eager: its usual checks
+    assert peers.why_not(peers.IMPLS["torchtitan-style"], case, "fwd", named=True, cuda_graphs=True) is None
+
+
+def test_several_token_counts_give_one_case_each(tmp_path, fast_cpu_timer):
+    json_path = tmp_path / "t.json"
+    assert peers.main(["--small", "--device", "cpu", "--preset", "olmoe-1b-7b", "--tokens", "1", "3", "1",
+                       "--impl", "torchtitan-style", "leanmoe-grouped_mm", "--mode", "fwd", "--json",
+                       str(json_path)]) == 0
+    rows = json.loads(json_path.read_text())["rows"]
+    assert [(r["tokens"], r["impl"]) for r in rows] == [
+        (T, impl) for T in (1, 3) for impl in ("torchtitan-style", "leanmoe-grouped_mm")]
+    assert all(r["status"] == "ok" and r["check_ok"] for r in rows)
+    with pytest.raises(SystemExit):
+        peers.main(["--small", "--device", "cpu", "--tokens", "4", "0"])
+
+
+def test_the_forward_baseline_is_auto_where_it_ran():
+    def row(impl, mode, ms):
+        return {"label": "p", "tokens": 64, "routing": "uniform", "mode": mode, "impl": impl, "backend": impl,
+                "ms": ms, "frac_dense": None}
+
+    rows = [row("leanmoe-triton-s0", "fwd", 2.0), row("leanmoe-auto", "fwd", 1.0), row("moe-ops", "fwd", 1.5),
+            row("leanmoe-triton-s0", "fwdbwd", 4.0), row("leanmoe-auto", "fwdbwd", 1.0), row("moe-ops", "fwdbwd", 5.0),
+            row("leanmoe-triton-s0", "fwd", 2.0) | {"tokens": 1}, row("moe-ops", "fwd", 1.0) | {"tokens": 1}]
+    peers.add_ratios(rows)
+    assert [r["vs_leanmoe"] for r in rows] == [0.5, 1.0, pytest.approx(1 / 1.5), 1.0, 4.0, 0.8, 1.0, 2.0]
+    fwd64, bwd64, fwd1 = peers.summary(rows)
+    assert fwd64["leanmoe"] == "leanmoe-auto" and fwd64["ratio"] == pytest.approx(1.5)
+    assert bwd64["leanmoe"] == "leanmoe-triton-s0" and bwd64["ratio"] == pytest.approx(1.25)
+    assert fwd1["leanmoe"] == "leanmoe-triton-s0" and fwd1["ratio"] == pytest.approx(0.5)
+
+
 def test_plot_is_written(cpu_run, tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "peers.png"
@@ -251,7 +313,7 @@ def test_every_impl_passes_its_check_on_the_gpu(tmp_path, monkeypatch):
     assert engine_variants
     for row in rows:
         if row["status"] in ("not installed", "unsupported"):
-            assert row["impl"] in ("moe-ops", "liger-kernel"), row
+            assert row["impl"] in ("moe-ops", "liger-kernel", "transformers-batched_mm"), row
             continue
         if row["status"] == "skipped":  # a backward-engine variant has no forward of its own
             assert row["impl"] in engine_variants and row["mode"] == "fwd", row
