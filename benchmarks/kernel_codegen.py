@@ -25,17 +25,20 @@ import json
 import os
 import sys
 
-os.environ["TRITON_INTERPRET"] = "0"
-os.environ["LEANMOE_AUTOTUNE"] = "0"
-os.environ.setdefault("LEANMOE_TMA", "0")
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # what Triton 3.9 and earlier do by default
-os.environ["TRITON_DISABLE_LINE_INFO"] = "1"  # source line numbers are not code: a moved line changes no instruction
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime import driver  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+#: Set before leanmoe's kernels are imported (``@triton.jit`` reads TRITON_INTERPRET when it decorates).
+ENVIRONMENT = {
+    "TRITON_INTERPRET": "0",
+    "LEANMOE_AUTOTUNE": "0",
+    "LEANMOE_TMA": "0",
+    "TRITON_DEFAULT_FP_FUSION": "1",  # what Triton 3.9 and earlier do by default
+    "TRITON_DISABLE_LINE_INFO": "1",  # source line numbers are not code: a moved line changes no instruction
+}
 
 
 class CompileOnlyDriver:
@@ -192,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.dump:
         os.makedirs(args.dump, exist_ok=True)
         DUMP_DIR.append(args.dump)
+    if "leanmoe.kernels.moe_fwd" in sys.modules:
+        parser.error("run it as a script: leanmoe's kernels are already imported in this process")
+    os.environ.update(ENVIRONMENT)
     driver.set_active(CompileOnlyDriver(args.arch))
     JITFunction.run = _compile_only(JITFunction.run)
     _allow_cpu()
