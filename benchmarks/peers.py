@@ -728,7 +728,8 @@ def main(argv: list[str] | None = None) -> int:
     def on_row(row: dict) -> None:
         nonlocal done
         if row.get("gbps") and env.get("copy_gbps"):
-            row["frac_copy"] = row["gbps"] / env["copy_gbps"]  # the decode target's unit
+            # The decode target's unit, under both names the reports use.
+            row["frac_copy"] = row["bandwidth_fraction"] = row["gbps"] / env["copy_gbps"]
         rows[done] = row
         done += 1
         result = (f"{row['ms']:.3f} ms, first call {row['first_call_s']:.1f} s" if row["ms"]
