@@ -325,8 +325,6 @@ LEANMOE_FWD_BASELINE = "leanmoe-auto"
 def why_not(impl: Impl, case: Case, mode: str, *, named: bool, cuda_graphs: bool = False
             ) -> tuple[str, str] | None:
     """``(status, reason)`` when ``impl`` is not to run ``case`` in ``mode``, else None."""
-    if cuda_graphs and mode == "fwd" and impl.not_capturable:
-        return "skipped", impl.not_capturable
     if impl.is_leanmoe:
         if impl.backward_engine is not None and mode == "fwd":
             return "skipped", "the backward engine changes no forward: see the row without it"
@@ -335,7 +333,10 @@ def why_not(impl: Impl, case: Case, mode: str, *, named: bool, cuda_graphs: bool
         return "not installed", f"pip install {impl.package}"
     if impl.needs_cuda and case.x_TD.device.type != "cuda":
         return "skipped", "needs CUDA (Triton kernels with no CPU path; not run in the Triton interpreter)"
-    return impl.reason(case, mode) if impl.reason is not None else None
+    reason = impl.reason(case, mode) if impl.reason is not None else None
+    if reason is None and cuda_graphs and mode == "fwd" and impl.not_capturable:
+        return "skipped", impl.not_capturable
+    return reason
 
 
 # ---------------------------------------------------------------------------------------------- measuring

@@ -254,11 +254,16 @@ def test_transformers_batched_mm_is_skipped_where_its_weight_copies_would_not_fi
 
 def test_a_peer_that_cannot_be_captured_is_skipped_under_cuda_graphs():
     case = _small_case("qwen3-30b-a3b", 4)
-    liger = peers.IMPLS["liger-kernel"]
-    status, reason = peers.why_not(liger, case, "fwd", named=True, cuda_graphs=True)
-    assert status == "skipped" and ".item()" in reason and "without --cuda-graphs" in reason
-    assert peers.why_not(liger, case, "fwd", named=True) != (status, reason)  # eager: its usual checks
+    assert ".item()" in peers.IMPLS["liger-kernel"].not_capturable
+    host_sync = dataclasses.replace(peers.IMPLS["torchtitan-style"], not_capturable="a host sync per call")
+    assert peers.why_not(host_sync, case, "fwd", named=True, cuda_graphs=True) == ("skipped", "a host sync per call")
+    assert peers.why_not(host_sync, case, "fwd", named=True) is None  # eager: it runs
+    assert peers.why_not(host_sync, case, "fwdbwd", named=True, cuda_graphs=True) is None  # graphs time forwards
     assert peers.why_not(peers.IMPLS["torchtitan-style"], case, "fwd", named=True, cuda_graphs=True) is None
+    # A reason of its own comes first: the capture note is only for calls it could otherwise run.
+    bias_case = _small_case("gpt-oss-20b", 4)
+    no_bias = dataclasses.replace(host_sync, reason=lambda case, mode: ("unsupported", "biases"))
+    assert peers.why_not(no_bias, bias_case, "fwd", named=True, cuda_graphs=True) == ("unsupported", "biases")
 
 
 def test_several_token_counts_give_one_case_each(tmp_path, fast_cpu_timer):
