@@ -11,6 +11,7 @@
 #            at most PEERS_PRESET_S seconds, default 270; fwdbwd first; PEERS_ARGS adds arguments, a later
 #            --mode replacing it), merged into $OUT/h200-peers.{json,md,png}; rows a time limit cut are "not run"
 #   decode   leanmoe bench --decode --preset all -> $OUT/h200-decode.json
+#   decode-sweep  benchmarks/decode_sweep.py: decode kernels by stage, every config and split -> $OUT/decode_sweep.json
 #   bench    leanmoe bench --preset qwen3-30b-a3b mixtral-8x7b -> $OUT/bench.json
 #   lora     leanmoe bench --lora 16 (skipped with a note while the option does not exist) -> $OUT/lora.json
 #   tests-core  tests/test_gpu_core.py alone (no host sync, compile, CUDA graphs), tuning off
@@ -144,6 +145,8 @@ for step in $steps; do
       else
         echo "[peers] no preset finished a row"
       fi ;;
+    decode-sweep)  # benchmarks/decode_sweep.py: the decode kernels stage by stage and every config and split of them
+      run decode-sweep 300 "best|Error|Traceback" python3 benchmarks/decode_sweep.py ;;
     decode)
       run decode 240 "FAILED|Error|Traceback" python3 -m leanmoe bench --decode --preset all \
         --json "$OUT/h200-decode.json" ;;
