@@ -167,7 +167,7 @@ for step in $steps; do
       # process per preset in DECODE_PRESETS, merged into $OUT/h200-peers-decode.{json,md}
       dir=/tmp/peers-decode
       rm -rf "$dir" && mkdir -p "$dir"
-      dpresets=${DECODE_PRESETS:-qwen3-30b-a3b olmoe-1b-7b gpt-oss-20b deepseek-v3 mixtral-8x7b}
+      dpresets=${DECODE_PRESETS-qwen3-30b-a3b olmoe-1b-7b gpt-oss-20b deepseek-v3 mixtral-8x7b}  # "" runs none (eager only)
       for p in $dpresets; do
         RESERVE=30 run "peers-decode-$p" "${PEERS_DECODE_S:-150}" "ms, first call|FAILED|Error|Traceback" \
           python3 benchmarks/peers.py --preset "$p" --tokens ${DECODE_T:-1 4 16 64 256} --mode fwd --cuda-graphs \
