@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import subprocess
@@ -30,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 import leanmoe
+from leanmoe.bench.report import write_json
 from leanmoe.parallel.expert_parallel import expert_parallel
 
 PRESET = {"name": "qwen3-30b-a3b", "dim": 2048, "hidden_dim": 768, "num_experts": 128, "top_k": 8}
@@ -201,8 +201,7 @@ def main() -> None:
                   f"{r['fwd_tokens_per_s_per_gpu']:,.0f} | {r['fwd_bwd_tokens_per_s_per_gpu']:,.0f} | "
                   f"{r['peak_mem_gib']:.2f} | {ph} |")
         if os.environ.get("OUT"):
-            with open(os.path.join(os.environ["OUT"], "ep_bench.json"), "w") as f:
-                json.dump({"env": env, "rows": rows}, f, indent=2)
+            write_json(os.path.join(os.environ["OUT"], "ep_bench.json"), rows, env)
     dist.destroy_process_group()
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 
@@ -30,6 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from leanmoe.bench.harness import dense_matmul_tflops  # noqa: E402
 from leanmoe.bench.presets import PRESETS  # noqa: E402
+from leanmoe.bench.report import write_json  # noqa: E402
 from leanmoe.experts.plan import plan_experts  # noqa: E402
 from leanmoe.kernels.moe_bwd import expert_weight_grad, gate_up_bwd  # noqa: E402
 from leanmoe.kernels.moe_common import ACTIVATION_CODES  # noqa: E402
@@ -170,8 +170,7 @@ def main() -> None:
         rows += run_preset(name, dense, args.tiny, args.old, tuple(args.parts.split(",")))
         torch.cuda.empty_cache()
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(env=env, rows=rows), f, indent=1)
+        write_json(args.out, rows, env)
 
 
 if __name__ == "__main__":

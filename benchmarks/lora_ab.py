@@ -26,17 +26,16 @@ that every LoRA variant gives ``default``'s output and gradients.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 
 import torch
 
 from leanmoe.bench.env import collect_env
-from leanmoe.bench.harness import make_case, time_ms
+from leanmoe.bench.harness import make_case, time_interleaved
 from leanmoe.bench.lora import _leaves, _step, make_lora, run_lora_once
 from leanmoe.bench.presets import PRESETS
+from leanmoe.bench.report import write_json
 
 #: Each LoRA variant's environment (the switches not named keep their defaults).
 VARIANTS = {
@@ -68,16 +67,15 @@ def run(preset: str, device: torch.device, variants: list[str], rounds: int = 3)
     diff = {name: max(((out[k].float() - outs["default"][k].float()).norm()
                        / outs["default"][k].float().norm().clamp_min(1e-30)).item() for k in out)
             for name, out in outs.items() if name != "default"}
-    names = ["frozen", *variants]
-    times: dict[str, list[float]] = {v: [] for v in names}
-    for _ in range(rounds):
-        for name in names:
+    def setup(name: str):
+        def variant():
             _set_env(VARIANTS.get(name, {}))
             adapter = None if name == "frozen" else lora
-            fn = _step(case, "triton", adapter, "fwdbwd", 0)
-            times[name].append(time_ms(fn, device, grad_to_none=list(_leaves(case, adapter).values())))
+            return _step(case, "triton", adapter, "fwdbwd", 0), list(_leaves(case, adapter).values())
+        return variant
+
+    ms, times = time_interleaved({name: setup(name) for name in ["frozen", *variants]}, device, rounds)
     _set_env({})
-    ms = {v: statistics.median(t) for v, t in times.items()}
     return dict(preset=preset, T=p.train_tokens, rank=16, ms=ms, runs_ms=times, max_rel_diff_vs_default=diff,
                 ratio={v: ms[v] / ms["frozen"] for v in variants})
 
@@ -102,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     env = collect_env(torch.device("cuda"), sys.argv[1:] if argv is None else argv,
                       program=("python", "benchmarks/lora_ab.py"))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "rows": rows}, f, indent=1)
+        write_json(args.json, rows, env)
     return 0
 
 

@@ -14,17 +14,16 @@ the same bits.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 
 import torch
 
 from leanmoe.bench.env import collect_env
-from leanmoe.bench.harness import make_case, time_ms
+from leanmoe.bench.harness import make_case, time_interleaved
 from leanmoe.bench.lora import _step
 from leanmoe.bench.presets import PRESETS
+from leanmoe.bench.report import write_json
 
 VARIANTS = {"pointer": "0", "tma": "auto"}
 
@@ -44,15 +43,16 @@ def run(preset: str, device: torch.device, rounds: int = 3) -> dict:
         t.grad = None
     same_bits = all(torch.equal(a, b) for a, b in zip(outs["pointer"], outs["tma"], strict=True))
     del outs
-    times: dict[str, list[float]] = {f"{m} {v}": [] for m in ("fwdbwd", "fwd") for v in VARIANTS}
-    for _ in range(rounds):
-        for mode in ("fwdbwd", "fwd"):
-            for name, env in VARIANTS.items():
-                os.environ["LEANMOE_TMA"] = env
-                fn = _step(case, "triton", None, mode, 0)
-                times[f"{mode} {name}"].append(time_ms(fn, device, grad_to_none=leaves))
+
+    def setup(mode: str, tma: str):
+        def variant():
+            os.environ["LEANMOE_TMA"] = tma
+            return _step(case, "triton", None, mode, 0), leaves
+        return variant
+
+    ms, times = time_interleaved({f"{mode} {name}": setup(mode, tma) for mode in ("fwdbwd", "fwd")
+                                  for name, tma in VARIANTS.items()}, device, rounds)
     os.environ.pop("LEANMOE_TMA", None)
-    ms = {k: statistics.median(v) for k, v in times.items()}
     return dict(preset=preset, T=p.train_tokens, ms=ms, runs_ms=times, same_bits=same_bits,
                 speedup={m: ms[f"{m} pointer"] / ms[f"{m} tma"] for m in ("fwdbwd", "fwd")})
 
@@ -76,8 +76,7 @@ def main() -> int:
         torch.cuda.empty_cache()
     env = collect_env(torch.device("cuda"), sys.argv[1:], program=("python", "benchmarks/tma_ab.py"))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "rows": rows}, f, indent=1)
+        write_json(args.json, rows, env)
     return 0
 
 

@@ -250,3 +250,28 @@ def test_lora_baseline_check_has_no_factor_gradients():
     errors = lora_reference_errors(case, None, outs)
     assert set(errors) == {"out", "grad_x", "grad_topk_weights"} and worst_error(errors)[1] < 1e-5
     assert all(t.grad is None for t in case.params().values())  # the base stays frozen
+
+
+def test_time_interleaved_runs_each_variant_in_turn_every_round(monkeypatch):
+    from leanmoe.bench import harness
+
+    order, cleared = [], []
+
+    def fake_time_ms(fn, device, grad_to_none=None):
+        cleared.append(grad_to_none)
+        return fn()
+
+    monkeypatch.setattr(harness, "time_ms", fake_time_ms)
+    times = {"a": iter([3.0, 1.0, 2.0]), "b": iter([5.0, 4.0, 6.0])}
+    grads = [torch.zeros(1)]
+
+    def setup(name):
+        def variant():
+            order.append(name)
+            return (lambda: next(times[name])), grads if name == "a" else None
+        return variant
+
+    ms, runs = harness.time_interleaved({"a": setup("a"), "b": setup("b")}, torch.device("cpu"), rounds=3)
+    assert order == ["a", "b"] * 3  # set up again before each of its runs, in turn
+    assert runs == {"a": [3.0, 1.0, 2.0], "b": [5.0, 4.0, 6.0]} and ms == {"a": 2.0, "b": 5.0}
+    assert cleared == [grads, None] * 3

@@ -404,6 +404,23 @@ def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none: list[t
     return statistics.median(times_s) * 1e3
 
 
+#: A variant of an A/B run: sets itself up (switches, environment) and returns the timed function and the tensors
+#: whose gradients are cleared between runs (None: none).
+Setup = Callable[[], "tuple[Callable[[], object], list[torch.Tensor] | None]"]
+
+
+def time_interleaved(variants: dict[str, Setup], device: torch.device, rounds: int = 3
+                     ) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Every variant timed in turn (:func:`time_ms`), ``rounds`` times over, so that a drift of the machine reaches
+    each alike: ``(median ms per variant, each round's ms per variant)``."""
+    runs: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, setup in variants.items():
+            fn, grads = setup()
+            runs[name].append(time_ms(fn, device, grad_to_none=grads))
+    return {name: statistics.median(ms) for name, ms in runs.items()}, runs
+
+
 def time_row(row: dict, fn: Callable[[], object], device: torch.device, *, cuda_graphs: bool,
              grad_to_none: list[torch.Tensor] | None = None) -> float | None:
     """:func:`time_ms` of ``fn``, or with ``cuda_graphs`` of its :func:`~leanmoe.experts.autoselect.graph_replay`;
