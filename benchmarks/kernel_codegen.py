@@ -45,8 +45,6 @@ class CompileOnlyDriver:
     """The parts of a Triton driver a launch asks for before it compiles: a device, a stream and the target."""
 
     def __init__(self, arch: int) -> None:
-        from triton.backends.nvidia.driver import CudaUtils  # noqa: F401  (the CUDA backend is importable)
-
         self.target = GPUTarget("cuda", arch, 32)
 
     def get_current_device(self) -> int:
@@ -69,8 +67,6 @@ class CompileOnlyDriver:
 
 
 LAUNCHES: list[dict] = []
-#: ``--dump DIR``: each distinct PTX written there as ``<kernel>-<fingerprint>.ptx`` (to diff two versions).
-DUMP_DIR: list[str] = []
 
 
 def _fingerprint(ptx: str) -> str:
@@ -78,15 +74,17 @@ def _fingerprint(ptx: str) -> str:
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
-def _compile_only(orig):
+def _compile_only(orig, dump_dir: str | None):
+    """``JITFunction.run`` that compiles (``warmup``) and records the launch instead of running it; with
+    ``dump_dir``, each PTX is also written there as ``<kernel>-<fingerprint>.ptx`` (to diff two versions)."""
     def run(self, *args, grid, warmup, **kwargs):
         kernel = orig(self, *args, grid=grid, warmup=True, **kwargs)
         ptx = _fingerprint(kernel.asm["ptx"])
-        if DUMP_DIR:
-            with open(os.path.join(DUMP_DIR[0], f"{self.__name__}-{ptx}.ptx"), "w") as f:
+        if dump_dir:
+            with open(os.path.join(dump_dir, f"{self.__name__}-{ptx}.ptx"), "w") as f:
                 f.write(kernel.asm["ptx"])
         LAUNCHES.append({"kernel": self.__name__, "ptx": ptx,
-                         "meta": {k: v for k, v in sorted(kwargs.items()) if k.isupper() or k.startswith("num_")
+                         "meta": {k: v for k, v in sorted(kwargs.items()) if (k.isupper() or k.startswith("num_"))
                                   and isinstance(v, (int, float, bool, str))}})
         return kernel
     return run
@@ -194,12 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         return compare(*args.compare)
     if args.dump:
         os.makedirs(args.dump, exist_ok=True)
-        DUMP_DIR.append(args.dump)
     if "leanmoe.kernels.moe_fwd" in sys.modules:
         parser.error("run it as a script: leanmoe's kernels are already imported in this process")
     os.environ.update(ENVIRONMENT)
     driver.set_active(CompileOnlyDriver(args.arch))
-    JITFunction.run = _compile_only(JITFunction.run)
+    JITFunction.run = _compile_only(JITFunction.run, args.dump)
     _allow_cpu()
     dtypes = [{"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[d] for d in args.dtype]
     cases = drive(dtypes)
