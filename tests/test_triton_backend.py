@@ -594,6 +594,18 @@ def test_gradients_not_asked_for_run_no_kernel(monkeypatch, frozen, target, engi
     assert calls == expected
 
 
+def test_env_choice_reads_a_checked_switch(monkeypatch):
+    from leanmoe.kernels.policy import env_choice
+
+    monkeypatch.delenv("LEANMOE_TEST_SWITCH", raising=False)
+    assert env_choice("LEANMOE_TEST_SWITCH", ("a", "b"), "a") == "a"
+    monkeypatch.setenv("LEANMOE_TEST_SWITCH", "b")
+    assert env_choice("LEANMOE_TEST_SWITCH", ("a", "b"), "a") == "b"
+    monkeypatch.setenv("LEANMOE_TEST_SWITCH", "c")
+    with pytest.raises(ValueError, match=r"LEANMOE_TEST_SWITCH: expected one of \('a', 'b'\), got 'c'"):
+        env_choice("LEANMOE_TEST_SWITCH", ("a", "b"), "a")
+
+
 def test_backward_engine_choice(monkeypatch):
     # auto: split on Hopper GPUs in bfloat16 (torch._grouped_mm's CUDA path), fused elsewhere; forced split raises
     # where it cannot run; bad names are refused.

@@ -66,6 +66,7 @@ from leanmoe.experts.weights import ExpertWeights
 from leanmoe.kernels.policy import (  # triton-free: importable without triton
     backward_engine,
     combine_chunked,
+    env_choice,
     grouped_mm_unsupported,
     saved_rows,
 )
@@ -185,10 +186,7 @@ def factor_grads(a_RX: Tensor, B_EXP: Tensor, low_RP: Tensor, offsets_E: Tensor,
     By default one pass over ``a_RX`` for both (:func:`leanmoe.kernels.moe_bwd.low_rank_pair`); with
     ``LEANMOE_LORA_FACTOR_GRADS=grouped_mm`` two ``torch._grouped_mm`` calls, each streaming ``a_RX``.
     """
-    path = os.environ.get("LEANMOE_LORA_FACTOR_GRADS", "fused")
-    if path not in FACTOR_GRADS_PATHS:
-        raise ValueError(f"LEANMOE_LORA_FACTOR_GRADS: expected one of {FACTOR_GRADS_PATHS}, got {path!r}")
-    if path == "fused":
+    if env_choice("LEANMOE_LORA_FACTOR_GRADS", FACTOR_GRADS_PATHS, "fused") == "fused":
         from leanmoe.kernels.moe_bwd import low_rank_pair  # here: importing kernels imports triton
 
         return low_rank_pair(a_RX, B_EXP, low_RP, offsets_E, scale=s)

@@ -20,7 +20,6 @@ All accept any T without recompiling: T, R, D, I are runtime values; only block 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -57,7 +56,7 @@ from leanmoe.kernels.moe_common import (
     tile_coords,
     tile_rows,
 )
-from leanmoe.kernels.policy import LOW_RANK_ROWS_MAX
+from leanmoe.kernels.policy import LOW_RANK_ROWS_MAX, env_choice
 
 
 # T-dependent integers are not specialised (on divisibility by 16 or == 1), so a new token count never recompiles.
@@ -248,9 +247,7 @@ def tma_weight_desc(gate_up_proj: torch.Tensor, *, gated: bool, interleaved: boo
     None where :data:`TMA_MODES` or the weights rule it out. The weights allow it when they are contiguous with
     16-byte rows and base and each tile's gate (and up) rows are one block of rows: the concatenated gated layout
     or no gate (the interleaved layout keeps the pointer loads). The block shape is set per config at launch."""
-    mode = os.environ.get("LEANMOE_TMA", "auto")
-    if mode not in TMA_MODES:
-        raise ValueError(f"LEANMOE_TMA: expected one of {TMA_MODES}, got {mode!r}")
+    mode = env_choice("LEANMOE_TMA", TMA_MODES, "auto")
     if mode == "0" or TensorDescriptor is None or (gated and interleaved):
         return None
     E, N, D = gate_up_proj.shape

@@ -110,6 +110,16 @@ def split_unsupported(x_TD: torch.Tensor, down_proj: torch.Tensor) -> str | None
     return why
 
 
+def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    """The value of environment variable ``name`` (``default`` when unset), which must be one of ``choices``:
+    ``ValueError`` naming the variable, the value and the choices otherwise. The switches of the kernels' paths
+    (``LEANMOE_TRITON_BACKWARD``, ``LEANMOE_TMA``, the LoRA paths) are read through it."""
+    value = os.environ.get(name, default)
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+    return value
+
+
 def backward_engine(x_TD: torch.Tensor, down_proj: torch.Tensor) -> str:
     """``"fused"`` or ``"split"``: which engine runs the triton backend's backward for these operands.
 
@@ -126,9 +136,7 @@ def backward_engine(x_TD: torch.Tensor, down_proj: torch.Tensor) -> str:
     default) takes split where :func:`split_unsupported` allows it on a CUDA device, fused elsewhere (the CPU
     interpreter: split runs there too when asked, for tests); ``"split"`` raises ``ValueError`` where it cannot run.
     """
-    engine = _engine_override or os.environ.get("LEANMOE_TRITON_BACKWARD", "auto")
-    if engine not in BACKWARD_ENGINES:
-        raise ValueError(f"LEANMOE_TRITON_BACKWARD: expected one of {BACKWARD_ENGINES}, got {engine!r}")
+    engine = _engine_override or env_choice("LEANMOE_TRITON_BACKWARD", BACKWARD_ENGINES, "auto")
     if engine == "fused":
         return "fused"
     why = split_unsupported(x_TD, down_proj)

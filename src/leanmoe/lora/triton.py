@@ -33,7 +33,6 @@ LoRA dropout in training is not fused here: such calls go to the grouped_mm or r
 # ruff: noqa: UP045
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -47,7 +46,7 @@ from leanmoe.experts.triton import (
     routing_weight_grad,
     split_gate_up_bwd,
 )
-from leanmoe.kernels.policy import LOW_RANK_ROWS_MAX, combine_chunked
+from leanmoe.kernels.policy import LOW_RANK_ROWS_MAX, combine_chunked, env_choice
 
 Tensor = torch.Tensor
 
@@ -75,9 +74,7 @@ def low_rank_rows_path(P: int) -> bool:
     ``x A_gu^T`` 265 -> 85 us and Mixtral's ``h A_d^T`` 414 -> 220 us, qwen3's ``h A_d^T`` 94 -> 104 us.
     ``LEANMOE_LORA_LOW_RANK=token_major`` / ``gathered`` choose the GEMMs, for measurements.
     """
-    path = os.environ.get("LEANMOE_LORA_LOW_RANK", "auto")
-    if path not in LOW_RANK_PATHS:
-        raise ValueError(f"LEANMOE_LORA_LOW_RANK: expected one of {LOW_RANK_PATHS}, got {path!r}")
+    path = env_choice("LEANMOE_LORA_LOW_RANK", LOW_RANK_PATHS, "auto")
     if path == "rows" and P > LOW_RANK_ROWS_MAX:
         raise ValueError(f"LEANMOE_LORA_LOW_RANK: 'rows' takes a padded rank of at most {LOW_RANK_ROWS_MAX}, "
                          f"got {P}; use 'auto', 'token_major' or 'gathered'")
@@ -96,9 +93,7 @@ def token_major_low_rank(E: int, P: int, K: int) -> bool:
     :func:`low_rank_rows_path` does not hold; backward's ``LEANMOE_LORA_A_GRADS=torch`` path always.
     ``LEANMOE_LORA_LOW_RANK`` (``token_major`` / ``gathered``) overrides the rule, for measurements.
     """
-    path = os.environ.get("LEANMOE_LORA_LOW_RANK", "auto")
-    if path not in LOW_RANK_PATHS:
-        raise ValueError(f"LEANMOE_LORA_LOW_RANK: expected one of {LOW_RANK_PATHS}, got {path!r}")
+    path = env_choice("LEANMOE_LORA_LOW_RANK", LOW_RANK_PATHS, "auto")
     if path in ("token_major", "gathered"):
         return path == "token_major"
     return E * P <= TOKEN_MAJOR_MAX_PER_K * K
@@ -141,10 +136,7 @@ def a_grads_path() -> str:
     copy); ``torch``: ``d A_d`` a ``torch._grouped_mm`` over the ``w h`` rows, ``d A_gu`` token-major or on a
     gathered copy of x (:func:`token_major_low_rank`). Measured in one process on an H200 (rank 16, base frozen,
     ``benchmarks/lora_ab.py``): qwen3's step 8.939 -> 8.727 ms, Mixtral's 56.11 -> 55.37 ms."""
-    path = os.environ.get("LEANMOE_LORA_A_GRADS", "triton")
-    if path not in A_GRADS_PATHS:
-        raise ValueError(f"LEANMOE_LORA_A_GRADS: expected one of {A_GRADS_PATHS}, got {path!r}")
-    return path
+    return env_choice("LEANMOE_LORA_A_GRADS", A_GRADS_PATHS, "triton")
 
 
 def _factor_A_grad(a: Tensor, low_RP: Tensor, offsets_E: Tensor, A_EPX: Tensor,
