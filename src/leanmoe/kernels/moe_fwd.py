@@ -218,6 +218,7 @@ _GATE_UP_CONFIGS = configs([(128, 64, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128
 _GEMM_CONFIGS = configs([(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (64, 128, 64, 4, 4)])
 
 _gate_up_fwd_tuned = autotuned(gate_up_fwd_kernel, _GATE_UP_CONFIGS, ["D", "I", "rows_key"])
+_grouped_gemm_tuned = autotuned(grouped_gemm_kernel, _GEMM_CONFIGS, ["N", "KD", "rows_key"])
 
 
 def _set_weight_block(nargs: dict) -> None:
@@ -262,7 +263,6 @@ def tma_weight_desc(gate_up_proj: torch.Tensor, *, gated: bool, interleaved: boo
         return None
     block = [INTERPRETER_META["BN"], INTERPRETER_META["BK"]]  # the interpreter's tile; tuned configs set their own
     return TensorDescriptor.from_tensor(gate_up_proj.view(E * N, D), block)
-_grouped_gemm_tuned = autotuned(grouped_gemm_kernel, _GEMM_CONFIGS, ["N", "KD", "rows_key"])
 
 
 @triton.jit(do_not_specialize=["R"])
